@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny Qwen3 checkpoints saved by transformers itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def save_tiny_qwen3(
+    path: Path,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+    max_shard_size: str | None = None,
+    perturb: dict[str, torch.Tensor] | None = None,
+    tie_word_embeddings: bool = True,
+    num_hidden_layers: int = 2,
+) -> Path:
+    """Build a tiny random Qwen3ForCausalLM and save it with ``save_pretrained``.
+
+    ``perturb`` maps parameter names to tensors added to them before saving, so a test
+    knows exactly which entries differ from the unperturbed checkpoint of the same seed.
+    """
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config)
+    if perturb:
+        state = model.state_dict()
+        with torch.no_grad():
+            for name, delta in perturb.items():
+                state[name].add_(delta.to(state[name].dtype))
+    model = model.to(dtype)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    return Path(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_factory():
+    return save_tiny_qwen3
