@@ -1,0 +1,208 @@
+"""bf16-aware update sparsity (SPEC §1).
+
+An entry of a weight matrix is *unchanged* between two checkpoints when, after rounding
+both to bf16, the update is below the bf16 resolution. This is the rule of Shen et al.
+2026 ("On the Geometry of On-Policy Distillation", §3.1), which follows Zhu et al. 2025
+("The Path Not Taken", §4): an update smaller than half a bf16 ULP is invisible to a bf16
+checkpoint, so counting it as a change would measure rounding noise, not training.
+
+Non-finite values get the same meaning on every path (the IEEE equality of the rounded
+values decides them):
+
+- any NaN on either side -> changed (visible);
+- identical infinities (+Inf/+Inf or -Inf/-Inf) -> unchanged;
+- +Inf vs -Inf, or an infinity vs a finite value -> changed.
+
+Callers that must report non-finite matrices (``compare``) check ``isfinite`` themselves;
+these functions never raise on non-finite data.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "BITWISE_ETA_BOUND",
+    "bf16_unchanged_mask",
+    "bf16_visible_mask",
+    "legacy_unchanged_mask",
+]
+
+#: For ``eta`` strictly below this bound the η rule equals bitwise equality of the bf16
+#: patterns (±0 folded). The SPEC's bound; the equivalence in fact holds up to 2**-8 (see
+#: ``bf16_unchanged_mask``), so the bound is conservative.
+BITWISE_ETA_BOUND = 2.0**-9
+
+_ABS_MASK = 0x7FFF  # int16 bits without the sign bit
+_POS_INF_BITS = 0x7F80  # bf16 +Inf; any magnitude pattern above it is a NaN
+
+
+def _check_pair(w0: torch.Tensor, w1: torch.Tensor) -> None:
+    if not isinstance(w0, torch.Tensor) or not isinstance(w1, torch.Tensor):
+        raise TypeError(f"w0 and w1 must be torch tensors; got {type(w0).__name__} and {type(w1).__name__}")
+    if w0.shape != w1.shape:
+        raise ValueError(f"w0 and w1 must have the same shape; got {tuple(w0.shape)} and {tuple(w1.shape)}")
+    if not (w0.is_floating_point() and w1.is_floating_point()):
+        raise ValueError(f"w0 and w1 must be floating-point tensors; got {w0.dtype} and {w1.dtype}")
+    if w0.device != w1.device:
+        raise ValueError(f"w0 and w1 must be on the same device; got {w0.device} and {w1.device}")
+
+
+def _check_nonneg_finite(name: str, value: float) -> float:
+    value = float(value)
+    if not (value >= 0.0 and value != float("inf")):
+        raise ValueError(f"{name} must be a finite number >= 0; got {value}")
+    return value
+
+
+def _to_bf16(w: torch.Tensor) -> torch.Tensor:
+    # ``.to`` rounds to nearest, ties to even; it returns ``w`` itself when already bf16.
+    return w.to(torch.bfloat16)
+
+
+def _flush_denormal_active() -> bool:
+    """True when CPU comparisons treat subnormals as zero (``torch.set_flush_denormal``)."""
+    smallest_subnormal = torch.ones(1, dtype=torch.int16).view(torch.bfloat16)  # 2**-133
+    return bool(smallest_subnormal == 0)
+
+
+def _bitwise_unchanged(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Bitwise equality of two bf16 tensors with ±0 folded and NaN never equal.
+
+    That is exactly IEEE equality of the bf16 values (``a == b``: one pass, no copies),
+    which is used on CPU. IEEE equality stops being bitwise when the CPU flushes
+    subnormals to zero (``torch.set_flush_denormal(True)``: two distinct subnormals
+    compare equal), and other devices are not relied on for it, so those cases take
+    the explicit int16 route (a few more passes, still no float copies).
+    """
+    if a.device.type == "cpu" and not _flush_denormal_active():
+        return a == b
+    return _int16_unchanged(a, b)
+
+
+def _int16_unchanged(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The int16-view form of ``_bitwise_unchanged``: patterns equal, ±0 folded, no NaN."""
+    ia = a.contiguous().view(torch.int16)
+    ib = b.contiguous().view(torch.int16)
+    same = ia == ib
+    # NaN: a NaN pattern equals itself bitwise, but NaN always counts as changed. When
+    # ia == ib it suffices to test one side.
+    same &= (ia & _ABS_MASK) <= _POS_INF_BITS
+    # +0 (0x0000) vs -0 (0x8000): equal iff neither has a magnitude bit set.
+    same |= ((ia | ib) & _ABS_MASK) == 0
+    return same
+
+
+def _formula_unchanged(a: torch.Tensor, b: torch.Tensor, eta: float) -> torch.Tensor:
+    """|b - a| <= eta * max(|a|, |b|) on finite bf16 values, in float64; IEEE a == b otherwise."""
+    a64 = a.to(torch.float64)
+    b64 = b.to(torch.float64)
+    # The difference of two bf16 values is exact in float64 unless their exponents differ
+    # by more than ~45, where the ratio |Δ|/max is ~1 and the decision cannot flip.
+    diff = (b64 - a64).abs_()
+    bound = torch.maximum(a64.abs(), b64.abs()).mul_(eta)
+    unchanged = diff <= bound
+    unchanged &= torch.isfinite(a64) & torch.isfinite(b64)  # Inf - Inf and Inf <= eta*Inf
+    unchanged |= a64 == b64  # identical infinities (and every exactly equal pair)
+    return unchanged
+
+
+def bf16_unchanged_mask(w0: torch.Tensor, w1: torch.Tensor, *, eta: float = 1e-3) -> torch.Tensor:
+    """Entries whose update is invisible at bf16 resolution.
+
+    Formula (SPEC §1), with ``a = bf16(w0)``, ``b = bf16(w1)`` rounded to nearest-even::
+
+        unchanged = |b - a| <= eta * max(|a|, |b|)
+
+    For ``eta < 2**-9`` this is computed as bitwise equality of the bf16 patterns (+0 and
+    -0 equal, NaN never equal): one comparison pass on the bf16 tensors, no float copies,
+    so it runs at memory speed (an explicit int16-view comparison where IEEE equality of
+    bf16 values is not bitwise: flush-denormal CPU mode, non-CPU devices).
+
+    Why the two agree: bf16 carries 8 significant bits, so two distinct finite bf16
+    values ``a != b`` with ``M = max(|a|, |b|)`` differ by at least the bf16 spacing just
+    below ``M``, which is ``>= 2**-8 * M`` (equality when ``M`` is a power of two and the
+    other value its predecessor; subnormals: spacing ``2**-133``, ratio ``>= 2**-7``;
+    opposite signs: ratio ``>= 1``). Hence for ``eta < 2**-8`` the formula holds exactly
+    when ``a == b``. The SPEC's bound ``2**-9`` is kept as the switch point
+    (``BITWISE_ETA_BOUND``); both paths give the same mask for any ``eta < 2**-8``.
+
+    Args:
+        w0: origin weights, any floating dtype (bf16, fp16, fp32, fp64), any shape.
+        w1: later weights, same shape and device as ``w0``; its dtype may differ.
+        eta: relative tolerance, finite and >= 0 (default 1e-3, SPEC §1). For
+            ``eta >= 2**-9`` the formula is evaluated in float64 on the rounded values
+            (exact difference, one rounding in ``eta * max``).
+
+    Returns:
+        Bool tensor of ``w0``'s shape, True where the entry is unchanged.
+
+    Raises:
+        TypeError: an input is not a tensor.
+        ValueError: shape, device or dtype mismatch (non-floating input), or a negative
+            or non-finite ``eta``.
+
+    Non-finite values: any NaN -> changed; identical infinities -> unchanged; other
+    infinities -> changed, on both paths (module docstring).
+
+    Source: Shen et al. 2026 §3.1; Zhu et al. 2025 §4 (bf16-aware sparsity).
+    """
+    _check_pair(w0, w1)
+    eta = _check_nonneg_finite("eta", eta)
+    a = _to_bf16(w0)
+    b = _to_bf16(w1)
+    if eta < BITWISE_ETA_BOUND:
+        return _bitwise_unchanged(a, b)
+    return _formula_unchanged(a, b, eta)
+
+
+def bf16_visible_mask(w0: torch.Tensor, w1: torch.Tensor, *, eta: float = 1e-3) -> torch.Tensor:
+    """Entries whose update is visible at bf16 resolution: ``~bf16_unchanged_mask``.
+
+    Formula: ``visible = |b - a| > eta * max(|a|, |b|)`` on the bf16-rounded values (plus
+    the non-finite rules of ``bf16_unchanged_mask``). This is the update mask ``M_upd`` of
+    the mask-overlap metric; its mean is the per-matrix update density (SPEC §1).
+
+    Args, raises, source: as ``bf16_unchanged_mask``.
+
+    Returns:
+        Bool tensor of ``w0``'s shape, True where the entry visibly changed.
+    """
+    return bf16_unchanged_mask(w0, w1, eta=eta).logical_not_()
+
+
+def legacy_unchanged_mask(w0: torch.Tensor, w1: torch.Tensor, *, atol: float = 1e-5) -> torch.Tensor:
+    """Entries unchanged under the absolute-tolerance rule of Mukherjee et al. 2025.
+
+    Formula (SPEC §1, legacy rule, for comparison only; never the default)::
+
+        unchanged = |bf16(w1) - bf16(w0)| <= atol
+
+    The delta of the bf16-rounded values is computed exactly in float64 (it is not itself
+    rounded to bf16).
+
+    Args:
+        w0: origin weights, any floating dtype, any shape.
+        w1: later weights, same shape and device.
+        atol: absolute tolerance, finite and >= 0 (default 1e-5).
+
+    Returns:
+        Bool tensor of ``w0``'s shape, True where the entry is unchanged.
+
+    Raises:
+        TypeError, ValueError: as ``bf16_unchanged_mask`` (with ``atol`` for ``eta``).
+
+    Non-finite values: NaN -> changed; identical infinities -> unchanged; other
+    infinities -> changed (as ``bf16_unchanged_mask``).
+
+    Source: Mukherjee et al. 2025 ("RL finetunes small subnetworks"), as cited by
+    Shen et al. 2026 §3.1.
+    """
+    _check_pair(w0, w1)
+    atol = _check_nonneg_finite("atol", atol)
+    a64 = _to_bf16(w0).to(torch.float64)
+    b64 = _to_bf16(w1).to(torch.float64)
+    unchanged = (b64 - a64).abs_() <= atol
+    unchanged &= torch.isfinite(a64) & torch.isfinite(b64)
+    unchanged |= a64 == b64
+    return unchanged
