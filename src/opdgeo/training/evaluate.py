@@ -1,0 +1,146 @@
+"""Evaluation on a verifiable task: pass@1 estimated as avg@k.
+
+avg@k = (1/|P|) Σ_p (1/k) Σ_j r_{p,j}, with r ∈ {0, 1} the task reward of sample j of
+problem p: the mean over problems of the fraction of k samples that are correct (the
+paper's "AIME 2024 avg@8"). With temperature 0 (greedy) all k samples coincide, so use
+k = 1 there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from opdgeo.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Outcome of ``evaluate``. ``records`` holds one dict per problem (see ``evaluate``)."""
+
+    task: str
+    """Task name."""
+    split: str
+    """Split evaluated."""
+    n: int
+    """Number of problems."""
+    k: int
+    """Samples per problem."""
+    temperature: float
+    """Sampling temperature (0 = greedy)."""
+    avg_at_k: float
+    """pass@1 estimated as avg@k (NaN when n = 0)."""
+    mean_response_tokens: float
+    """Mean response length in tokens (EOS included) over all n·k samples."""
+    truncated_fraction: float
+    """Fraction of samples that hit max_new_tokens without EOS."""
+    records: list[dict] = field(repr=False, default_factory=list)
+    """Per problem: id, prompt, answer, accuracy (fraction of k correct), rewards, samples."""
+
+    @property
+    def pass_at_1(self) -> float:
+        """Alias of ``avg_at_k``."""
+        return self.avg_at_k
+
+    def summary(self) -> dict:
+        """All fields but ``records`` (JSON-ready)."""
+        d = asdict(self)
+        d.pop("records")
+        return d
+
+    def write(self, path: str | Path) -> Path:
+        """Write one JSON line per problem (``records``), then nothing else; return the path.
+
+        The summary is not mixed into the per-problem lines; callers that want it store
+        ``summary()`` separately (the CLI writes ``<out>.summary.json``).
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            for rec in self.records:
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        tmp.replace(path)
+        return path
+
+
+def avg_at_k(rewards: list[list[float]]) -> float:
+    """Mean over problems of the mean reward of their samples; NaN for no problems.
+
+    Args:
+        rewards: per problem, its k rewards (k ≥ 1, the same for every problem).
+    """
+    if not rewards:
+        return math.nan
+    return sum(sum(r) / len(r) for r in rewards) / len(rewards)
+
+
+def evaluate(model, tokenizer, task, *, split: str = "test", n: int | None = None, k: int = 1,
+             temperature: float = 0.0, max_new_tokens: int = 96, seed: int = 0, batch_size: int = 64,
+             out: str | Path | None = None, progress: Callable[[int, int], None] | None = None) -> EvalResult:
+    """Evaluate ``model`` on ``task.problems(split, n)`` with k samples per problem.
+
+    Prompts are ``task.format_prompt(problem, tokenizer)``; responses come from
+    ``opdgeo.training.rollout.generate`` (KV cache, stop at EOS) and are scored by
+    ``task.reward``. Problems are processed in groups of ``max(1, batch_size // k)`` so
+    that each ``generate`` call holds about ``batch_size`` sequences; group g uses seed
+    ``seed + 1000·g``.
+
+    Args:
+        model, tokenizer: the causal LM and its tokenizer.
+        task: an ``opdgeo.tasks.Task``.
+        split: "test" (held out) by default.
+        n: number of problems (task default when None).
+        k: samples per problem (≥ 1).
+        temperature: 0 → greedy.
+        max_new_tokens: response length cap.
+        seed: sampling seed.
+        batch_size: sequences per ``generate`` call.
+        out: if given, per-problem records are written there as JSONL.
+        progress: called as ``progress(done, total)`` problems after each group.
+
+    Returns:
+        ``EvalResult``; each record is ``{"id", "prompt", "answer", "accuracy", "rewards",
+        "samples"}`` with ``samples`` the k response texts.
+
+    Raises:
+        ConfigError: k < 1, temperature < 0, or bad split/n (from the task).
+    """
+    from opdgeo.training.rollout import generate
+
+    if not isinstance(k, int) or k < 1:
+        raise ConfigError(f"eval: k must be a positive integer; got {k!r}")
+    if not (isinstance(temperature, (int, float)) and temperature >= 0):
+        raise ConfigError(f"eval: temperature must be >= 0; got {temperature!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"eval: batch_size must be a positive integer; got {batch_size!r}")
+    problems = task.problems(split, n)
+    group = max(1, batch_size // k)
+    records, all_rewards = [], []
+    tokens = truncated = 0
+    for g, start in enumerate(range(0, len(problems), group)):
+        chunk = problems[start:start + group]
+        prompts = [task.format_prompt(p, tokenizer) for p in chunk]
+        ro = generate(model, tokenizer, prompts, num_samples=k, temperature=temperature,
+                      max_new_tokens=max_new_tokens, seed=seed + 1000 * g, batch_size=batch_size)
+        tokens += int(ro.response_mask.sum())
+        truncated += int((~ro.finished).sum())
+        for i, p in enumerate(chunk):
+            texts = ro.texts[i * k:(i + 1) * k]
+            rewards = [float(task.reward(t, p)) for t in texts]
+            all_rewards.append(rewards)
+            records.append({"id": p.id, "prompt": p.prompt, "answer": p.answer,
+                            "accuracy": sum(rewards) / k, "rewards": rewards, "samples": texts})
+        if progress is not None:
+            progress(min(start + group, len(problems)), len(problems))
+    total = len(problems) * k
+    result = EvalResult(task=task.name, split=split, n=len(problems), k=k, temperature=float(temperature),
+                        avg_at_k=avg_at_k(all_rewards),
+                        mean_response_tokens=tokens / total if total else math.nan,
+                        truncated_fraction=truncated / total if total else math.nan, records=records)
+    if out is not None:
+        result.write(out)
+    return result

@@ -1,0 +1,252 @@
+"""Batched sampling with HF ``generate`` and per-token log-probs of sampled responses.
+
+``generate`` returns a ``Rollout``: left-padded prompts followed by right-padded
+responses, the response mask (EOS included, everything after it excluded) and the
+behaviour policy's log-probs of the sampled tokens (SPEC §3: the student log-prob is
+taken at rollout time, without gradient). ``sequence_logprobs`` is the one function that
+scores responses; training recomputes log-probs with it too, so at the first inner step
+the importance ratio is exactly exp(0) = 1 for identical weights and batch shapes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from opdgeo.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """Sampled responses of a batch of prompts. N = len(prompts) · num_samples,
+    P = longest prompt (tokens), T = longest response (≤ max_new_tokens)."""
+
+    input_ids: torch.Tensor
+    """[N, P+T] long: prompt left-padded to P, then the response right-padded to T."""
+    attention_mask: torch.Tensor
+    """[N, P+T] long: 1 on prompt tokens and on response tokens (through EOS), 0 on padding."""
+    response_mask: torch.Tensor
+    """[N, T] bool: True on response tokens, the first EOS included; False after it."""
+    response_ids: torch.Tensor
+    """[N, T] long: ``input_ids[:, P:]`` (pad id where ``response_mask`` is False)."""
+    behaviour_logprobs: torch.Tensor
+    """[N, T] float32: log π(a_t | s_t) of each sampled token under the sampling model at
+    temperature 1 (``sequence_logprobs``), 0 where ``response_mask`` is False."""
+    texts: list[str]
+    """N decoded responses (up to, not including, EOS; special tokens skipped)."""
+    prompt_index: torch.Tensor
+    """[N] long: which prompt each row answers (rows are prompt-major: 0,0,..,1,1,..)."""
+    prompt_len: int
+    """P: response token t of row i sits at ``input_ids[i, P + t]``."""
+    finished: torch.Tensor
+    """[N] bool: the response ended with EOS (False: truncated at max_new_tokens)."""
+
+    @property
+    def num_samples(self) -> int:
+        """Samples per prompt (G)."""
+        return int((self.prompt_index == self.prompt_index[0]).sum()) if len(self.prompt_index) else 0
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    ids = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    if not ids:
+        raise ConfigError("rollout: neither the model's generation config nor the tokenizer defines an EOS token")
+    return ids
+
+
+def _response_mask(tokens: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask of tokens up to and including the first EOS, and whether an EOS occurred. [N, T]."""
+    is_eos = torch.isin(tokens, torch.tensor(eos_ids, device=tokens.device))
+    # number of EOS strictly before position t; a token is in the response iff that is 0
+    before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
+    return before == 0, is_eos.any(dim=1)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counting only attended tokens: cumsum(mask) − 1, clamped at 0 on left padding.
+
+    The same positions HF ``generate`` uses for left-padded batches, so a full forward pass
+    scores exactly the sequence that was sampled.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      response_mask: torch.Tensor, *, temperature: float = 1.0,
+                      chunk_elements: int = 2**24) -> torch.Tensor:
+    """Per-token log-probs of the response tokens: log softmax(z_t / τ)[a_t].
+
+    For response token t of row i (at ``input_ids[i, P+t]``, P = L − T) the logits come
+    from position P+t−1. Only the last T+1 positions' logits are computed
+    (``logits_to_keep``), and log-probs are formed as gathered logit − logsumexp over the
+    vocabulary, in float32, in chunks of at most ``chunk_elements`` logits: the float32
+    log_softmax over [N, L, V] is never materialized (V = 49k for SmolLM2, 152k for Qwen3).
+    Differentiable (no ``no_grad`` here; callers decide).
+
+    Args:
+        model: causal LM (HF ``PreTrainedModel``).
+        input_ids: [N, L] long, prompt then response (response = last T columns).
+        attention_mask: [N, L] 0/1.
+        response_mask: [N, T] bool; T ≥ 1 and T < L.
+        temperature: τ > 0; SPEC §3 scores student and teacher at τ = 1.
+
+    Returns:
+        [N, T] float32; 0 where ``response_mask`` is False.
+    """
+    if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"input_ids and attention_mask must be [N, L]; got {tuple(input_ids.shape)}, "
+                         f"{tuple(attention_mask.shape)}")
+    N, L = input_ids.shape
+    if response_mask.dim() != 2 or response_mask.shape[0] != N or not 0 < response_mask.shape[1] < L:
+        raise ValueError(f"response_mask must be [N, T] with 0 < T < L = {L}; got {tuple(response_mask.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0; got {temperature}")
+    T = response_mask.shape[1]
+    out = model(input_ids=input_ids, attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask), logits_to_keep=T + 1, use_cache=False)
+    logits = out.logits[:, :-1, :]  # [N, T, V]: position P+t-1 predicts token P+t
+    targets = input_ids[:, L - T:]  # [N, T]
+    V = logits.shape[-1]
+    flat_logits = logits.reshape(N * T, V)  # [N*T, V]
+    flat_targets = targets.reshape(N * T, 1)
+    rows = max(1, chunk_elements // V)
+    parts = []
+    for s in range(0, N * T, rows):
+        z = flat_logits[s:s + rows].float()
+        if temperature != 1.0:
+            z = z / temperature
+        parts.append(z.gather(1, flat_targets[s:s + rows]).squeeze(1) - torch.logsumexp(z, dim=-1))
+    logp = torch.cat(parts).reshape(N, T)
+    return torch.where(response_mask.bool(), logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
+
+
+def _check_args(prompts, num_samples, temperature, max_new_tokens, batch_size):
+    problems = []
+    if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) and p for p in prompts):
+        problems.append("prompts must be a non-empty list of non-empty strings")
+    if not isinstance(num_samples, int) or num_samples < 1:
+        problems.append(f"num_samples must be a positive integer; got {num_samples!r}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        problems.append(f"max_new_tokens must be a positive integer; got {max_new_tokens!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        problems.append(f"batch_size must be a positive integer; got {batch_size!r}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        problems.append(f"temperature must be a finite number >= 0; got {temperature!r}")
+    if problems:
+        raise ConfigError("rollout: " + "; ".join(problems))
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], *, num_samples: int = 1, temperature: float = 1.0,
+             max_new_tokens: int = 64, seed: int = 0, batch_size: int = 64) -> Rollout:
+    """Sample ``num_samples`` responses per prompt with HF ``generate`` and score them.
+
+    Sampling is plain ancestral sampling from softmax(z / temperature) (no top-k/top-p;
+    ``temperature == 0`` means greedy), with the KV cache, stopping a row at its first EOS
+    (EOS counts as a response token; later tokens are masked). Rows are processed in
+    chunks of ``batch_size`` sequences; chunk c is sampled after ``torch.manual_seed(seed + c)``
+    inside ``fork_rng`` (the caller's RNG state is untouched), so results are reproducible
+    on CPU for a fixed (seed, batch_size).
+
+    ``behaviour_logprobs`` are recomputed after sampling by ``sequence_logprobs`` (one
+    no-grad forward, temperature 1, chunked like sampling) rather than taken from the
+    sampler's scores: they then equal, bit for bit on CPU, what training recomputes for the
+    same weights, and they are the temperature-1 log-probs SPEC §3 asks for even when
+    sampling at another temperature.
+
+    Args:
+        model: causal LM; put in eval mode during the call, its mode restored after.
+        tokenizer: its tokenizer (prompts are tokenized without adding special tokens:
+            chat templates already contain them).
+        prompts: B prompt strings.
+        num_samples: G samples per prompt.
+        temperature: sampling temperature (0 → greedy).
+        max_new_tokens: response length cap.
+        seed: sampling seed.
+        batch_size: sequences per ``generate`` call.
+
+    Returns:
+        ``Rollout`` with N = B·G rows, prompt-major.
+
+    Raises:
+        ConfigError: invalid arguments, or no EOS/pad token.
+    """
+    from transformers import GenerationConfig
+
+    _check_args(prompts, num_samples, temperature, max_new_tokens, batch_size)
+    eos_ids = _eos_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    device = next(model.parameters()).device
+    greedy = temperature == 0
+    gen_config = GenerationConfig(
+        do_sample=not greedy, max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id,
+        use_cache=True, num_beams=1,
+        **({} if greedy else {"temperature": float(temperature), "top_k": 0, "top_p": 1.0, "min_p": None}),
+    )
+
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    for i, ids in enumerate(encoded):
+        if not ids:
+            raise ConfigError(f"rollout: prompt {i} tokenizes to nothing")
+    P = max(len(ids) for ids in encoded)
+    rows = [i for i in range(len(prompts)) for _ in range(num_samples)]  # prompt-major
+    N = len(rows)
+
+    was_training = model.training
+    model.eval()
+    try:
+        responses: list[torch.Tensor] = []
+        for c, start in enumerate(range(0, N, batch_size)):
+            chunk = rows[start:start + batch_size]
+            Pc = max(len(encoded[i]) for i in chunk)
+            ids = torch.full((len(chunk), Pc), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), Pc), dtype=torch.long)
+            for r, i in enumerate(chunk):
+                n = len(encoded[i])
+                ids[r, Pc - n:] = torch.tensor(encoded[i])
+                mask[r, Pc - n:] = 1
+            with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+                torch.manual_seed(seed + c)
+                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                     generation_config=gen_config)
+            responses.append(out[:, Pc:].cpu())  # [b, T_c]
+
+        T = max(r.shape[1] for r in responses)
+        response_ids = torch.full((N, T), pad_id, dtype=torch.long)
+        for start, r in zip(range(0, N, batch_size), responses):
+            response_ids[start:start + r.shape[0], : r.shape[1]] = r
+        response_mask, finished = _response_mask(response_ids, eos_ids)  # [N, T]
+        response_ids = torch.where(response_mask, response_ids, torch.full_like(response_ids, pad_id))
+
+        input_ids = torch.full((N, P + T), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((N, P + T), dtype=torch.long)
+        for r, i in enumerate(rows):
+            n = len(encoded[i])
+            input_ids[r, P - n:P] = torch.tensor(encoded[i])
+            attention_mask[r, P - n:P] = 1
+        input_ids[:, P:] = response_ids
+        attention_mask[:, P:] = response_mask.long()
+
+        logps = []
+        for start in range(0, N, batch_size):
+            sl = slice(start, start + batch_size)
+            logps.append(sequence_logprobs(model, input_ids[sl].to(device), attention_mask[sl].to(device),
+                                           response_mask[sl].to(device)).float().cpu())
+        behaviour_logprobs = torch.cat(logps)
+    finally:
+        model.train(was_training)
+
+    texts = []
+    for r in range(N):
+        keep = response_ids[r][response_mask[r]].tolist()
+        if keep and keep[-1] in eos_ids:
+            keep = keep[:-1]
+        texts.append(tokenizer.decode(keep, skip_special_tokens=True))
+    return Rollout(input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask,
+                   response_ids=response_ids, behaviour_logprobs=behaviour_logprobs, texts=texts,
+                   prompt_index=torch.tensor(rows, dtype=torch.long), prompt_len=P, finished=finished)

@@ -1,0 +1,170 @@
+"""Rollout: HF generate wrapper, EOS masking, reproducibility, greedy, per-token log-probs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from opdgeo.errors import ConfigError
+from opdgeo.models import build_model, char_tokenizer, tiny_qwen3_config
+from opdgeo.training.rollout import _response_mask, generate, sequence_logprobs
+
+PROMPTS = ["12+34=\n", "5*6=\n", "123-456=\n"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: threads only add overhead on a shared CPU
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return char_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return build_model(tiny_qwen3_config("quick", len(tok)), seed=0)
+
+
+def manual_logprobs(model, tok, ro, row, temperature=1.0):
+    """Reference: the row's own tokens without any padding, one float64 log_softmax per position."""
+    prompt = ro.input_ids[row, : ro.prompt_len][ro.attention_mask[row, : ro.prompt_len].bool()]
+    resp = ro.response_ids[row][ro.response_mask[row]]
+    seq = torch.cat([prompt, resp])[None]
+    with torch.no_grad():
+        logits = model(seq).logits[0].double() / temperature
+    logp = torch.log_softmax(logits, -1)
+    n = len(prompt)
+    return torch.stack([logp[n + t - 1, resp[t]] for t in range(len(resp))])
+
+
+def test_response_mask_known_answer():
+    tokens = torch.tensor([[5, 1, 7, 1], [5, 6, 7, 8], [1, 0, 0, 0], [4, 4, 1, 1]])
+    mask, finished = _response_mask(tokens, [1])
+    assert mask.tolist() == [[True, True, False, False], [True] * 4, [True, False, False, False],
+                             [True, True, True, False]]
+    assert finished.tolist() == [True, False, True, True]
+    mask2, _ = _response_mask(tokens, [1, 8])  # several EOS ids
+    assert mask2[1].tolist() == [True] * 4 and mask2[0].tolist() == [True, True, False, False]
+
+
+def test_shapes_padding_and_prompt_index(model, tok):
+    ro = generate(model, tok, PROMPTS, num_samples=2, temperature=1.0, max_new_tokens=12, seed=0, batch_size=4)
+    N, P = 6, len("123-456=\n")
+    T = ro.response_ids.shape[1]
+    assert ro.prompt_len == P and ro.input_ids.shape == (N, P + T) and T <= 12
+    assert ro.attention_mask.shape == (N, P + T) and ro.response_mask.shape == (N, T)
+    assert ro.response_mask.dtype == torch.bool and ro.behaviour_logprobs.dtype == torch.float32
+    assert ro.prompt_index.tolist() == [0, 0, 1, 1, 2, 2] and ro.num_samples == 2
+    for row, i in enumerate(ro.prompt_index.tolist()):
+        ids = tok(PROMPTS[i], add_special_tokens=False)["input_ids"]
+        pad = P - len(ids)
+        assert ro.input_ids[row, :pad].eq(tok.pad_token_id).all() and ro.attention_mask[row, :pad].eq(0).all()
+        assert ro.input_ids[row, pad:P].tolist() == ids and ro.attention_mask[row, pad:P].eq(1).all()
+    assert torch.equal(ro.input_ids[:, P:], ro.response_ids)
+    assert torch.equal(ro.attention_mask[:, P:].bool(), ro.response_mask)
+
+
+def test_eos_masking_and_texts(model, tok):
+    # temperature 4 makes sampling almost uniform over 99 tokens: EOS shows up in some rows
+    ro = generate(model, tok, PROMPTS, num_samples=16, temperature=4.0, max_new_tokens=40, seed=1, batch_size=48)
+    eos = tok.eos_token_id
+    ended = ro.finished.nonzero().flatten().tolist()
+    assert 3 <= len(ended) < len(ro.texts)  # both kinds present
+    for row in range(len(ro.texts)):
+        ids, mask = ro.response_ids[row], ro.response_mask[row]
+        if row in ended:
+            first = (ids == eos).nonzero()[0].item()
+            assert mask[: first + 1].all() and not mask[first + 1:].any()  # EOS counted, rest masked
+            assert ids[first + 1:].eq(tok.pad_token_id).all()
+            assert ro.behaviour_logprobs[row, first + 1:].eq(0).all()
+            assert ro.behaviour_logprobs[row, first] < 0
+        else:
+            assert mask.sum() == 40 and eos not in ids.tolist()  # truncated at max_new_tokens
+        visible = [t for t in ids[mask].tolist() if t not in tok.all_special_ids]
+        assert ro.texts[row] == tok.decode(visible)
+
+
+def test_behaviour_logprobs_equal_manual_per_token_computation(model, tok):
+    ro = generate(model, tok, PROMPTS, num_samples=3, temperature=0.7, max_new_tokens=16, seed=2, batch_size=4)
+    for row in range(len(ro.texts)):
+        ref = manual_logprobs(model, tok, ro, row)  # temperature 1, whatever the sampling temperature
+        got = ro.behaviour_logprobs[row][ro.response_mask[row]].double()
+        torch.testing.assert_close(got, ref, rtol=0, atol=2e-5)
+    assert ro.behaviour_logprobs[~ro.response_mask].eq(0).all()
+
+
+def test_sequence_logprobs_temperature_chunking_and_gradient(model, tok):
+    ro = generate(model, tok, PROMPTS, num_samples=2, temperature=1.0, max_new_tokens=10, seed=3, batch_size=8)
+    args = (ro.input_ids, ro.attention_mask, ro.response_mask)
+    with torch.no_grad():
+        hot = sequence_logprobs(model, *args, temperature=2.0)
+        whole = sequence_logprobs(model, *args)
+        chunked = sequence_logprobs(model, *args, chunk_elements=99 * 3)  # 3 rows of logits at a time
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)
+    torch.testing.assert_close(whole, ro.behaviour_logprobs, rtol=0, atol=1e-5)
+    for row in range(len(ro.texts)):
+        ref = manual_logprobs(model, tok, ro, row, temperature=2.0)
+        torch.testing.assert_close(hot[row][ro.response_mask[row]].double(), ref, rtol=0, atol=2e-5)
+    model.zero_grad()
+    lp = sequence_logprobs(model, *args)
+    assert lp.requires_grad
+    lp[ro.response_mask].sum().backward()
+    grad = model.model.embed_tokens.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    model.zero_grad()
+
+
+def test_reproducible_with_seed_and_rng_untouched(model, tok):
+    kw = dict(num_samples=4, temperature=1.0, max_new_tokens=12, batch_size=5)
+    torch.manual_seed(99)
+    state = torch.get_rng_state()
+    a = generate(model, tok, PROMPTS, seed=7, **kw)
+    assert torch.equal(torch.get_rng_state(), state)
+    b = generate(model, tok, PROMPTS, seed=7, **kw)
+    c = generate(model, tok, PROMPTS, seed=8, **kw)
+    assert torch.equal(a.input_ids, b.input_ids) and a.texts == b.texts
+    assert torch.equal(a.behaviour_logprobs, b.behaviour_logprobs)
+    assert not torch.equal(a.response_ids, c.response_ids)
+    assert not model.training
+
+
+def test_greedy_is_argmax_and_ignores_seed(model, tok):
+    ro = generate(model, tok, PROMPTS, num_samples=2, temperature=0, max_new_tokens=10, seed=0, batch_size=6)
+    other = generate(model, tok, PROMPTS, num_samples=1, temperature=0.0, max_new_tokens=10, seed=5, batch_size=1)
+    assert ro.texts[::2] == ro.texts[1::2] == other.texts
+    for row in range(0, 6, 2):
+        prompt = ro.input_ids[row, : ro.prompt_len][ro.attention_mask[row, : ro.prompt_len].bool()]
+        resp = ro.response_ids[row][ro.response_mask[row]]
+        seq = torch.cat([prompt, resp])[None]
+        with torch.no_grad():
+            logits = model(seq).logits[0]
+        n = len(prompt)
+        assert resp.tolist() == logits[n - 1: n - 1 + len(resp)].argmax(-1).tolist()
+
+
+def test_sampling_is_unrestricted_softmax(model, tok):
+    """No hidden top-k / top-p: 3000 one-token samples match softmax(logits) (all 99 tokens reachable)."""
+    ro = generate(model, tok, ["1"], num_samples=3000, temperature=1.0, max_new_tokens=1, seed=0, batch_size=3000)
+    with torch.no_grad():
+        p = torch.softmax(model(torch.tensor([tok("1")["input_ids"]])).logits[0, -1].double(), -1)
+    emp = torch.bincount(ro.response_ids[:, 0], minlength=len(tok)).double() / 3000
+    assert ro.response_ids[:, 0].unique().numel() > 80  # top_k=50 would cap this at 50
+    assert 0.5 * (emp - p).abs().sum() < 0.11  # expected ≈ 0.07 for 3000 draws over ~99 near-uniform cells
+    # at temperature 0.1 the draw follows softmax(z / 0.1), far (TV ≈ 0.49) from softmax(z)
+    cold = generate(model, tok, ["1"], num_samples=3000, temperature=0.1, max_new_tokens=1, seed=0, batch_size=3000)
+    with torch.no_grad():
+        pc = torch.softmax(model(torch.tensor([tok("1")["input_ids"]])).logits[0, -1].double() / 0.1, -1)
+    emp_c = torch.bincount(cold.response_ids[:, 0], minlength=len(tok)).double() / 3000
+    assert 0.5 * (emp_c - pc).abs().sum() < 0.08 and 0.5 * (emp_c - p).abs().sum() > 0.35
+
+
+def test_bad_arguments_listed_at_once(model, tok):
+    with pytest.raises(ConfigError, match="num_samples.*max_new_tokens.*temperature"):
+        generate(model, tok, PROMPTS, num_samples=0, temperature=-1.0, max_new_tokens=0, seed=0, batch_size=2)
+    with pytest.raises(ConfigError, match="prompts"):
+        generate(model, tok, [], num_samples=1, temperature=1.0, max_new_tokens=4, seed=0, batch_size=2)
