@@ -1,0 +1,213 @@
+"""The one place that splits work: across threads, and across torchrun processes.
+
+- ``shard_for_rank`` — which items a rank owns (greedy LPT, balanced by cost, deterministic);
+- ``map_ordered`` — a thread-pool map that yields results in item order with a bounded
+  number of items in flight (torch and LAPACK kernels release the GIL);
+- ``dist_context`` — ``torch.distributed`` set up from torchrun's environment variables,
+  a no-op ``(0, 1)`` for a plain process;
+- ``gather_to_rank0`` — collect one picklable object per rank on rank 0.
+
+Nothing here knows about checkpoints or metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from opdgeo.errors import ConfigError
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+__all__ = ["shard_for_rank", "map_ordered", "dist_context", "gather_to_rank0", "is_distributed"]
+
+
+def shard_for_rank(
+    items: Sequence[T],
+    rank: int,
+    world: int,
+    cost: Callable[[T], float] | Sequence[float] | None = None,
+) -> list[T]:
+    """The items that ``rank`` of ``world`` processes owns, in their original order.
+
+    Greedy longest-processing-time (LPT) assignment: items sorted by decreasing cost
+    (ties by position) each go to the currently least-loaded rank (ties to the lowest
+    rank). LPT's makespan is at most 4/3 of the optimum. The assignment depends only on
+    ``items``, ``world`` and ``cost``, so every rank computes the same partition without
+    communicating, and the union over ranks is exactly ``items``.
+
+    Args:
+        items: the work items (e.g. tensor names), same sequence on every rank.
+        rank: this process's rank, ``0 <= rank < world``.
+        world: number of processes, ``>= 1``.
+        cost: a cost per item (e.g. ``numel``) as a callable ``item -> float`` or a
+            sequence aligned with ``items``; ``None`` means unit cost (round-robin-like).
+
+    Returns:
+        The sub-list of ``items`` for ``rank``, in the order of ``items``.
+
+    Raises:
+        ConfigError: ``world < 1``, ``rank`` outside ``[0, world)``, a cost sequence of
+            the wrong length, or a negative/non-finite cost.
+    """
+    if world < 1:
+        raise ConfigError(f"world size must be >= 1; got {world}")
+    if not 0 <= rank < world:
+        raise ConfigError(f"rank must be in [0, {world}); got {rank}")
+    items = list(items)
+    if cost is None:
+        costs = [1.0] * len(items)
+    elif callable(cost):
+        costs = [float(cost(item)) for item in items]
+    else:
+        costs = [float(c) for c in cost]
+        if len(costs) != len(items):
+            raise ConfigError(f"cost has {len(costs)} entries for {len(items)} items")
+    for c in costs:
+        if not (c >= 0.0 and c != float("inf")):
+            raise ConfigError(f"costs must be finite and >= 0; got {c}")
+    if world == 1:
+        return items
+    order = sorted(range(len(items)), key=lambda i: (-costs[i], i))
+    loads = [(0.0, r) for r in range(world)]  # heap of (load, rank): least load, lowest rank first
+    owner = [0] * len(items)
+    for i in order:
+        load, r = heapq.heappop(loads)
+        owner[i] = r
+        heapq.heappush(loads, (load + costs[i], r))
+    return [item for item, o in zip(items, owner) if o == rank]
+
+
+def map_ordered(fn: Callable[[T], R], items: Iterable[T], workers: int = 1) -> Iterator[R]:
+    """``fn`` over ``items``, yielding results in item order, at most ``workers`` in flight.
+
+    With ``workers == 1`` this is a plain lazy loop in the calling thread. Otherwise a
+    thread pool runs ``fn``; a new item is submitted only when the oldest result is taken,
+    so at most ``workers`` items are being processed plus the one the caller holds —
+    memory stays bounded by about ``workers + 1`` items' working sets whatever the length
+    of ``items`` (which is consumed lazily). An exception raised by ``fn`` is re-raised
+    when its result is reached; items not yet started are then not run.
+
+    Args:
+        fn: the function; it must be thread-safe (torch kernels release the GIL).
+        items: any iterable.
+        workers: number of threads, ``>= 1``.
+
+    Raises:
+        ConfigError: ``workers < 1``.
+    """
+    if workers < 1:
+        raise ConfigError(f"--workers must be >= 1; got {workers}")
+    if workers == 1:
+        return (fn(item) for item in items)
+    return _map_threads(fn, iter(items), workers)
+
+
+def _map_threads(fn, it, workers):
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="opdgeo") as pool:
+        pending: deque = deque()
+        try:
+            for item in it:
+                pending.append(pool.submit(fn, item))
+                if len(pending) >= workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for fut in pending:  # an error or an abandoned generator: drop what has not started
+                fut.cancel()
+
+
+def is_distributed() -> bool:
+    """True when ``torch.distributed`` is initialized with more than one process."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@contextlib.contextmanager
+def dist_context(device: str = "cpu", backend: str | None = None) -> Iterator[tuple[int, int]]:
+    """Initialize ``torch.distributed`` from torchrun's environment; yield ``(rank, world)``.
+
+    Launched by ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
+    ``MASTER_PORT`` set) with ``WORLD_SIZE > 1``, this initializes the default process group
+    (``gloo`` for CPU work, ``nccl`` for CUDA, unless ``backend`` says otherwise; on CUDA
+    the current device becomes ``cuda:LOCAL_RANK``) and destroys it on exit. A plain
+    process, a world of one, or a group initialized by the caller is left alone and yields
+    ``(0, 1)`` or the existing ``(rank, world)``.
+
+    Raises:
+        ConfigError: inconsistent torchrun variables.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        yield dist.get_rank(), dist.get_world_size()
+        return
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        yield 0, 1
+        return
+    try:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError as err:
+        raise ConfigError(f"torchrun environment: RANK/WORLD_SIZE/LOCAL_RANK must be integers ({err})") from None
+    if not 0 <= rank < world:
+        raise ConfigError(f"torchrun environment: RANK={rank} not in [0, WORLD_SIZE={world})")
+    if world == 1:
+        yield 0, 1
+        return
+    if not dist.is_available():
+        raise ConfigError("launched with WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    use_cuda = str(device).startswith("cuda")
+    if backend is None:
+        backend = "nccl" if use_cuda else "gloo"
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend=backend, rank=rank, world_size=world)
+    try:
+        yield rank, world
+    finally:
+        dist.destroy_process_group()
+
+
+def gather_to_rank0(obj: Any) -> list[Any] | None:
+    """Every rank's ``obj`` on rank 0, as a list indexed by rank; ``None`` on other ranks.
+
+    Without an initialized multi-process group this returns ``[obj]``. ``obj`` must be
+    picklable (rows of numbers and strings). Uses ``gather_object`` on gloo and
+    ``all_gather_object`` otherwise (nccl's object collectives need every rank's device).
+    """
+    import torch.distributed as dist
+
+    if not is_distributed():
+        return [obj]
+    world = dist.get_world_size()
+    out: list[Any] = [None] * world
+    if dist.get_backend() == "gloo":
+        dist.gather_object(obj, out if dist.get_rank() == 0 else None, dst=0)
+    else:
+        dist.all_gather_object(out, obj)
+    return out if dist.get_rank() == 0 else None
+
+
+def all_gather(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` on every rank (``[obj]`` without a multi-process group).
+
+    Used to share a per-rank error so that all ranks fail together instead of one rank
+    waiting forever in a collective.
+    """
+    import torch.distributed as dist
+
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
