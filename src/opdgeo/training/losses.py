@@ -1,0 +1,149 @@
+"""Per-token losses and THE reduction (SPEC §3).
+
+Pure torch. Every loss returns per-token values ``[N, T]`` (0 outside the mask); the only
+place that averages is ``masked_mean``. The training loop passes it the *global* token
+count (all micro-batches and all ranks), so summing the micro-batch losses over gradient
+accumulation and ranks gives exactly the token-level mean of the full batch.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+__all__ = ["PolicyLoss", "policy_gradient_loss", "sft_loss", "masked_mean", "masked_sum"]
+
+
+class PolicyLoss(NamedTuple):
+    """Output of ``policy_gradient_loss`` (all ``[N, T]``; zero / False outside the mask)."""
+
+    loss: torch.Tensor  # per-token clipped-surrogate loss, differentiable
+    ratio: torch.Tensor  # importance ratio exp(logprobs - old_logprobs), detached
+    clipped: torch.Tensor  # bool: the clipped branch is active (the token has zero gradient)
+
+
+def _check_same_shape(**tensors: torch.Tensor) -> None:
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    if len(set(shapes.values())) != 1:
+        raise ValueError(f"shapes differ: {shapes}")
+
+
+def policy_gradient_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+) -> PolicyLoss:
+    """PPO clipped surrogate per token, with asymmetric ("clip-higher") clipping.
+
+    ::
+
+        ρ_t = exp(log π_θ(a_t|s_t) - log π_old(a_t|s_t))
+        ℓ_t = -min(ρ_t·A_t, clip(ρ_t, 1 - ε_low, 1 + ε_high)·A_t)
+
+    The clipped branch is active (zero gradient) when A_t > 0 and ρ_t > 1 + ε_high, or
+    A_t < 0 and ρ_t < 1 - ε_low. At ρ = 1, ∇ℓ_t = -A_t·∇log π_θ(a_t|s_t): with A ≡ 1 this
+    is exactly the gradient of ``sft_loss``.
+
+    Args:
+        logprobs: ``[N, T]`` float, log π_θ of the sampled tokens, with gradient.
+        old_logprobs: ``[N, T]`` float, log π_old (the policy that the ratio is taken
+            against; no gradient). For off-policy rollouts pass the behaviour log-probs.
+        advantages: ``[N, T]`` float, treated as constants (detached).
+        mask: ``[N, T]`` bool, the tokens that count.
+        eps_low, eps_high: clip range ``[1 - eps_low, 1 + eps_high]``; ``0 <= eps_low < 1``,
+            ``eps_high >= 0``.
+
+    Returns:
+        ``PolicyLoss(loss, ratio, clipped)``, all 0 / False outside the mask. Masked
+        positions may hold -inf or NaN log-probs without producing a NaN.
+
+    Raises:
+        ValueError: shape mismatch or an invalid clip range.
+
+    Source: Schulman et al. 2017 (PPO, Eq. 7); Shao et al. 2024 (GRPO, Eq. 3, without the
+    KL term); Yu et al. 2025 (DAPO, §3.1 clip-higher, ε_low = 0.2, ε_high = 0.28, and §3.3
+    token-level loss).
+    """
+    _check_same_shape(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask)
+    if not (0.0 <= eps_low < 1.0) or eps_high < 0.0:
+        raise ValueError(f"clip range needs 0 <= eps_low < 1 and eps_high >= 0; got {eps_low}, {eps_high}")
+    mask = mask.bool()
+    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    log_ratio = torch.where(mask, logprobs - old_logprobs.detach(), zero)  # no inf - inf at padding
+    ratio = torch.exp(log_ratio)
+    adv = torch.where(mask, advantages.detach().to(logprobs.dtype), zero)
+    unclipped = ratio * adv
+    clipped_obj = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv
+    loss = torch.where(mask, -torch.minimum(unclipped, clipped_obj), zero)
+    r = ratio.detach()
+    clipped = mask & (((adv > 0) & (r > 1.0 + eps_high)) | ((adv < 0) & (r < 1.0 - eps_low)))
+    return PolicyLoss(loss=loss, ratio=torch.where(mask, r, zero), clipped=clipped)
+
+
+def sft_loss(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy on response (demonstration) tokens: ``ℓ_t = -log π_θ(a_t|s_t)`` on the mask.
+
+    Args:
+        logprobs: ``[N, T]`` float, log-probs of the demonstration tokens, with gradient.
+        mask: ``[N, T]`` bool (prompt and padding excluded).
+
+    Returns:
+        ``[N, T]``, 0 outside the mask (padding holding -inf gives 0, not NaN).
+
+    Raises:
+        ValueError: shape mismatch.
+    """
+    _check_same_shape(logprobs=logprobs, mask=mask)
+    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    return torch.where(mask.bool(), -logprobs, zero)
+
+
+def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``Σ_{n,t} values[n,t]·mask[n,t]`` with masked positions contributing exactly 0 (even if inf/NaN)."""
+    _check_same_shape(values=values, mask=mask)
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    return torch.where(mask.bool(), values, zero).sum()
+
+
+def masked_mean(
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    denominator: float | int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """THE reduction: token-level mean ``Σ values·mask / D``.
+
+    With ``denominator=None``, ``D = Σ mask`` (the tokens of this tensor). The training loop
+    passes ``D`` = the number of counted tokens of the whole global batch (every
+    micro-batch on every rank, all-reduced), so that the sum of the micro-batch results over
+    gradient accumulation and data-parallel ranks is exactly the token-level mean of the
+    full batch (DAPO's token-level loss; the same normalizer whatever the split).
+
+    An empty mask (``D == 0``) gives 0 connected to the graph (its gradient is 0), never NaN.
+
+    Args:
+        values: ``[N, T]`` per-token values (e.g. ``PolicyLoss.loss``).
+        mask: ``[N, T]`` bool.
+        denominator: optional global token count, ``>= 0``.
+
+    Returns:
+        0-d tensor in ``values.dtype``.
+
+    Raises:
+        ValueError: shape mismatch or a negative denominator.
+
+    Source: Yu et al. 2025 (DAPO, §3.3, token-level policy-gradient loss).
+    """
+    total = masked_sum(values, mask)
+    d = mask.bool().sum() if denominator is None else torch.as_tensor(denominator)
+    d = d.to(device=total.device, dtype=total.dtype)
+    if (d < 0).item():
+        raise ValueError(f"denominator must be >= 0; got {d.item()}")
+    if d.item() == 0:
+        return total * 0.0
+    return total / d
