@@ -23,6 +23,7 @@ from opdgeo.geometry import (
     singular_values,
     top_singular_subspaces,
 )
+from opdgeo.geometry.sparsity import bf16_unchanged_count
 
 # ----------------------------------------------------------------------------------------
 # helpers: an independent bf16 decoder and the η rule in numpy float64
@@ -214,6 +215,99 @@ def test_legacy_rule_against_numpy_including_ties():
     a = torch.tensor([1.0, 1.0], dtype=torch.bfloat16)
     b = torch.tensor([1.0 + 2**-7, 1.0 + 2**-6], dtype=torch.bfloat16)
     assert legacy_unchanged_mask(a, b, atol=2**-7).tolist() == [True, False]
+
+
+def _reference_counts(w0: torch.Tensor, w1: torch.Tensor, eta: float) -> tuple[int, tuple, tuple]:
+    """Unchanged count from the numpy η rule on independently decoded bf16 values, plus
+    NaN/Inf counts of the unrounded inputs in float64 numpy."""
+    a = f64_of(w0.to(torch.bfloat16).reshape(-1))
+    b = f64_of(w1.to(torch.bfloat16).reshape(-1))
+    r0, r1 = w0.double().reshape(-1).numpy(), w1.double().reshape(-1).numpy()
+    nan = (int(np.isnan(r0).sum()), int(np.isnan(r1).sum()))
+    inf = (int(np.isinf(r0).sum()), int(np.isinf(r1).sum()))
+    return int(eta_rule_reference(a, b, eta).sum()), nan, inf
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1000, 1 << 18])
+def test_unchanged_count_equals_eta_rule_on_every_bf16_pattern_pair(chunk):
+    """All 2**16 patterns against their neighbours, negation and ±0 (NaN, Inf, ±0 and
+    subnormals included), in blocks that split every kind of pattern differently."""
+    left, right = neighbour_pairs()
+    if chunk < 100:  # keep the tiny-block cases small
+        left, right = left[::97], right[::97]
+    w0, w1 = bits_to_bf16(left), bits_to_bf16(right)
+    n_ref, nan, inf = _reference_counts(w0, w1, 1e-3)
+    got = bf16_unchanged_count(w0, w1, chunk=chunk)
+    assert (got.unchanged, got.numel, got.nan, got.inf) == (n_ref, w0.numel(), nan, inf)
+    assert got.unchanged == int(bf16_unchanged_mask(w0, w1).sum())
+    assert not got.finite and nan[0] > 0 and nan[1] > 0
+    if chunk >= 100:
+        assert inf[0] > 0 and inf[1] > 0
+
+
+def test_unchanged_count_clean_blocks_and_flagged_blocks_are_both_exact():
+    """A finite random matrix (fast path in every block), then the same with one ±0 pair,
+    one shared NaN, one Inf and one fp32 overflow to bf16 Inf placed in different blocks."""
+    g = torch.Generator().manual_seed(5)
+    w0 = (0.02 * torch.randn(300, 211, generator=g)).to(torch.bfloat16)
+    step = 0.01 * torch.randn(300, 211, generator=g) * (torch.rand(300, 211, generator=g) < 0.4)
+    w1 = (w0.float() * (1 + step)).to(torch.bfloat16)
+    n_ref, _, _ = _reference_counts(w0, w1, 1e-3)
+    got = bf16_unchanged_count(w0, w1, chunk=4096)
+    assert got.finite and got.unchanged == n_ref and got.numel == 300 * 211
+    assert got.sparsity == pytest.approx(n_ref / (300 * 211), abs=0) and 0.5 < got.sparsity < 0.7
+    a, b = w0.float().clone().reshape(-1), w1.float().clone().reshape(-1)
+    a[10], b[10] = 0.0, -0.0  # block 0: ±0 counts as unchanged
+    a[5000] = b[5000] = float("nan")  # block 1: equal NaN patterns count as changed
+    b[9000] = float("inf")  # block 2
+    a[20000] = b[20000] = 3.4e38  # block 4: finite fp32, bf16 Inf on both sides -> unchanged
+    a[30000] = float("-inf")  # block 7
+    a, b = a.reshape(300, 211), b.reshape(300, 211)
+    n_ref, nan, inf = _reference_counts(a, b, 1e-3)
+    for chunk in (4096, 1 << 18):
+        got = bf16_unchanged_count(a, b, chunk=chunk)
+        assert (got.unchanged, got.nan, got.inf) == (n_ref, (1, 1), (1, 1)), chunk
+        assert got.unchanged == int(bf16_unchanged_mask(a, b).sum())
+    # the mask agrees on the planted entries: ±0 and the bf16-overflowed pair unchanged, NaN not
+    mask = bf16_unchanged_mask(a, b).reshape(-1)
+    assert mask[10] and mask[20000] and not mask[5000] and not mask[9000] and not mask[30000]
+
+
+@pytest.mark.parametrize("dt0,dt1", [(torch.float32, torch.float32), (torch.float16, torch.bfloat16), (torch.float64, torch.float32)])
+@pytest.mark.parametrize("eta", [1e-3, 0.004, 0.05])
+def test_unchanged_count_mixed_dtypes_formula_path_and_non_contiguous(dt0, dt1, eta):
+    g = torch.Generator().manual_seed(6)
+    base = torch.randn(97, 64, generator=g, dtype=torch.float64)
+    w0 = base.to(dt0)
+    w1 = (base * (1 + 0.03 * torch.randn(97, 64, generator=g, dtype=torch.float64))).to(dt1)
+    w0[3, 3] = 0.0
+    for x0, x1 in ((w0, w1), (w0.T, w1.T)):  # the transposes are non-contiguous
+        n_ref, nan, inf = _reference_counts(x0, x1, eta)
+        got = bf16_unchanged_count(x0, x1, eta=eta, chunk=1000)
+        assert (got.unchanged, got.nan, got.inf) == (n_ref, (0, 0), (0, 0))
+        assert got.unchanged == int(bf16_unchanged_mask(x0, x1, eta=eta).sum())
+    assert 0.02 < got.sparsity < 0.98
+
+
+def test_unchanged_count_flush_denormal_mode_and_empty_and_validation():
+    tiny = torch.tensor([2.0**-133, 3 * 2.0**-133, 1.0], dtype=torch.float32)
+    other = torch.tensor([2 * 2.0**-133, 3 * 2.0**-133, 1.0], dtype=torch.float32)
+    if torch.set_flush_denormal(True):
+        try:
+            assert bf16_unchanged_count(tiny, other).unchanged == 2  # distinct subnormals stay distinct
+        finally:
+            torch.set_flush_denormal(False)
+    assert bf16_unchanged_count(tiny, other).unchanged == 2
+    empty = bf16_unchanged_count(torch.zeros(0, 3), torch.zeros(0, 3))
+    assert empty.unchanged == 0 and empty.numel == 0 and math.isnan(empty.sparsity) and empty.finite
+    x = torch.zeros(3, 4)
+    with pytest.raises(ValueError, match=r"same shape"):
+        bf16_unchanged_count(x, torch.zeros(4, 3))
+    with pytest.raises(ValueError, match="eta"):
+        bf16_unchanged_count(x, x, eta=-1.0)
+    for bad in (0, -5, 2.5, True):
+        with pytest.raises(ValueError, match="chunk"):
+            bf16_unchanged_count(x, x, chunk=bad)
 
 
 def test_sparsity_validation_errors():
