@@ -36,25 +36,11 @@ __all__ = [
     "top_singular_subspaces",
 ]
 
-# modules written concurrently; remove guard at integration
-try:
-    from opdgeo.geometry.lowrank import *  # noqa: F401,F403
-    from opdgeo.geometry.lowrank import __all__ as _lowrank_all
+from opdgeo.geometry.lowrank import __all__ as _lowrank_all
+from opdgeo.geometry.lowrank import *  # noqa: E402,F401,F403
+from opdgeo.geometry.overlap import __all__ as _overlap_all
+from opdgeo.geometry.overlap import *  # noqa: E402,F401,F403
+from opdgeo.geometry.subspace import __all__ as _subspace_all
+from opdgeo.geometry.subspace import *  # noqa: E402,F401,F403
 
-    __all__ += list(_lowrank_all)
-except ImportError:
-    pass
-try:
-    from opdgeo.geometry.subspace import *  # noqa: F401,F403
-    from opdgeo.geometry.subspace import __all__ as _subspace_all
-
-    __all__ += list(_subspace_all)
-except ImportError:
-    pass
-try:
-    from opdgeo.geometry.overlap import *  # noqa: F401,F403
-    from opdgeo.geometry.overlap import __all__ as _overlap_all
-
-    __all__ += list(_overlap_all)
-except ImportError:
-    pass
+__all__ += list(_lowrank_all) + list(_subspace_all) + list(_overlap_all)
