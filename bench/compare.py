@@ -19,7 +19,12 @@ Measured in one run (the opdgeo side in a child process, so its peak RSS is its 
 
 The last lines are ``name: value`` pairs for scripts. Usage::
 
-    python bench/compare.py [--qwen3-8b] [--workers N] [--repeat 3] [--naive-thin]
+    python bench/compare.py [--qwen3-8b] [--workers N] [--repeat 7] [--svd-repeat 2] [--naive-thin]
+
+Fairness: every ratio compares two timings taken in the same process, with the same
+thread count, on page-cached files, as the minimum over interleaved repeats (read and
+sparsity-only ``--repeat`` times; cold/warm full compares ``--svd-repeat`` times, each
+cold run on an empty cache folder).
 """
 
 from __future__ import annotations
@@ -151,7 +156,9 @@ def _read_both(base: Path, tuned: Path) -> float:
     return time.perf_counter() - t0
 
 
-def _opdgeo_side(base: str, tuned: str, cache: str, k: int, rank: int, workers: int, repeat: int, queue) -> None:
+def _opdgeo_side(
+    base: str, tuned: str, cache: str, k: int, rank: int, workers: int, repeat: int, svd_repeat: int, queue
+) -> None:
     """Runs in a child process: all opdgeo timings, the rows, and this process's peak RSS."""
     import opdgeo
 
@@ -164,17 +171,24 @@ def _opdgeo_side(base: str, tuned: str, cache: str, k: int, rank: int, workers: 
         t0 = time.perf_counter()
         opdgeo.compare(base, tuned, metrics="sparsity", workers=workers)
         sparsity_times.append(time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    cold = opdgeo.compare(base, tuned, k=k, rank=rank, workers=workers, cache=cache, keep_angles=True)
-    cold_time = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    warm = opdgeo.compare(base, tuned, k=k, rank=rank, workers=workers, cache=cache, keep_angles=True)
-    warm_time = time.perf_counter() - t0
+    cold_times, warm_times = [], []
+    for i in range(svd_repeat):  # interleaved cold/warm pairs, each cold with an empty cache
+        t0 = time.perf_counter()
+        cold = opdgeo.compare(base, tuned, k=k, rank=rank, workers=workers, cache=f"{cache}-{i}", keep_angles=True)
+        cold_times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        warm = opdgeo.compare(base, tuned, k=k, rank=rank, workers=workers, cache=f"{cache}-{i}", keep_angles=True)
+        warm_times.append(time.perf_counter() - t0)
+    cold_time, warm_time = min(cold_times), min(warm_times)
     queue.put({
         "read": min(read_times),
         "sparsity": min(sparsity_times),
         "cold": cold_time,
         "warm": warm_time,
+        "cold_all": cold_times,
+        "warm_all": warm_times,
+        "read_all": read_times,
+        "sparsity_all": sparsity_times,
         "rows": cold.matrices,
         "warm_rows": warm.matrices,
         "angles": {n: {s: v.tolist() for s, v in a.items()} for n, a in cold.angles.items()},
@@ -189,7 +203,9 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=512)
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--repeat", type=int, default=3, help="repeats of the (cheap) read and sparsity timings")
+    parser.add_argument("--repeat", type=int, default=7, help="repeats of the (cheap) read and sparsity timings (min of N)")
+    parser.add_argument("--svd-repeat", type=int, default=2,
+                        help="interleaved cold/warm full-compare pairs (min of N each; a shared box is noisy)")
     parser.add_argument("--naive-thin", action="store_true", help="naive SVDs with full_matrices=False")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shrink", type=int, default=1, help="divide every dimension by this (quick smoke runs)")
@@ -211,14 +227,15 @@ def main() -> None:
         ctx = mp.get_context("spawn")
         queue = ctx.Queue()
         proc = ctx.Process(target=_opdgeo_side, args=(str(base), str(tuned), str(root / "cache"), args.k, args.rank,
-                                                      args.workers, args.repeat, queue))
+                                                      args.workers, args.repeat, args.svd_repeat, queue))
         proc.start()
         ours = queue.get()
         proc.join()
-        print(f"read both checkpoints:   {ours['read']:8.2f} s")
-        print(f"compare --metrics sparsity: {ours['sparsity']:8.2f} s")
-        print(f"compare full, cold cache:   {ours['cold']:8.2f} s   {ours['stats'][0]}")
-        print(f"compare full, warm cache:   {ours['warm']:8.2f} s   {ours['stats'][1]}")
+        print(f"read both checkpoints:   {ours['read']:8.3f} s   (min of {ours['read_all']})")
+        print(f"compare --metrics sparsity: {ours['sparsity']:8.3f} s   (min of {ours['sparsity_all']})")
+        print(f"cold runs {ours['cold_all']}, warm runs {ours['warm_all']} (min of each used)")
+        print(f"compare full, cold cache:   {ours['cold']:8.2f} s   (last run: {ours['stats'][0]})")
+        print(f"compare full, warm cache:   {ours['warm']:8.2f} s   (last run: {ours['stats'][1]})")
 
         t0 = time.perf_counter()
         ref = naive(base, tuned, k=args.k, rank=args.rank, alpha=0.3, eta=1e-3, thin=args.naive_thin)

@@ -390,6 +390,47 @@ def test_sharded_threads_and_cache_give_identical_numbers(pair, result, tmp_path
     assert warm.summary["mean_nss"] == pytest.approx(result.summary["mean_nss"], rel=1e-10)
 
 
+def test_warm_cache_reuses_base_masks_keyed_by_alpha_and_rank(pair, result, tmp_path, monkeypatch):
+    """The principal and low-magnitude masks depend on W0 only: a warm run reads them from
+    the cache (no selection is run), gives the cold numbers exactly, and a different
+    alpha or rank (a different key) or a damaged entry recomputes them."""
+    import opdgeo.geometry.masks as masks
+
+    base, tuned, _, _ = pair
+    cache = tmp_path / "cache"
+    cold = opdgeo.compare(base, tuned, k=K, rank=RANK, alpha=ALPHA, cache=cache)
+    _same(_numbers(cold), _numbers(result))
+    entries = sorted((cache / "masks").rglob("*.bits"))
+    assert len(entries) == 14
+
+    def counting(fn, log):
+        return lambda *a, **kw: log.append(1) or fn(*a, **kw)
+
+    calls = []
+    monkeypatch.setattr(masks, "principal_mask", counting(masks.principal_mask, calls))
+    monkeypatch.setattr(masks, "low_magnitude_mask", counting(masks.low_magnitude_mask, calls))
+    warm = opdgeo.compare(base, tuned, k=K, rank=RANK, alpha=ALPHA, cache=cache)
+    exact = lambda res: [[repr(x) for x in row] for row in _numbers(res)]  # NaN-safe equality
+    assert calls == [] and exact(warm) == exact(cold)  # bit-identical rows
+
+    entries[0].write_bytes(b"\x00garbage")  # damaged: a miss, recomputed and rewritten
+    again = opdgeo.compare(base, tuned, k=K, rank=RANK, alpha=ALPHA, cache=cache)
+    assert len(calls) == 2 and exact(again) == exact(cold)
+
+    calls.clear()
+    other = opdgeo.compare(base, tuned, k=K, rank=RANK, alpha=0.1, cache=cache)
+    assert len(calls) == 28  # new key: every matrix recomputes both masks
+    r0, r1 = _reference_tensors(base), _reference_tensors(tuned)
+    for row in other.matrices:
+        if row["name"].endswith(GEOMETRY_SUFFIXES):
+            ref = _reference_row(r0[row["name"]], r1[row["name"]], K, RANK, 0.1)
+            _assert_close(row["principal_overlap"], ref["principal_overlap"], row["name"], atol=1e-12)
+            _assert_close(row["low_magnitude_overlap"], ref["low_magnitude_overlap"], row["name"], atol=1e-12)
+    calls.clear()
+    opdgeo.compare(base, tuned, k=K, rank=RANK // 2, alpha=ALPHA, cache=cache)
+    assert len(calls) == 28
+
+
 def test_sparsity_only_does_no_svd(pair, result, monkeypatch):
     import opdgeo.geometry.spectrum as spectrum
 

@@ -289,6 +289,25 @@ def test_unchanged_count_mixed_dtypes_formula_path_and_non_contiguous(dt0, dt1, 
     assert 0.02 < got.sparsity < 0.98
 
 
+def test_unchanged_count_is_independent_of_the_thread_split():
+    """Blocks are split into one range per torch thread: 1, 2 and 3 threads (ranges that
+    cut through flagged blocks) give the same exact counts."""
+    g = torch.Generator().manual_seed(7)
+    w0 = (0.02 * torch.randn(5003, generator=g)).to(torch.bfloat16)
+    w1 = torch.where(torch.rand(5003, generator=g) < 0.3, w0 * 1.01, w0)
+    w0[[17, 2600, 4999]] = torch.tensor([0.0, float("nan"), float("-inf")], dtype=torch.bfloat16)
+    w1[[17, 2600, 4000]] = torch.tensor([-0.0, float("nan"), float("inf")], dtype=torch.bfloat16)
+    n_ref, nan, inf = _reference_counts(w0, w1, 1e-3)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            got = bf16_unchanged_count(w0, w1, chunk=301)
+            assert (got.unchanged, got.nan, got.inf) == (n_ref, (1, 1), (1, 1)) == (n_ref, nan, inf), threads
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_unchanged_count_flush_denormal_mode_and_empty_and_validation():
     tiny = torch.tensor([2.0**-133, 3 * 2.0**-133, 1.0], dtype=torch.float32)
     other = torch.tensor([2 * 2.0**-133, 3 * 2.0**-133, 1.0], dtype=torch.float32)
@@ -518,6 +537,25 @@ def test_pipeline_recovers_a_known_tiny_rotation_of_the_top_subspace():
     assert left[-1] == pytest.approx(phi, rel=1e-5)
     np.testing.assert_allclose(right, 0.0, atol=1e-13)
     assert normalized_spectral_shift(a.S, b.S) < 1e-14
+
+
+@pytest.mark.parametrize("theta_max", [0.05, 0.7797, 0.7860, 1.3])
+def test_principal_angles_small_angle_shortcut_gives_the_full_rule_result(theta_max, monkeypatch):
+    """Below 44.97° the cosines' SVD is skipped; just below and just above 45° (and far
+    from it) the result equals the full arcsin/arccos rule bit for bit, and the known angles."""
+    import opdgeo.geometry.angles as angles_mod
+
+    theta = np.concatenate([[1e-9, 1e-5], np.linspace(0.01, theta_max, 10)])
+    A, B = basis_pair_with_angles(60, theta, seed=31)
+    calls = []
+    real = torch.linalg.svdvals
+    monkeypatch.setattr(torch.linalg, "svdvals", lambda x: calls.append(x.shape) or real(x))
+    got = principal_angles(torch.from_numpy(A), torch.from_numpy(B))
+    assert len(calls) == (1 if theta_max < math.radians(44.97) else 2)  # the shortcut ran iff all < 44.97°
+    monkeypatch.setattr(angles_mod, "_ALL_SMALL_SIN2", -1.0)  # force the full rule
+    full = principal_angles(torch.from_numpy(A), torch.from_numpy(B))
+    assert torch.equal(got, full)
+    np.testing.assert_allclose(got.numpy(), theta, rtol=1e-6, atol=1e-15)
 
 
 def test_principal_angles_identical_orthogonal_and_rotated_copy():

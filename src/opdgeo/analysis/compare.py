@@ -17,7 +17,8 @@ Cheapest exact path per matrix: a cache-blocked bitwise bf16 count for sparsity 
 non-finite check in the same pass (``bf16_unchanged_count``: no float copy, no full-size
 mask; the update mask is built only when the overlaps need it); singular values only where vectors are not needed (``nss`` alone); the top
 ``max(k, rank)`` vectors of W0 and the top ``k`` of W+ otherwise; the base's decomposition
-from the on-disk cache (``cache=DIR``) when it is warm.
+and its principal/low-magnitude masks (functions of W0 alone) from the on-disk cache
+(``cache=DIR``) when it is warm, so a warm run does only the tuned side's work.
 
 Work is split across threads (``workers``) and across torchrun processes (an initialized
 ``torch.distributed`` group: each rank takes a cost-balanced shard of the tensors, and the
@@ -278,8 +279,9 @@ def compare(
             means all. ``sparsity`` is always included.
         k, rank, alpha, eta, legacy_atol, precision, device, workers, keep_angles: see
             ``CompareOptions``.
-        cache: a folder (or ``SvdCache``) holding the base's decompositions; reused
-            when warm, filled when cold.
+        cache: a folder (or ``SvdCache``) holding the base's decompositions (and, with
+            ``overlap``, its two masks as packed bits under ``masks/``); reused when
+            warm, filled when cold.
         ignore_missing: skip tensors present in only one checkpoint instead of failing.
         allow_pickle: allow ``pytorch_model*.bin`` (loaded with ``weights_only=True``).
         progress: show a rich progress bar on stderr (rank 0 only).
@@ -547,14 +549,95 @@ class _Worker:
             from opdgeo.geometry.sparsity import bf16_visible_mask
 
             update = bf16_visible_mask(w0, w1, eta=opts.eta)  # M_upd; only the overlaps need it
-            pmask = principal_mask(U0, S0, V0, rank=opts.rank, alpha=opts.alpha)
+            # Both masks depend on W0 only: with a cache they are base work, paid once.
+            masks = _load_base_masks(self.cache, key, item, opts) if self.cache is not None else None
+            if masks is None:
+                pmask = principal_mask(U0, S0, V0, rank=opts.rank, alpha=opts.alpha)
+                lmask = low_magnitude_mask(w0, alpha=opts.alpha)
+                if self.cache is not None:
+                    _store_base_masks(self.cache, key, item, opts, pmask, lmask)
+            else:
+                pmask, lmask = (m.to(update.device) for m in masks)
             row["principal_overlap"] = float(mask_overlap(pmask, update))
-            del pmask
-            lmask = low_magnitude_mask(w0, alpha=opts.alpha)
             row["low_magnitude_overlap"] = float(mask_overlap(lmask, update))
+            del pmask, lmask
             if not bool(update.any()):
                 row["note"] = "no visible update: overlaps undefined (NaN)"
         return angles
+
+
+# Base masks (principal, low-magnitude) next to the SVD cache: a function of W0's bytes and
+# of (rank, alpha, n_vectors, precision) only, stored as packed bits (1/8 byte per entry).
+_MASK_CACHE_FORMAT = 1
+
+
+def _mask_cache_path(cache: SvdCache, content_key: str, item: _Item, opts: CompareOptions) -> Path:
+    import hashlib
+
+    from opdgeo import __version__
+
+    payload = json.dumps(
+        {
+            "content": content_key,
+            "rank": opts.rank,
+            "alpha": float(opts.alpha),
+            "n_vectors": item.n_base_vectors,
+            "precision": opts.precision,
+            "format": _MASK_CACHE_FORMAT,
+            "opdgeo": __version__,
+        },
+        sort_keys=True,
+    )
+    key = hashlib.sha256(payload.encode()).hexdigest()
+    # safetensors content under a ".bits" suffix: ``*.safetensors`` in the cache folder
+    # stay the SVD entries of ``SvdCache`` alone.
+    return cache.root / "masks" / key[:2] / f"{key}.bits"
+
+
+def _load_base_masks(cache: SvdCache, content_key: str, item: _Item, opts: CompareOptions):
+    """``(principal_mask, low_magnitude_mask)`` of W0 from the cache, or None (a miss; an
+    unreadable or mismatched entry is a miss and gets rewritten)."""
+    import numpy as np
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = _mask_cache_path(cache, content_key, item, opts)
+    if not path.is_file():
+        return None
+    try:
+        packed = load_file(str(path))
+        masks = []
+        for name in ("principal", "low_magnitude"):
+            if packed[name].dtype != torch.uint8 or packed[name].numel() != -(-item.numel // 8):
+                return None  # not this matrix's entry (unpackbits would zero-pad silently)
+            bits = np.unpackbits(packed[name].numpy(), count=item.numel)  # [m*n] uint8
+            masks.append(torch.from_numpy(bits.view(np.bool_)).reshape(item.shape))
+    except (SafetensorError, OSError, KeyError, ValueError, RuntimeError):
+        return None
+    return masks[0], masks[1]
+
+
+def _store_base_masks(cache: SvdCache, content_key: str, item: _Item, opts: CompareOptions, pmask, lmask) -> None:
+    """Write both masks atomically (temporary file + rename), as ``SvdCache.put`` does."""
+    import tempfile
+
+    import numpy as np
+    from safetensors.torch import save_file
+
+    path = _mask_cache_path(cache, content_key, item, opts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        name: torch.from_numpy(np.packbits(m.detach().to("cpu").reshape(-1).numpy()))
+        for name, m in (("principal", pmask), ("low_magnitude", lmask))
+    }
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".bits", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"content_key": content_key, "shape": "x".join(map(str, item.shape))})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 _GEOMETRY_COLUMNS = {

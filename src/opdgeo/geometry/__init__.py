@@ -10,6 +10,8 @@ from opdgeo.geometry.angles import principal_angles
 from opdgeo.geometry.masks import low_magnitude_mask, mask_overlap, principal_mask
 from opdgeo.geometry.sparsity import (
     BITWISE_ETA_BOUND,
+    UnchangedCount,
+    bf16_unchanged_count,
     bf16_unchanged_mask,
     bf16_visible_mask,
     legacy_unchanged_mask,
@@ -24,6 +26,8 @@ from opdgeo.geometry.spectrum import (
 __all__ = [
     "BITWISE_ETA_BOUND",
     "Subspaces",
+    "UnchangedCount",
+    "bf16_unchanged_count",
     "bf16_unchanged_mask",
     "bf16_visible_mask",
     "legacy_unchanged_mask",

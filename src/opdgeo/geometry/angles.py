@@ -8,6 +8,12 @@ import torch
 
 __all__ = ["principal_angles"]
 
+# sin²θ_max below this (θ_max < 44.97°): every cos²θ_i = 1 - sin²θ_i is >= 1/2 with a
+# margin of 1e-3, far beyond the rounding of the two SVDs (~k·eps, also in float32), so
+# the arcsin/arccos switch would pick arcsin for every angle and the cosines are not
+# needed (our shortcut; the result is unchanged).
+_ALL_SMALL_SIN2 = 0.5 - 1e-3
+
 
 def principal_angles(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """Principal angles between the column spaces of two orthonormal bases, ascending.
@@ -24,8 +30,11 @@ def principal_angles(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     Numerical note: ``arccos`` of a cosine near 1 loses everything below ~1e-8 rad in
     float64 (``cos θ = 1 - θ²/2``), so small angles come from the sines, which carry full
     relative accuracy there; large angles come from the cosines for the symmetric reason.
-    Identical inputs (``torch.equal(A, B)``) return exact zeros, so an unchanged matrix
-    has angle 0, not rounding noise of ~1e-8 degrees. (scipy 1.17's ``subspace_angles``
+    When the largest angle is below 44.97° (``sin² < 0.499``), every angle takes the
+    arcsin branch, so the cosines' k x k SVD is skipped (typical of fine-tunes, whose
+    angles are small); the returned angles are the same. Identical inputs
+    (``torch.equal(A, B)``) return exact zeros, so an unchanged matrix has angle 0, not
+    rounding noise of ~1e-8 degrees. (scipy 1.17's ``subspace_angles``
     applies its arcsin/arccos switch in reversed order when small and large angles mix,
     returning ~1.5e-8 rad for a 1e-9 rad angle there; this function does not.)
 
@@ -78,12 +87,16 @@ def principal_angles(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         return torch.zeros(k, dtype=dtype, device=A.device)
 
     AtB = A.T @ B  # [k_A, k]
-    cos = torch.linalg.svdvals(AtB)[:k].clamp_(0.0, 1.0)  # descending -> angles ascending
     residual = B - A @ AtB  # [m, k]: the part of span(B) outside span(A)
     sin = torch.linalg.svdvals(residual).flip(0).clamp_(0.0, 1.0)  # ascending -> angles ascending
-
-    small = cos.square() >= 0.5
-    theta = torch.where(small, torch.arcsin(sin), torch.arccos(cos))
+    if float(sin[-1]) ** 2 <= _ALL_SMALL_SIN2:
+        # Every angle is below 45° (by a margin far above rounding), so the rule below
+        # takes arcsin everywhere and the cosines are never used: skip their k x k SVD.
+        theta = torch.arcsin(sin)
+    else:
+        cos = torch.linalg.svdvals(AtB)[:k].clamp_(0.0, 1.0)  # descending -> angles ascending
+        small = cos.square() >= 0.5
+        theta = torch.where(small, torch.arcsin(sin), torch.arccos(cos))
     # Rounding can break monotonicity only at the arcsin/arccos switch (~π/4), by ~eps.
     theta, _ = torch.sort(theta)
     return theta.clamp_(0.0, math.pi / 2)

@@ -192,7 +192,7 @@ def mask_overlap(mask: torch.Tensor, update_mask: torch.Tensor) -> float:
         raise ValueError(
             f"mask and update_mask must be on one device; got {mask.device} and {update_mask.device}"
         )
-    n_upd = int(update_mask.sum())
+    n_upd = int(torch.count_nonzero(update_mask))
     if n_upd == 0:
         return float("nan")
-    return int((mask & update_mask).sum()) / n_upd
+    return int(torch.count_nonzero(mask & update_mask)) / n_upd

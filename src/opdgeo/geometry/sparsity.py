@@ -240,6 +240,9 @@ def bf16_unchanged_count(
        Inf are counted on the unrounded inputs.
 
     So the inputs are read once from memory, and the result is exact whatever the data.
+    The blocks are split into one contiguous range per ``torch.get_num_threads()`` thread
+    (numpy's kernels release the GIL), the thread count any torch op on the same tensors
+    would use; the result does not depend on the split.
     Inputs that are not bf16 are rounded block by block into a small buffer. The
     bit-pattern test is independent of the flush-denormal mode. Other devices, and
     ``eta >= 2**-9`` (the float64 formula), count ``bf16_unchanged_mask`` block by block
@@ -268,26 +271,51 @@ def bf16_unchanged_count(
     f0 = w0.detach().reshape(-1)  # [N]; a view when contiguous
     f1 = w1.detach().reshape(-1)
     numel = f0.numel()
-    nan = [0, 0]
-    inf = [0, 0]
-    unchanged = 0
     fused = eta < BITWISE_ETA_BOUND and f0.device.type == "cpu"
     if f0.device.type != "cpu":
         chunk = max(chunk, numel)  # accelerators: one mask pass, no per-block syncs
+    # CPU: split the blocks into one contiguous range per torch thread (numpy's kernels
+    # release the GIL), so the count uses the same threads as any torch op would.
+    n_blocks = -(-numel // chunk)
+    n_threads = max(1, min(torch.get_num_threads(), n_blocks)) if f0.device.type == "cpu" else 1
+    per = -(-n_blocks // n_threads) * chunk
+    ranges = [(lo, min(lo + per, numel)) for lo in range(0, numel, per)] if numel else []
+    work = lambda r: _count_range(f0, f1, r[0], r[1], chunk, eta, fused)  # noqa: E731
+    parts = _run_ranges(work, ranges)
+    unchanged = sum(p[0] for p in parts)
+    nan = (sum(p[1] for p in parts), sum(p[2] for p in parts))
+    inf = (sum(p[3] for p in parts), sum(p[4] for p in parts))
+    return UnchangedCount(unchanged=unchanged, numel=numel, nan=nan, inf=inf)
+
+
+def _run_ranges(work, ranges: list) -> list:
+    """``[work(r) for r in ranges]``, the first range on this thread, the others on helpers."""
+    if len(ranges) <= 1:
+        return [work(r) for r in ranges]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=len(ranges) - 1) as pool:
+        futures = [pool.submit(work, r) for r in ranges[1:]]
+        first = work(ranges[0])
+        return [first] + [f.result() for f in futures]
+
+
+def _count_range(
+    f0: torch.Tensor, f1: torch.Tensor, lo: int, hi: int, chunk: int, eta: float, fused: bool
+) -> tuple[int, int, int, int, int]:
+    """``(unchanged, nan0, nan1, inf0, inf1)`` over ``f0[lo:hi]``, ``f1[lo:hi]``, block by block."""
+    unchanged = nan0 = nan1 = inf0 = inf1 = 0
+    size = min(chunk, hi - lo)
     if fused:
-        buffers = [
-            torch.empty(min(chunk, numel), dtype=torch.bfloat16) if f.dtype != torch.bfloat16 else None
-            for f in (f0, f1)
-        ]
-        same = np.empty(min(chunk, numel), dtype=np.bool_)
-    for start in range(0, numel, chunk):
-        c0 = f0[start : start + chunk]  # [c]
-        c1 = f1[start : start + chunk]
+        buffers = [torch.empty(size, dtype=torch.bfloat16) if f.dtype != torch.bfloat16 else None for f in (f0, f1)]
+        same = np.empty(size, dtype=np.bool_)
+    for start in range(lo, hi, chunk):
+        c0 = f0[start : min(start + chunk, hi)]  # [c]
+        c1 = f1[start : min(start + chunk, hi)]
         if fused:
-            n = c0.numel()
             a = _bf16_bits(c0, buffers[0])  # [c] uint16
             b = _bf16_bits(c1, buffers[1])
-            eq = same[:n]
+            eq = same[: a.shape[0]]
             np.equal(a, b, out=eq)
             ai, bi = a.view(np.int16), b.view(np.int16)
             suspicious = (
@@ -301,15 +329,16 @@ def bf16_unchanged_count(
             if not suspicious:
                 unchanged += int(np.count_nonzero(eq))
                 continue
-            exact = _numpy_bitwise_unchanged(a, b)
+            unchanged += int(np.count_nonzero(_numpy_bitwise_unchanged(a, b)))
         else:
-            exact = bf16_unchanged_mask(c0, c1, eta=eta)
-        unchanged += int(np.count_nonzero(exact) if isinstance(exact, np.ndarray) else torch.count_nonzero(exact))
-        for side, c in enumerate((c0, c1)):
-            if not bool(torch.isfinite(c).all()):
-                nan[side] += int(torch.isnan(c).sum())
-                inf[side] += int(torch.isinf(c).sum())
-    return UnchangedCount(unchanged=unchanged, numel=numel, nan=(nan[0], nan[1]), inf=(inf[0], inf[1]))
+            unchanged += int(torch.count_nonzero(bf16_unchanged_mask(c0, c1, eta=eta)))
+        if not bool(torch.isfinite(c0).all()):
+            nan0 += int(torch.isnan(c0).sum())
+            inf0 += int(torch.isinf(c0).sum())
+        if not bool(torch.isfinite(c1).all()):
+            nan1 += int(torch.isnan(c1).sum())
+            inf1 += int(torch.isinf(c1).sum())
+    return unchanged, nan0, nan1, inf0, inf1
 
 
 def _bf16_bits(c: torch.Tensor, buffer: torch.Tensor | None) -> np.ndarray:
