@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Tests use tiny tensors: one intra-op thread avoids OpenMP spin overhead (and, on a shared
+# 2-core box, 50x slowdowns from oversubscription). Subprocesses inherit it via the env.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 
 def save_tiny_qwen3(

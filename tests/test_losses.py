@@ -108,6 +108,6 @@ def test_validation():
     with pytest.raises(ValueError):
         policy_gradient_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 2), torch.ones(2, 3, dtype=torch.bool))
     with pytest.raises(ValueError):
-        policy_gradient_loss(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool), eps_low=1.0)
+        policy_gradient_loss(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool), eps_low=1.5)
     with pytest.raises(ValueError):
         masked_mean(torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool), denominator=-1)

@@ -1,4 +1,4 @@
-"""``opdgeo train CONFIG.yaml [--set key=value ...] [--resume] [--out DIR]``.
+"""``opdgeo train CONFIG.yaml [--set key=value ...] [--resume] [--out DIR] [--project-from STEP_DIR --rank K]``.
 
 Thin: parse, validate the whole config (every problem listed at once, before any model
 loads), call ``opdgeo.training.train``, print where the run went.
@@ -17,7 +17,13 @@ import click
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Run folder (overrides run.out_dir).")
 @click.option("--no-progress", is_flag=True, help="Do not show the progress bar.")
-def train_cmd(config_path, overrides, resume, out_dir, no_progress):
+@click.option("--project-from", "project_from", type=click.Path(file_okay=False), default=None,
+              help="Restart the run from this checkpoint (e.g. runs/opd/step-000063) under subspace projection: "
+                   "gradients of the block matrices are projected onto the top --rank right singular vectors of "
+                   "their update since the run's origin; everything else is frozen. Default --out: "
+                   "<run.out_dir>-projected-<step folder>-k<rank>.")
+@click.option("--rank", type=int, default=None, help="K for --project-from (default: project.rank, 16).")
+def train_cmd(config_path, overrides, resume, out_dir, no_progress, project_from, rank):
     """Train with SFT, RLVR (GRPO) or OPD from a YAML config (SPEC §3).
 
     Writes the run folder: config.yaml, metrics.jsonl and step-NNNNNN/ checkpoints in
@@ -25,11 +31,23 @@ def train_cmd(config_path, overrides, resume, out_dir, no_progress):
     -m opdgeo train ...` (on CPU too: gloo) or `torchrun --nproc_per_node N -m opdgeo train ...`.
     """
     import dataclasses
+    import json
+    from pathlib import Path
 
+    from opdgeo.errors import ConfigError
     from opdgeo.training.config import load_config
 
-    config = load_config(config_path, list(overrides))
+    overrides = list(overrides)
+    if project_from is not None:
+        overrides.append(f"project.from={json.dumps(str(project_from))}")
+    if rank is not None:
+        if project_from is None:
+            raise ConfigError("--rank: only with --project-from (or set project.rank in the config)")
+        overrides.append(f"project.rank={rank}")
+    config = load_config(config_path, overrides)
     run = config.run
+    if project_from is not None and out_dir is None:
+        out_dir = f"{run.out_dir.rstrip('/')}-projected-{Path(project_from).name}-k{config.project.rank}"
     if out_dir is not None:
         run = dataclasses.replace(run, out_dir=str(out_dir))
     if no_progress:

@@ -1,7 +1,8 @@
 """Training configuration: typed frozen dataclasses, one per concern, loaded from YAML.
 
 A config file is a mapping with one section per dataclass below (``model``, ``task``,
-``rollout``, ``optim``, ``objective``, ``checkpoint``, ``run``); ``objective`` may also be
+``rollout``, ``optim``, ``objective``, ``token_keep``, ``project``, ``checkpoint``,
+``run``); ``objective`` may also be
 just the objective's name (``objective: opd``). ``--set key=value`` overrides use dotted
 keys (``optim.lr=1e-5``) and are parsed as YAML scalars, then coerced to the field's type.
 
@@ -42,6 +43,8 @@ __all__ = [
     "ObjectiveConfig",
     "CheckpointConfig",
     "RunConfig",
+    "TokenKeepConfig",
+    "ProjectConfig",
     "TrainConfig",
     "OBJECTIVES",
     "SIGNALS",
@@ -57,6 +60,8 @@ OBJECTIVES = ("sft", "rlvr", "opd")
 SIGNALS = ("rlvr", "opd")
 SCHEDULES = ("constant", "cosine")
 SAVE_DTYPES = ("bfloat16", "float16", "float32")
+TOKEN_KEEP_MODES = ("none", "topkl", "random")
+MONITOR_MATRICES = ("attention", "all")
 
 
 @dataclass(frozen=True)
@@ -97,8 +102,20 @@ class RolloutConfig:
     max_new_tokens: int = 64
     """Longest response; generation stops earlier at EOS."""
     policy: str = "student"
-    """Behaviour policy that generates the responses. Only ``"student"`` (on-policy) is
-    implemented here; ``"teacher"`` / a path are the off-policy control of issue 5."""
+    """Behaviour policy that generates the responses (the off-policy control, SPEC §3):
+    ``"student"`` (on-policy), ``"teacher"`` (``model.teacher``) or a model source (folder,
+    local-cache id, ``tiny:PRESET``) sharing the student's tokenizer. Off-policy, the
+    behaviour log-probs recorded at generation are the ratio's reference,
+    ρ = exp(log π_θ − log π_behaviour), clipped with ``offpolicy_eps``."""
+    offpolicy_eps: float = 1.0
+    """Symmetric clip range ε of the surrogate when ``policy`` is not the student: the
+    ratio is clipped to [1 − ε, 1 + ε] (SPEC §3: ε = 1.0, i.e. [0, 2]). On-policy runs
+    use ``objective.eps_low`` / ``objective.eps_high``."""
+
+    @property
+    def off_policy(self) -> bool:
+        """True when another policy than the student generates the responses."""
+        return self.policy != "student"
 
 
 @dataclass(frozen=True)
@@ -166,6 +183,38 @@ class ObjectiveConfig:
 
 
 @dataclass(frozen=True)
+class TokenKeepConfig:
+    """Token sparsification of the OPD signal (SPEC §3 Controls)."""
+
+    mode: str = "none"
+    """``"none"`` (every response token), ``"topkl"`` (per sample, the ceil(ρ·T) tokens
+    with the largest signed gap r_t = log π_s − log π_t; ties to the earlier token) or
+    ``"random"`` (a seeded uniform draw of ceil(ρ·T) tokens, seeded by (run.seed, step,
+    micro-batch)). The kept signal is rescaled r̃_t = (T/Σm)·m_t·r_t."""
+    fraction: float = 1.0
+    """ρ ∈ (0, 1], the fraction of each sample's response tokens kept (the paper: 0.5, 0.25)."""
+
+
+@dataclass(frozen=True)
+class ProjectConfig:
+    """Subspace-projected training (SPEC §3 Controls, functional sufficiency).
+
+    YAML: ``project: {from: runs/opd/step-000063, rank: 16, origin: runs/sft/step-000100}``.
+    """
+
+    start: str | int | None = None
+    """YAML key ``from``. None: no projection. A checkpoint folder: the student starts from
+    it (its fp32 master weights when it has ``trainer_state/``, else its weights) at its
+    step, with a fresh optimizer over the projected matrices, and V_K comes from its ΔW. An
+    integer S: train normally to step S, then take V_K from the current ΔW and project
+    from step S+1 on (optimizer state kept)."""
+    rank: int = 16
+    """K, the number of top right singular vectors of each ΔW kept (≤ min(m, n))."""
+    origin: str | None = None
+    """W_origin of ΔW = W_from − W_origin (e.g. the SFT anchor); default ``model.student``."""
+
+
+@dataclass(frozen=True)
 class CheckpointConfig:
     """What is saved, and when."""
 
@@ -189,8 +238,15 @@ class RunConfig:
     progress: bool = True
     """Show a rich progress bar on stderr (main process only)."""
     monitor_every: int = 0
-    """Call the run's ``every_n`` hook every N steps (0: never); the geometry monitor of
-    issue 5 plugs in here."""
+    """Geometry monitor (SPEC §3, our addition): every N steps (0: never), log the stable
+    rank, ‖ΔW‖_F, Sim_16 to the previous probe and the bf16-visible density of the update
+    since the run's origin (``geometry/*``), with the same functions as ``opdgeo trajectory``."""
+    monitor_matrices: str = "attention"
+    """Matrices the monitor follows: ``"attention"`` (q, k, v, o; the paper's set) or ``"all"``."""
+    monitor_lock_probes: int = 3
+    """M: ``geometry/locked_at`` is reported once Sim_16 has stayed ≥ 0.8 for M probes."""
+    monitor_per_matrix: bool = False
+    """Also log ``geometry/<metric>/<tensor>`` for every monitored matrix."""
 
 
 @dataclass(frozen=True)
@@ -202,11 +258,15 @@ class TrainConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    token_keep: TokenKeepConfig = field(default_factory=TokenKeepConfig)
+    project: ProjectConfig = field(default_factory=ProjectConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
 SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+# YAML key -> field name where the natural key is a Python keyword (``project.from``).
+_YAML_ALIASES: dict[str, dict[str, str]] = {"project": {"from": "start"}}
 _SECTION_TYPES = typing.get_type_hints(TrainConfig)
 
 
@@ -326,6 +386,9 @@ def _build_section(name: str, cls: type, raw: Any, errors: list[str]) -> Any:
     if not isinstance(raw, Mapping):
         errors.append(f"{name}: expected a mapping; got {raw!r}")
         return cls()
+    aliases = _YAML_ALIASES.get(name, {})
+    if aliases:
+        raw = {aliases.get(k, k): v for k, v in raw.items()}
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     for key in raw:
@@ -405,8 +468,14 @@ def config_to_dict(config: TrainConfig) -> dict[str, Any]:
             return [plain(x) for x in v]
         return v
 
-    return {f.name: {k: plain(v) for k, v in dataclasses.asdict(getattr(config, f.name)).items()}
-            for f in dataclasses.fields(config)}
+    # not dataclasses.asdict: it deep-copies values, and a MappingProxyType cannot be copied
+    out = {f.name: {g.name: plain(getattr(getattr(config, f.name), g.name))
+                    for g in dataclasses.fields(getattr(config, f.name))}
+           for f in dataclasses.fields(config)}
+    for section, aliases in _YAML_ALIASES.items():
+        back = {field_name: key for key, field_name in aliases.items()}
+        out[section] = {back.get(k, k): v for k, v in out[section].items()}
+    return out
 
 
 # -------------------------------------------------------------------------- validation
@@ -474,8 +543,38 @@ def validate(config: TrainConfig, *, check_paths: bool = True) -> list[str]:
         e.append(f"rollout.temperature: must be > 0; got {r.temperature}")
     if r.max_new_tokens < 1:
         e.append(f"rollout.max_new_tokens: must be >= 1; got {r.max_new_tokens}")
-    if r.policy != "student":
-        e.append(f"rollout.policy: only 'student' (on-policy) is implemented; got {r.policy!r}")
+    if r.policy == "teacher":
+        if m.teacher is None:
+            e.append("rollout.policy: 'teacher' needs model.teacher")
+    elif r.policy != "student":
+        if not r.policy:
+            e.append("rollout.policy: must be 'student', 'teacher' or a model source; got ''")
+        elif (p := _model_source_problem(r.policy, "rollout.policy", check_paths)):
+            e.append(p)
+    if r.policy != "student" and obj.name == "sft":
+        e.append("rollout.policy: off-policy rollouts apply to rlvr/opd, not to sft")
+    if not 0.0 <= r.offpolicy_eps <= 1.0:
+        e.append(f"rollout.offpolicy_eps: must be in [0, 1] (clip range [1 - eps, 1 + eps]); got {r.offpolicy_eps}")
+
+    tk = config.token_keep
+    if tk.mode not in TOKEN_KEEP_MODES:
+        e.append(f"token_keep.mode: must be one of {', '.join(TOKEN_KEEP_MODES)}; got {tk.mode!r}")
+    elif tk.mode != "none" and weights.get("opd", 0.0) == 0.0:
+        e.append(f"token_keep.mode: {tk.mode!r} sparsifies the OPD signal; it needs objective opd or an advantage weight on opd")
+    if not 0.0 < tk.fraction <= 1.0:
+        e.append(f"token_keep.fraction: must be in (0, 1]; got {tk.fraction}")
+
+    pj = config.project
+    if pj.start is not None:
+        if isinstance(pj.start, int):
+            if not 1 <= pj.start < o.steps:
+                e.append(f"project.from: a step must be in [1, optim.steps = {o.steps}); got {pj.start}")
+        elif check_paths and not Path(pj.start).expanduser().is_dir():
+            e.append(f"project.from: checkpoint folder {pj.start!r} not found")
+        if pj.origin is not None and (p := _model_source_problem(pj.origin, "project.origin", check_paths)):
+            e.append(p)
+    if pj.rank < 1:
+        e.append(f"project.rank: must be >= 1; got {pj.rank}")
 
     if o.steps < 1:
         e.append(f"optim.steps: must be >= 1; got {o.steps}")
@@ -512,4 +611,8 @@ def validate(config: TrainConfig, *, check_paths: bool = True) -> list[str]:
         e.append("run.out_dir: required")
     if run.monitor_every < 0:
         e.append(f"run.monitor_every: must be >= 0; got {run.monitor_every}")
+    if run.monitor_matrices not in MONITOR_MATRICES:
+        e.append(f"run.monitor_matrices: must be one of {', '.join(MONITOR_MATRICES)}; got {run.monitor_matrices!r}")
+    if run.monitor_lock_probes < 1:
+        e.append(f"run.monitor_lock_probes: must be >= 1; got {run.monitor_lock_probes}")
     return e

@@ -3,19 +3,35 @@
 ``train(config)`` reads top to bottom. Per optimizer step::
 
     prompts    = step_prompts(...)                      # seeded, global batch
-    batches    = [sample_micro_batch(...) ...]          # rollouts (RL) or demonstrations (SFT)
+    batches    = [sample_micro_batch(...) ...]          # rollouts (RL; by the behaviour policy) or demonstrations (SFT)
     batches    = [score_micro_batch(...) ...]           # rewards, old and teacher log-probs
     batches    = [with_advantages(...) ...]             # per-token weights: the ONLY difference
     n_tokens   = all_reduce_sum(counted tokens)         # global token count
     for epoch in ppo_epochs:
         backward_micro_batches(...)                     # loss = Σ per-token / n_tokens
-        all_reduce_gradients(...); hooks.after_backward # gradient hook point
+        all_reduce_gradients(...)                       # sum over ranks
+        project_gradients_(...)                         # subspace projection (when on)
+        hooks.after_backward                            # gradient hook point
         optimizer_step(...)                             # clip + AdamW
-    log; checkpoint; hooks.every_n
+    log; probe (geometry monitor); checkpoint; hooks.every_n
 
 The three objectives differ only in the per-token weight: 1 on demonstration tokens
 (SFT, ``sft_loss``), the group-normalized verifiable reward (RLVR) or
 log π_teacher - log π_student on the sampled token (OPD), both in the clipped surrogate.
+
+The study's controls (SPEC §3, issue 5) are parameters of this loop:
+
+- ``token_keep``: per sample, keep ceil(ρ·T) tokens of the OPD signal (top signed gap or a
+  seeded random draw) and rescale by T/Σm (``with_advantages``; ``controls.py``);
+- ``rollout.policy``: the teacher or another model generates; the ratio is taken against
+  its log-probs recorded at generation, clipped with ``rollout.offpolicy_eps``
+  (``behaviour_policy``, ``score_micro_batch``, ``clip_range``);
+- ``objective.advantage``: A = Σ_k w_k A_k; GRPO's filter only without OPD
+  (``controls.mixed_keep_mask``), so the limits are the pure runs bit for bit;
+- ``project``: from a checkpoint or a step, every block matrix's gradient g → g V_K V_Kᵀ
+  after the all-reduce and before clipping; everything else frozen (``projection.py``);
+- ``run.monitor_every``: geometry of the update since the origin, every N steps, with the
+  trajectory's functions (``monitor.py``), to ``metrics.jsonl`` and the progress bar.
 
 Data parallelism (``accelerate launch --num_processes W``): the global batch of
 ``batch_size`` prompts is cut into micro-batches of ``micro_batch_size`` prompts; micro-
@@ -46,7 +62,25 @@ from opdgeo.errors import ConfigError
 from opdgeo.training import checkpointing as ckpt
 from opdgeo.training.advantages import broadcast_to_tokens, combine_advantages, grpo_advantages, opd_advantages
 from opdgeo.training.config import TrainConfig, config_to_dict
+from opdgeo.training.controls import (
+    SPARSIFY_SUMS,
+    mixed_keep_mask,
+    random_keep_mask,
+    rescale_kept,
+    sparsify_stats,
+    sparsify_sums,
+    topkl_keep_mask,
+)
 from opdgeo.training.losses import masked_mean, masked_sum, policy_gradient_loss, sft_loss
+from opdgeo.training.monitor import MonitorSettings, probe, restore_monitor, start_monitor
+from opdgeo.training.projection import (
+    SUBSPACE_FILE,
+    freeze_outside,
+    load_subspaces,
+    project_gradients_,
+    projection_subspaces,
+    save_subspaces,
+)
 
 __all__ = [
     "train",
@@ -69,6 +103,14 @@ __all__ = [
     "step_metrics",
     "all_reduce_sum",
     "all_reduce_gradients",
+    "all_reduce_max",
+    "behaviour_policy",
+    "clip_range",
+    "origin_matrices",
+    "start_from_checkpoint",
+    "monitor_settings",
+    "sparsify_seed",
+    "token_keep_mask",
 ]
 
 
@@ -121,9 +163,9 @@ class Hooks:
     """Extension points of the loop (the study's controls plug in here).
 
     ``after_backward(ctx)`` runs on every rank after the gradients of all micro-batches are
-    summed over ranks and before clipping and the optimizer step (e.g. subspace
-    projection); ``every_n(ctx)`` runs after the step every ``run.monitor_every`` steps (e.g.
-    the geometry monitor). Either may return a mapping of extra metrics to log.
+    summed over ranks (and projected, under ``project``) and before clipping and the
+    optimizer step; ``every_n(ctx)`` runs after the step every ``run.monitor_every`` steps,
+    after the built-in geometry monitor. Either may return a mapping of extra metrics to log.
     """
 
     after_backward: Callable[[HookContext], Mapping[str, float] | None] | None = None
@@ -149,9 +191,11 @@ class MicroBatch:
     behaviour_logprobs: torch.Tensor | None = None  # [n, T]
     rewards: torch.Tensor | None = None  # [n]
     old_logprobs: torch.Tensor | None = None  # [n, T]
+    student_logprobs: torch.Tensor | None = None  # [n, T] the student at rollout time (OPD's r_t)
     teacher_logprobs: torch.Tensor | None = None  # [n, T]
     advantages: torch.Tensor | None = None  # [n, T]
     loss_mask: torch.Tensor | None = None  # [n, T] bool: tokens that count in the loss
+    keep_mask: torch.Tensor | None = None  # [n, T] bool: tokens kept by token sparsification
 
 
 # ---------------------------------------------------------------- pure helpers
@@ -254,6 +298,16 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def all_reduce_max(value: float) -> float:
+    """Maximum of a float over ranks (identity in one process)."""
+    dist = _dist()
+    if dist is not None and dist.get_world_size() > 1:
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t[0])
+    return value
+
+
 def all_reduce_gradients(params: Sequence[torch.nn.Parameter]) -> None:
     """Sum the gradients over ranks, in one flat buffer (a missing gradient counts as 0)."""
     dist = _dist()
@@ -288,6 +342,121 @@ def load_policy(source: str, *, init_seed: int = 0):
         cfg = tiny_qwen3_config(source[5:], len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         return build_model(cfg, seed=init_seed), tok
     return load_model(source), load_tokenizer(source)
+
+
+def behaviour_policy(config: TrainConfig, student, tokenizer, teacher, *, device: torch.device):
+    """The model that generates the rollouts (``rollout.policy``): the student (on-policy),
+    the teacher, or another model sharing the student's tokenizer (no gradient)."""
+    from opdgeo.models import check_same_tokenizer
+
+    policy = config.rollout.policy
+    if policy == "student":
+        return student
+    if policy == "teacher":
+        return teacher
+    model, tok = load_policy(policy, init_seed=config.model.init_seed)
+    check_same_tokenizer(tokenizer, tok, names=("student", "rollout.policy"))
+    return model.to(device).eval().requires_grad_(False)
+
+
+def _checkpoint_dtype(config: TrainConfig) -> torch.dtype:
+    return ckpt.DTYPES[config.checkpoint.dtype]
+
+
+def _rounded(weights: Mapping[str, torch.Tensor], names, config: TrainConfig) -> dict[str, torch.Tensor]:
+    """The named matrices as the checkpoints hold them: CPU, rounded to the checkpoint dtype."""
+    dtype = _checkpoint_dtype(config)
+    # copy=True: a float32 run's origin must not alias the live parameters it is compared with
+    return {n: weights[n].detach().to(device="cpu", dtype=dtype, copy=True) for n in names}
+
+
+def _rounded_checkpoint(source: str, names, config: TrainConfig) -> dict[str, torch.Tensor]:
+    """The named matrices of a checkpoint folder, rounded to the checkpoint dtype."""
+    from opdgeo.checkpoints import open_checkpoint
+    from opdgeo.errors import CheckpointError
+
+    ck = open_checkpoint(source)
+    missing = [n for n in names if n not in ck]
+    if missing:
+        raise CheckpointError(f"{source}: no tensor {missing[0]!r} (the student has it)")
+    dtype = _checkpoint_dtype(config)
+    return {n: ck.load(n).to(dtype) for n in names}
+
+
+def origin_matrices(config: TrainConfig, student) -> dict[str, torch.Tensor]:
+    """W0 of every 2-D block weight, in the checkpoint dtype: the geometry monitor's and the
+    projection's origin. ``project.origin`` when set, else the student as loaded (before any
+    resume or restart), i.e. ``model.student`` (SPEC §2: the run's origin)."""
+    from opdgeo.checkpoints import is_geometry_matrix
+
+    params = dict(student.named_parameters())
+    names = [n for n, p in params.items() if is_geometry_matrix(n, tuple(p.shape))]
+    source = config.project.origin
+    if source is None or source == config.model.student:
+        return _rounded(params, names, config)
+    if Path(source).expanduser().is_dir():
+        return _rounded_checkpoint(source, names, config)
+    model, _ = load_policy(source, init_seed=config.model.init_seed)
+    return _rounded(dict(model.named_parameters()), names, config)
+
+
+def start_from_checkpoint(student, source: str) -> int:
+    """Load a step folder into the student (its fp32 ``trainer_state/master.safetensors`` when
+    present, else its weights) and return its step (from ``trainer_state`` or the folder name).
+
+    Raises:
+        CheckpointError: unreadable weights, or tensors that do not fit the student.
+    """
+    import json
+
+    from safetensors.torch import load_file
+
+    from opdgeo.checkpoints import open_checkpoint
+    from opdgeo.errors import CheckpointError
+
+    folder = Path(source)
+    master = folder / "trainer_state" / "master.safetensors"
+    if master.is_file():
+        try:
+            weights = load_file(str(master))
+            step = int(json.loads((folder / "trainer_state" / "state.json").read_text())["step"])
+        except (OSError, ValueError, KeyError) as err:
+            raise CheckpointError(f"{folder / 'trainer_state'}: cannot read: {str(err).splitlines()[0]}") from None
+    else:
+        ck = open_checkpoint(folder)
+        weights = {n: ck.load(n) for n in ck.names()}
+        m = ckpt.STEP_RE.match(folder.name)
+        step = int(m.group(1)) if m else 0
+    own = student.state_dict()
+    tied = {"lm_head.weight"} if getattr(student.config, "tie_word_embeddings", False) else set()
+    problems = sorted(set(own) - set(weights) - tied)[:3] + sorted(set(weights) - set(own))[:3]
+    problems += [n for n in weights if n in own and tuple(weights[n].shape) != tuple(own[n].shape)][:3]
+    if problems:
+        raise CheckpointError(f"{folder}: weights do not fit the student (e.g. {', '.join(problems)})")
+    with torch.no_grad():
+        for n, w in weights.items():
+            own[n].copy_(w.to(own[n].dtype))
+    return step
+
+
+def _save_subspaces(run_dir: Path, projection: Mapping[str, torch.Tensor], config: TrainConfig, *, step: int) -> None:
+    pj = config.project
+    save_subspaces(run_dir / SUBSPACE_FILE, projection,
+                   {"from": str(pj.start), "origin": pj.origin or config.model.student, "rank": str(pj.rank),
+                    "step": str(step)})
+
+
+def _on_device(subspaces: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """V_K as the gradients use it (float32 on the device); this is also what is saved, so a
+    resumed run projects with bit-identical bases."""
+    return {n: v.to(device=device, dtype=torch.float32) for n, v in subspaces.items()}
+
+
+def monitor_settings(config: TrainConfig) -> MonitorSettings:
+    """The geometry monitor's settings from ``run.monitor_*`` (weights rounded to the checkpoint dtype)."""
+    r = config.run
+    return MonitorSettings(matrices=r.monitor_matrices, lock_probes=r.monitor_lock_probes,
+                           dtype=config.checkpoint.dtype, per_matrix=r.monitor_per_matrix)
 
 
 def _autocast(enabled: bool, device: torch.device):
@@ -326,9 +495,14 @@ def _logprobs(model, mb: MicroBatch) -> torch.Tensor:
 
 def score_micro_batch(mb: MicroBatch, *, student, teacher, task, problems, config: TrainConfig,
                       device: torch.device) -> MicroBatch:
-    """Rewards (every rollout), the old log-probs of the current student (no gradient, the
-    ratio's reference: exactly 1 at the first inner step; also the OPD student log-probs
-    "at rollout time") and the teacher's log-probs at temperature 1 (OPD)."""
+    """Rewards (every rollout), the old log-probs (no gradient, the ratio's reference), the
+    student log-probs "at rollout time" (OPD's r_t) and the teacher's at temperature 1 (OPD).
+
+    On-policy the old log-probs are the student's own behaviour log-probs (ratio exactly 1
+    at the first inner step) and serve as the OPD student log-probs too. Off-policy
+    (``rollout.policy`` not the student) the old log-probs are the behaviour policy's,
+    recorded at generation, so the surrogate's ratio is exp(log π_θ − log π_behaviour), and
+    the OPD gap needs one extra no-grad student forward."""
     weights = config.objective.weights() if config.objective.name != "sft" else {}
     rewards = None
     if mb.texts:
@@ -339,29 +513,72 @@ def score_micro_batch(mb: MicroBatch, *, student, teacher, task, problems, confi
     # autocast context, i.e. the very forward the loss recomputes (bit-identical on CPU),
     # so no extra forward is needed and the ratio is exactly 1 at the first inner step.
     old = mb.behaviour_logprobs.float() if mb.behaviour_logprobs is not None else None
+    student_lp = old
     teacher_lp = None
     with torch.no_grad(), _autocast(config.optim.bf16_autocast, device):
         if weights.get("opd", 0.0) != 0.0:
             teacher_lp = _logprobs(teacher, mb).float()
-    return dataclasses.replace(mb, rewards=rewards, old_logprobs=old, teacher_logprobs=teacher_lp)
+            if config.rollout.off_policy:
+                student_lp = _logprobs(student, mb).float()
+    return dataclasses.replace(mb, rewards=rewards, old_logprobs=old, student_logprobs=student_lp,
+                               teacher_logprobs=teacher_lp)
 
 
-def with_advantages(mb: MicroBatch, config: TrainConfig) -> MicroBatch:
-    """Per-token weights and the loss mask: 1 (SFT), GRPO (RLVR), −(s − t) (OPD), or a mix."""
+def _student_logprobs(mb: MicroBatch) -> torch.Tensor:
+    """OPD's student log-probs at rollout time (on-policy: the old log-probs themselves)."""
+    return mb.student_logprobs if mb.student_logprobs is not None else mb.old_logprobs
+
+
+def sparsify_seed(seed: int, step: int, index: int) -> int:
+    """Seed of the random token mask of micro-batch ``index`` of step ``step`` (rank-independent)."""
+    return _derive_seed("token_keep", seed, step, index)
+
+
+def token_keep_mask(gaps: torch.Tensor, response_mask: torch.Tensor, config: TrainConfig, *,
+                    seed: int) -> torch.Tensor | None:
+    """The token-sparsification mask of ``config.token_keep`` (None for mode ``none``)."""
+    tk = config.token_keep
+    if tk.mode == "topkl":
+        return topkl_keep_mask(gaps, response_mask, tk.fraction)
+    if tk.mode == "random":
+        gen = torch.Generator().manual_seed(seed)
+        return random_keep_mask(response_mask, tk.fraction, generator=gen)
+    return None
+
+
+def with_advantages(mb: MicroBatch, config: TrainConfig, *, keep_seed: int = 0) -> MicroBatch:
+    """Per-token weights and the loss mask: 1 (SFT), GRPO (RLVR), −(s − t) (OPD), or a mix.
+
+    Token sparsification (``token_keep``) keeps, per sample, ceil(ρ·T) tokens of the OPD
+    signal and rescales them by T/Σm (``controls.rescale_kept``); dropped tokens keep a
+    zero advantage and stay in the token-mean denominator, which the rescaling accounts for.
+    Objective mixing: A = Σ_k w_k A_k (``combine_advantages``, zero-weight terms skipped);
+    GRPO's zero-variance filter drops a sample only when OPD has weight 0
+    (``controls.mixed_keep_mask``), so both limits are the pure runs bit for bit.
+    """
     obj = config.objective
     if obj.name == "sft":
         return dataclasses.replace(mb, advantages=mb.response_mask.float(), loss_mask=mb.response_mask)
     weights = obj.weights()
     signals: dict[str, torch.Tensor] = {}
     loss_mask = mb.response_mask
+    keep_tokens = None
     if weights.get("rlvr", 0.0) != 0.0:
         adv, keep = grpo_advantages(mb.rewards, config.rollout.group_size, obj.grpo_eps, std=obj.grpo_std,
                                     filter_zero_variance=obj.filter_zero_variance)
         signals["rlvr"] = broadcast_to_tokens(adv.to(mb.response_mask.device), mb.response_mask)
+        keep = mixed_keep_mask(keep, weights.get("opd", 0.0))
         loss_mask = loss_mask & keep.to(loss_mask.device).unsqueeze(1)
     if weights.get("opd", 0.0) != 0.0:
-        signals["opd"] = opd_advantages(mb.old_logprobs, mb.teacher_logprobs, mb.response_mask)
-    return dataclasses.replace(mb, advantages=combine_advantages(signals, weights), loss_mask=loss_mask)
+        student_lp = _student_logprobs(mb)
+        opd = opd_advantages(student_lp, mb.teacher_logprobs, mb.response_mask)  # [n, T] = -r_t
+        gaps = student_lp - mb.teacher_logprobs  # [n, T] r_t (signed)
+        keep_tokens = token_keep_mask(gaps, mb.response_mask, config, seed=keep_seed)
+        if keep_tokens is not None:
+            opd = rescale_kept(opd, keep_tokens, mb.response_mask)
+        signals["opd"] = opd
+    return dataclasses.replace(mb, advantages=combine_advantages(signals, weights), loss_mask=loss_mask,
+                               keep_mask=keep_tokens)
 
 
 def backward_micro_batches(model, batches: Sequence[MicroBatch], *, config: TrainConfig, global_tokens: float,
@@ -374,7 +591,8 @@ def backward_micro_batches(model, batches: Sequence[MicroBatch], *, config: Trai
     (``loss``, ``clipped``, ``ratio``) for logging.
     """
     obj = config.objective
-    sums = {"loss": 0.0, "clipped": 0.0, "ratio": 0.0}
+    eps_low, eps_high = clip_range(config)
+    sums = {"loss": 0.0, "clipped": 0.0, "ratio": 0.0, "ratio_max": 0.0}
     for mb in batches:
         with _autocast(config.optim.bf16_autocast, device):
             lp = _logprobs(model, mb).float()  # [n, T]
@@ -382,14 +600,27 @@ def backward_micro_batches(model, batches: Sequence[MicroBatch], *, config: Trai
             per_token = sft_loss(lp, mb.loss_mask)
         else:
             old = mb.old_logprobs  # the student before this step's updates, no gradient
-            out = policy_gradient_loss(lp, old, mb.advantages, mb.loss_mask, eps_low=obj.eps_low, eps_high=obj.eps_high)
+            out = policy_gradient_loss(lp, old, mb.advantages, mb.loss_mask, eps_low=eps_low, eps_high=eps_high)
             per_token = out.loss
             sums["clipped"] += float(out.clipped.sum())
             sums["ratio"] += float(masked_sum(out.ratio, mb.loss_mask))
+            if mb.loss_mask.any():
+                sums["ratio_max"] = max(sums["ratio_max"], float(out.ratio[mb.loss_mask].max()))
         loss = masked_mean(per_token, mb.loss_mask, denominator=global_tokens)
         loss.backward()
         sums["loss"] += float(loss.detach())
     return sums
+
+
+
+
+def clip_range(config: TrainConfig) -> tuple[float, float]:
+    """``(eps_low, eps_high)`` of the surrogate: the objective's on-policy, the symmetric
+    ``rollout.offpolicy_eps`` when another policy generated the responses."""
+    if config.rollout.off_policy:
+        eps = config.rollout.offpolicy_eps
+        return min(eps, 1.0), eps
+    return config.objective.eps_low, config.objective.eps_high
 
 
 def optimizer_step(model, optimizer, *, grad_clip: float | None) -> float:
@@ -416,9 +647,12 @@ def step_metrics(batches: Sequence[MicroBatch], sums: Mapping[str, float], *, co
         "reward": sum(float(mb.rewards.sum()) for mb in batches if mb.rewards is not None),
         "correct": sum(float((mb.rewards == 1.0).sum()) for mb in batches if mb.rewards is not None),
         "kept_sequences": sum(float(mb.loss_mask.any(dim=1).sum()) for mb in batches),
-        "gap": sum(float(masked_sum(mb.old_logprobs - mb.teacher_logprobs, mb.response_mask))
+        "gap": sum(float(masked_sum(_student_logprobs(mb) - mb.teacher_logprobs, mb.response_mask))
                    for mb in batches if mb.teacher_logprobs is not None),
     }
+    sparse = [sparsify_sums(_student_logprobs(mb) - mb.teacher_logprobs, mb.keep_mask, mb.response_mask)
+              for mb in batches if mb.keep_mask is not None]
+    local.update({f"sparsify_{k}": sum(d[k] for d in sparse) for k in SPARSIFY_SUMS})
     keys = list(local)
     g = dict(zip(keys, all_reduce_sum(torch.tensor([local[k] for k in keys], dtype=torch.float64)).tolist()))
     out = {
@@ -442,6 +676,13 @@ def step_metrics(batches: Sequence[MicroBatch], sums: Mapping[str, float], *, co
             out["rlvr/kept_fraction"] = g["kept_sequences"] / max(g["responses"], 1.0)
         if "opd" in config.objective.weights():
             out["opd/teacher_gap"] = g["gap"] / max(g["response_tokens"], 1.0)
+        if config.token_keep.mode != "none":
+            out.update(sparsify_stats({k: g[f"sparsify_{k}"] for k in SPARSIFY_SUMS}).as_metrics())
+        if config.rollout.off_policy:  # NaN when no token counted (every group filtered)
+            ratio_max = all_reduce_max(sums["ratio_max"])
+            out["offpolicy/ratio_mean"] = out["train/ratio_mean"] if global_tokens else float("nan")
+            out["offpolicy/ratio_max"] = ratio_max if global_tokens else float("nan")
+            out["offpolicy/clip_fraction"] = out["train/clip_frac"] if global_tokens else float("nan")
     return out
 
 
@@ -531,19 +772,36 @@ def train(config: TrainConfig, *, resume: bool = False, hooks: Hooks | None = No
     student, tokenizer = load_policy(config.model.student, init_seed=config.model.init_seed)
     student = student.to(device=device, dtype=torch.float32).eval()  # fp32 master weights
     teacher = None
-    if obj.name != "sft" and obj.weights().get("opd", 0.0) != 0.0:
+    if obj.name != "sft" and (obj.weights().get("opd", 0.0) != 0.0 or config.rollout.policy == "teacher"):
         teacher, teacher_tok = load_policy(config.model.teacher, init_seed=config.model.init_seed)
         check_same_tokenizer(tokenizer, teacher_tok)
         teacher = teacher.to(device).eval().requires_grad_(False)
+    behaviour = behaviour_policy(config, student, tokenizer, teacher, device=device)
+    # the run's origin W0 (the monitor's and the projection's ΔW = W − W0), in the checkpoint dtype
+    needs_origin = bool(config.run.monitor_every) or config.project.start is not None
+    origin = origin_matrices(config, student) if needs_origin else None
+
+    # ---- subspace projection from a checkpoint: start there, train only the block matrices
+    start = 0
+    projection = None  # name -> V_K while projecting
+    pj = config.project
+    if isinstance(pj.start, str):
+        start = start_from_checkpoint(student, pj.start)
+        if start >= o.steps:
+            raise ConfigError(f"project.from: {pj.start} is at step {start}, not before optim.steps = {o.steps}")
+        projection = _on_device(load_subspaces(run_dir / SUBSPACE_FILE)[0] if resume_from is not None
+                                else projection_subspaces(origin, _rounded_checkpoint(pj.start, origin, config),
+                                                          rank=pj.rank), device)
+        freeze_outside(student, projection)
 
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.adam_eps, weight_decay=o.weight_decay)
     lr_at = functools.partial(learning_rate, lr=o.lr, steps=o.steps, schedule=o.schedule,
                               warmup_steps=o.warmup_steps, min_lr=o.min_lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s) / o.lr)
+    first = start  # a run restarted from a checkpoint continues its schedule at that step
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s + first) / o.lr)
 
     # ---- resume
-    start = 0
     if resume_from is not None:
         state = ckpt.load_trainer_state(resume_from)
         student.load_state_dict({k: v.to(device) for k, v in state.master.items()})
@@ -551,12 +809,25 @@ def train(config: TrainConfig, *, resume: bool = False, hooks: Hooks | None = No
         scheduler.load_state_dict(state.scheduler)
         ckpt.set_rng_state(state.rng)
         start = state.step
+    if isinstance(pj.start, int) and start >= pj.start:  # resumed after projection began
+        projection = _on_device(load_subspaces(run_dir / SUBSPACE_FILE)[0], device)
+        freeze_outside(student, projection)
     if is_main:
         ckpt.remove_partial(run_dir)
         ckpt.truncate_metrics(run_dir / "metrics.jsonl", start)
         _write_config(run_dir, config)
+        if projection is not None and resume_from is None:
+            _save_subspaces(run_dir, projection, config, step=start)
     _barrier()
+    monitor = None
+    if config.run.monitor_every and is_main:
+        monitor = start_monitor(origin, monitor_settings(config))
+        if start:
+            monitor = restore_monitor(monitor, ckpt.read_metrics(run_dir / "metrics.jsonl"), every=config.run.monitor_every,
+                                      step=start, weights=dict(student.named_parameters()))
+    monitor_text = ""
 
+    named_params = dict(student.named_parameters())
     history: list[StepStats] = []
     written: list[Path] = []
     bar = _progress(is_main and config.run.progress, o.steps, start)
@@ -569,22 +840,27 @@ def train(config: TrainConfig, *, resume: bool = False, hooks: Hooks | None = No
             batches = []
             for c in my_micro:
                 idx = prompts[c * o.micro_batch_size:(c + 1) * o.micro_batch_size]
-                mb = sample_micro_batch(student, tokenizer, task, problems, idx, config=config,
+                mb = sample_micro_batch(behaviour, tokenizer, task, problems, idx, config=config,
                                         seed=micro_batch_seed(config.run.seed, step, c), device=device)
                 mb = score_micro_batch(mb, student=student, teacher=teacher, task=task, problems=problems,
                                        config=config, device=device)
-                batches.append(with_advantages(mb, config))
+                batches.append(with_advantages(mb, config, keep_seed=sparsify_seed(config.run.seed, step, c)))
             global_tokens = float(all_reduce_sum(torch.tensor([sum(float(mb.loss_mask.sum()) for mb in batches)],
                                                               dtype=torch.float64))[0])
             # loss -> step (ppo_epochs inner passes over the same rollouts)
             extra: dict[str, float] = {}
             grad_norm = 0.0
+            params = [p for p in student.parameters() if p.requires_grad]
             for epoch in range(o.ppo_epochs):
                 sums = backward_micro_batches(student, batches, config=config, global_tokens=global_tokens,
                                               device=device)
                 if epoch == 0:
                     first_sums = sums
                 all_reduce_gradients(params)
+                if projection is not None:  # after the all-reduce, before clipping and the step
+                    kept = project_gradients_(named_params, projection)
+                    if epoch == 0:
+                        extra.update(kept.as_metrics())
                 if hooks.after_backward is not None:
                     extra.update(hooks.after_backward(HookContext(step + 1, student, config, run_dir, rank, world)) or {})
                 if global_tokens > 0:
@@ -599,6 +875,10 @@ def train(config: TrainConfig, *, resume: bool = False, hooks: Hooks | None = No
             # log
             values = step_metrics(batches, first_sums, config=config, lr=lr, grad_norm=grad_norm,
                                   step_time=time.perf_counter() - t0, global_tokens=global_tokens)
+            if monitor is not None and (step + 1) % config.run.monitor_every == 0:
+                result, monitor = probe(monitor, step + 1, named_params)
+                extra.update(result.as_metrics())
+                monitor_text = " | " + result.summary()
             if config.run.monitor_every and hooks.every_n is not None and (step + 1) % config.run.monitor_every == 0:
                 extra.update(hooks.every_n(HookContext(step + 1, student, config, run_dir, rank, world)) or {})
             values.update({k: float(v) for k, v in extra.items()})
@@ -610,7 +890,7 @@ def train(config: TrainConfig, *, resume: bool = False, hooks: Hooks | None = No
                     desc = f"loss {values['train/loss']:.4f}"
                     if "rlvr/reward" in values:
                         desc += f" reward {values['rlvr/reward']:.3f} acc {values['rlvr/accuracy']:.3f}"
-                    desc += f" {values['train/tokens_per_s']:.0f} tok/s"
+                    desc += f" {values['train/tokens_per_s']:.0f} tok/s{monitor_text}"
                     bar[0].update(bar[1], completed=step + 1, description=desc)
             # checkpoint
             every = config.checkpoint.every
@@ -618,6 +898,13 @@ def train(config: TrainConfig, *, resume: bool = False, hooks: Hooks | None = No
                 if is_main:
                     written.append(_save(run_dir, step + 1, student, tokenizer, optimizer, scheduler, config, world))
                 _barrier()
+            # projection from step S: take V_K of ΔW_S now, project every later gradient
+            if isinstance(pj.start, int) and step + 1 == pj.start:
+                projection = _on_device(projection_subspaces(origin, _rounded(named_params, origin, config),
+                                                             rank=pj.rank), device)
+                freeze_outside(student, projection)
+                if is_main:
+                    _save_subspaces(run_dir, projection, config, step=step + 1)
     return RunResult(out_dir=run_dir, final_step=max(start, o.steps),
                      checkpoints=tuple(written), history=tuple(history), resumed_from=resume_from)
 

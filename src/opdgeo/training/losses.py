@@ -55,7 +55,7 @@ def policy_gradient_loss(
             against; no gradient). For off-policy rollouts pass the behaviour log-probs.
         advantages: ``[N, T]`` float, treated as constants (detached).
         mask: ``[N, T]`` bool, the tokens that count.
-        eps_low, eps_high: clip range ``[1 - eps_low, 1 + eps_high]``; ``0 <= eps_low < 1``,
+        eps_low, eps_high: clip range ``[1 - eps_low, 1 + eps_high]``; ``0 <= eps_low <= 1``,
             ``eps_high >= 0``.
 
     Returns:
@@ -70,8 +70,8 @@ def policy_gradient_loss(
     token-level loss).
     """
     _check_same_shape(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask)
-    if not (0.0 <= eps_low < 1.0) or eps_high < 0.0:
-        raise ValueError(f"clip range needs 0 <= eps_low < 1 and eps_high >= 0; got {eps_low}, {eps_high}")
+    if not (0.0 <= eps_low <= 1.0) or eps_high < 0.0:
+        raise ValueError(f"clip range needs 0 <= eps_low <= 1 and eps_high >= 0; got {eps_low}, {eps_high}")
     mask = mask.bool()
     zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
     log_ratio = torch.where(mask, logprobs - old_logprobs.detach(), zero)  # no inf - inf at padding

@@ -1,0 +1,309 @@
+"""Subspace-projected training: the paper's functional-sufficiency test (SPEC §3 Controls).
+
+From a chosen checkpoint W_from, take for every 2-D block weight (the geometry matrix
+set: q, k, v, o, gate, up, down) the top-K right singular vectors V_K [n, K] of its
+cumulative update ΔW = W_from − W_origin, and from then on replace that matrix's gradient
+g [m, n] by its projection onto the row space span(V_K):
+
+    g ← g V_K V_Kᵀ
+
+before the optimizer. Every other parameter (embeddings, norms, lm_head) is frozen
+(``requires_grad = False``) while projecting **(our choice)**.
+
+Where in the step (for the loop): after the last micro-batch's ``accelerator.backward``
+(under DDP the gradient all-reduce happens inside that backward, so every rank projects
+the same averaged gradient — projection is linear, so projecting before or after the
+average would agree, but doing it once after is cheaper) and before gradient clipping and
+``optimizer.step()``; clipping then sees the projected norm.
+
+What projection does and does not guarantee:
+
+- **SGD** (and SGD with momentum, no weight decay): every update is a linear combination
+  of projected gradients, so W − W_from stays in span(V_K) row-wise exactly (to rounding).
+- **AdamW**: Adam divides each entry by its own √v̂ — an elementwise rescaling that does
+  not commute with the projection — and decoupled weight decay moves W along −λW, so the
+  *update* leaves span(V_K) even though every gradient lies in it. At the first step
+  (m̂ = g̃, v̂ = g̃²) the update is −lr·g̃/(|g̃| + ε) − lr·λ·W ≈ −lr·sign(g̃) − lr·λ·W:
+  a sign pattern, far from low rank (on the tiny test model with K = 4, ~30 % of the
+  step's energy is outside span(V_K), against ~1e-12 with SGD). ``out_of_subspace_fraction`` measures
+  this; the tests show both cases. The study's recipe uses AdamW as the paper does, so a
+  projected AdamW run constrains the gradient *signal* to the subspace, not the weights.
+
+Pure torch and safetensors I/O for the saved subspace; the loop does the config and the
+checkpoint reading (``projection_subspaces`` accepts any name -> tensor mapping or a
+``Checkpoint``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from opdgeo.checkpoints import is_geometry_matrix
+from opdgeo.errors import CheckpointError, ConfigError
+from opdgeo.geometry.spectrum import top_singular_subspaces
+
+__all__ = [
+    "SUBSPACE_FILE",
+    "right_subspace",
+    "projection_subspaces",
+    "project_gradient",
+    "ProjectionStats",
+    "project_gradients_",
+    "freeze_outside",
+    "out_of_subspace_fraction",
+    "save_subspaces",
+    "load_subspaces",
+]
+
+SUBSPACE_FILE = "projection_subspace.safetensors"
+"""File name of the saved subspace inside a run folder."""
+
+
+def right_subspace(delta: torch.Tensor, rank: int, *, name: str = "matrix") -> torch.Tensor:
+    """Top-K right singular vectors of an update: V_K with ΔW = U diag(σ) Vᵀ.
+
+    Args:
+        delta: [m, n] ΔW = W_from − W_origin, any floating dtype (computed in float64).
+        rank: K, 1 ≤ K ≤ min(m, n).
+        name: the tensor's name, for the error message.
+
+    Returns:
+        [n, K] float64 with orthonormal columns (signs arbitrary). If ΔW has rank < K (e.g.
+        ΔW = 0), the trailing columns are still orthonormal but arbitrary directions of
+        the null space (whatever the SVD returns): the subspace is then only as meaningful
+        as the update that defines it.
+
+    Raises:
+        ConfigError: K < 1 or K > min(m, n) (the message names the tensor), non-finite ΔW.
+
+    Source: SPEC §3 "Subspace projection" (Shen et al. 2026, functional sufficiency; V_K as
+    in the trajectory similarity Sim_K of SPEC §2). Uses ``geometry.top_singular_subspaces``.
+    """
+    if delta.dim() != 2:
+        raise ConfigError(f"projection needs a 2-D matrix; {name} has shape {tuple(delta.shape)}")
+    m, n = delta.shape
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ConfigError(f"project.rank (--rank) must be an integer >= 1; got {rank!r}")
+    if rank > min(m, n):
+        raise ConfigError(f"project.rank (--rank) must be <= min(m, n) = {min(m, n)} for {name}; got {rank}")
+    if not torch.isfinite(delta).all():
+        raise ConfigError(f"the update of {name} has non-finite entries; cannot take its subspace")
+    return top_singular_subspaces(delta, rank, dtype=torch.float64).V  # [n, K]
+
+
+def projection_subspaces(
+    origin,
+    source,
+    *,
+    rank: int,
+    names: Iterable[str] | None = None,
+) -> dict[str, torch.Tensor]:
+    """V_K of ΔW = W_source − W_origin for every geometry matrix (2-D q/k/v/o/gate/up/down).
+
+    Args:
+        origin: a ``Checkpoint`` or a mapping name -> tensor (W_origin; e.g. the SFT anchor).
+        source: a ``Checkpoint`` or a mapping name -> tensor (W_from; e.g. ``step-000063``).
+        rank: K.
+        names: restrict to these names (default: every geometry matrix of ``source``).
+
+    Returns:
+        name -> [n, K] float64 V_K, in ``source``'s name order.
+
+    Raises:
+        ConfigError: no geometry matrix, a rank too large for some matrix.
+        CheckpointError: a matrix missing in ``origin`` or with a different shape.
+    """
+    src_names = source.names() if hasattr(source, "names") else list(source)
+    if names is None:
+        names = [nm for nm in src_names if is_geometry_matrix(nm, _shape(source, nm))]
+    names = list(names)
+    if not names:
+        raise ConfigError(f"no 2-D block weight (q/k/v/o/gate/up/down) to project in {_where(source)}")
+    out: dict[str, torch.Tensor] = {}
+    for nm in names:
+        if nm not in origin:
+            raise CheckpointError(f"{_where(origin)}: no tensor {nm!r} (needed as the projection origin)")
+        w1 = _load(source, nm)
+        w0 = _load(origin, nm)
+        if w0.shape != w1.shape:
+            raise CheckpointError(
+                f"{nm}: shape {tuple(w1.shape)} in {_where(source)} but {tuple(w0.shape)} in {_where(origin)}"
+            )
+        delta = w1.to(torch.float64) - w0.to(torch.float64)  # [m, n]
+        out[nm] = right_subspace(delta, rank, name=nm)
+    return out
+
+
+def _shape(store, name: str) -> tuple:
+    return tuple(store.info(name).shape) if hasattr(store, "info") else tuple(store[name].shape)
+
+
+def _load(store, name: str) -> torch.Tensor:
+    return store.load(name) if hasattr(store, "load") else store[name].detach()
+
+
+def _where(store) -> str:
+    return str(getattr(store, "path", "the given weights"))
+
+
+def project_gradient(grad: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """Projection of a gradient onto the row space span(V): g V Vᵀ.
+
+    Args:
+        grad: [m, n] gradient g.
+        basis: [n, K] V with orthonormal columns.
+
+    Returns:
+        [m, n] g V Vᵀ in ``grad``'s dtype (computed as (g V) Vᵀ: 2·m·n·K flops, never the
+        n×n projector).
+    """
+    v = basis.to(device=grad.device, dtype=grad.dtype)
+    return (grad @ v) @ v.T  # [m, K] @ [K, n]
+
+
+@dataclass(frozen=True)
+class ProjectionStats:
+    """Gradient energy kept by one projection pass.
+
+    Attributes:
+        grad_energy_kept: Σ_matrices ‖g V Vᵀ‖_F² / Σ_matrices ‖g‖_F² (pooled over the
+            projected matrices, i.e. weighted by their gradient energy); NaN when every
+            gradient is zero or missing.
+    """
+
+    grad_energy_kept: float
+
+    def as_metrics(self) -> dict[str, float]:
+        return {"project/grad_energy_kept": self.grad_energy_kept}
+
+
+@torch.no_grad()
+def project_gradients_(
+    parameters: Mapping[str, torch.nn.Parameter],
+    subspaces: Mapping[str, torch.Tensor],
+) -> ProjectionStats:
+    """Replace, in place, the ``.grad`` of each named matrix by g V_K V_Kᵀ.
+
+    ‖g V Vᵀ‖² = ‖g V‖² for orthonormal V, so the kept energy costs nothing extra.
+
+    Args:
+        parameters: name -> parameter (e.g. ``dict(model.named_parameters())``); names in
+            ``subspaces`` must be present. A parameter with ``grad is None`` is skipped.
+        subspaces: name -> [n, K] V_K (any float dtype; cast to the gradient's).
+
+    Returns:
+        ``ProjectionStats``.
+
+    Raises:
+        KeyError: a subspace names a parameter that does not exist (internal: the loop
+            checks the names when projection starts).
+    """
+    missing = [name for name in subspaces if name not in parameters]
+    if missing:
+        raise KeyError(f"no parameter named {missing[0]!r}")
+    kept = 0.0
+    total = 0.0
+    # in the parameters' order, whatever the order of ``subspaces`` (a file read back sorts
+    # its names), so the pooled energy sums in the same order in a resumed run
+    for name in (n for n in parameters if n in subspaces):
+        basis = subspaces[name]
+        p = parameters[name]
+        if p.grad is None:
+            continue
+        g = p.grad
+        v = basis.to(device=g.device, dtype=g.dtype)
+        coeff = g @ v  # [m, K]
+        total += float(g.pow(2).sum(dtype=torch.float64))
+        kept += float(coeff.pow(2).sum(dtype=torch.float64))
+        torch.matmul(coeff, v.T, out=g)  # [m, n], in place
+    return ProjectionStats(grad_energy_kept=kept / total if total > 0 else float("nan"))
+
+
+def freeze_outside(model: torch.nn.Module, names: Iterable[str]) -> list[str]:
+    """Set ``requires_grad = False`` on every parameter not in ``names``; return those frozen.
+
+    Args:
+        model: the policy.
+        names: parameter names that keep training (the projected matrices).
+
+    Raises:
+        ConfigError: a name that is not a parameter of the model (e.g. a subspace saved
+            for another architecture).
+    """
+    keep = set(names)
+    params = dict(model.named_parameters())
+    missing = sorted(keep - set(params))
+    if missing:
+        raise ConfigError(f"projection subspace names {missing[:3]} are not parameters of the model")
+    frozen = []
+    for name, p in params.items():
+        if name not in keep:
+            p.requires_grad_(False)
+            frozen.append(name)
+        else:
+            p.requires_grad_(True)
+    return frozen
+
+
+def out_of_subspace_fraction(update: torch.Tensor, basis: torch.Tensor) -> float:
+    """Share of an update's energy outside the row space span(V): ‖D(I − VVᵀ)‖_F² / ‖D‖_F².
+
+    Args:
+        update: [m, n] D (e.g. W_after − W_before of one optimizer step).
+        basis: [n, K] orthonormal V.
+
+    Returns:
+        float in [0, 1], computed in float64 as ‖D − (D V) Vᵀ‖² / ‖D‖²; NaN for D = 0.
+    """
+    d = update.to(torch.float64)
+    v = basis.to(device=d.device, dtype=torch.float64)
+    total = float(d.pow(2).sum())
+    if total == 0:
+        return float("nan")
+    return float((d - (d @ v) @ v.T).pow(2).sum()) / total
+
+
+def save_subspaces(path: str | Path, subspaces: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> Path:
+    """Write the subspaces to a safetensors file (float64 V_K per matrix), atomically.
+
+    Args:
+        path: the file to write (a temporary sibling is renamed over it).
+        subspaces: name -> [n, K] V_K.
+        metadata: string -> string (e.g. ``from``, ``origin``, ``rank``), stored in the header.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tensors = {name: v.detach().to(torch.float64).contiguous().cpu() for name, v in subspaces.items()}
+    save_file(tensors, str(tmp), metadata={str(k): str(v) for k, v in (metadata or {}).items()})
+    tmp.replace(path)
+    return path
+
+
+def load_subspaces(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read subspaces written by ``save_subspaces``: (name -> V_K, metadata).
+
+    Raises:
+        CheckpointError: missing or unreadable file, a tensor that is not 2-D.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: projection subspace file not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            out = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as err:  # safetensors raises its own error types on corrupt headers
+        raise CheckpointError(f"{path}: cannot read projection subspaces: {str(err).splitlines()[0]}") from None
+    for name, v in out.items():
+        if v.dim() != 2:
+            raise CheckpointError(f"{path}: subspace {name!r} has shape {tuple(v.shape)}, expected [n, K]")
+    return out, meta
