@@ -29,13 +29,6 @@ from opdgeo.errors import ConfigError, OpdgeoError
 K, RANK, ALPHA = 16, 8, 0.3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny matrices: threads only add contention on a shared CI box (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 GEOMETRY_SUFFIXES = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight",
                      "gate_proj.weight", "up_proj.weight", "down_proj.weight")
 

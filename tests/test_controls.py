@@ -38,13 +38,6 @@ RESP = torch.tensor(
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 shared cores: OpenMP spin-waiting makes small kernels many times slower with 2 threads
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _kept(mask):

@@ -25,13 +25,6 @@ from opdgeo.training.loop import MicroBatch, train, with_advantages
 from opdgeo.training.projection import SUBSPACE_FILE, load_subspaces, right_subspace
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 shared cores: OpenMP spin-waiting makes tiny models ~50x slower with 2 threads
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture

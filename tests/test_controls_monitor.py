@@ -11,13 +11,6 @@ import torch
 from opdgeo.training.monitor import MonitorSettings, monitored_names, probe, start_monitor
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 shared cores: OpenMP spin-waiting makes small kernels many times slower with 2 threads
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 NAMES = [

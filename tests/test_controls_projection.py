@@ -21,13 +21,6 @@ from opdgeo.training.projection import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 shared cores: OpenMP spin-waiting makes small kernels many times slower with 2 threads
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 K = 4

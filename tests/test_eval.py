@@ -17,12 +17,6 @@ from opdgeo.training.evaluate import avg_at_k, evaluate
 TASK1 = "arithmetic:difficulty=1,seed=0,ops=+"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -348,13 +348,6 @@ def test_sparsity_validation_errors():
 # spectrum
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # These matrices are small; one thread avoids OpenMP oversubscription on a busy machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def matrix_with_spectrum(m: int, n: int, sigma: np.ndarray, seed: int):

@@ -19,13 +19,6 @@ TOP32_RTOL = 1e-3
 SIM_ATOL = 1e-3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small LAPACK calls with 2 OpenMP threads crawl on a shared, loaded CPU; use one."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 # References are float64 LAPACK (torch.linalg, one thread: numpy's OpenBLAS threads crawl

@@ -24,12 +24,6 @@ from opdgeo.models import (
 from opdgeo.tasks import ArithmeticTask, arithmetic_pretrain_corpus
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # small models on a shared 2-core CPU: threads only contend
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

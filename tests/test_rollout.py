@@ -12,12 +12,6 @@ from opdgeo.training.rollout import _response_mask, generate, sequence_logprobs
 PROMPTS = ["12+34=\n", "5*6=\n", "123-456=\n"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: threads only add overhead on a shared CPU
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -33,12 +33,6 @@ SCALE = 2e-4  # update entries ~1e-5..1e-4 next to init weights ~0.02: partly bf
 H16 = sum(1 / i for i in range(1, 17))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _shapes():

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from opdgeo.analysis.cache import SvdCache
+from opdgeo.analysis.files import atomic_write_text, json_safe
 from opdgeo.analysis.parallel import all_gather, map_ordered, shard_for_rank
 from opdgeo.errors import ConfigError, OpdgeoError
 
@@ -192,9 +193,9 @@ class CompareResult:
         except OSError as err:
             raise ConfigError(f"--out {out}: cannot create the folder ({err.strerror})") from None
         paths = [out / "matrices.csv", out / "summary.json", out / "summary.md"]
-        _atomic_write_text(paths[0], self.to_csv())
-        _atomic_write_text(paths[1], json.dumps(_json_safe(self.summary), indent=2) + "\n")
-        _atomic_write_text(paths[2], self.to_markdown())
+        atomic_write_text(paths[0], self.to_csv())
+        atomic_write_text(paths[1], json.dumps(json_safe(self.summary), indent=2) + "\n")
+        atomic_write_text(paths[2], self.to_markdown())
         if self.angles:
             from safetensors.torch import save_file
 
@@ -780,21 +781,8 @@ def _cell(value):
     return value
 
 
-def _json_safe(obj):
-    """NaN/Inf are not JSON: write them as null (the row notes say why)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def format_percent(x) -> str:

@@ -53,6 +53,7 @@ from typing import Any
 
 import torch
 
+from opdgeo.analysis.files import atomic_write_text, json_safe
 from opdgeo.analysis.parallel import all_gather, map_ordered, shard_for_rank
 from opdgeo.errors import CheckpointError, ConfigError, OpdgeoError
 from opdgeo.geometry.lowrank import exact_svd, hill_alpha, randomized_top_svd, stable_rank
@@ -258,9 +259,9 @@ class TrajectoryResult:
         try:
             out.mkdir(parents=True, exist_ok=True)
             paths = [out / "trajectory.csv", out / "summary.json", out / "overlap.csv"]
-            _atomic_write_text(paths[0], self.to_csv())
-            _atomic_write_text(paths[1], json.dumps(_json_safe(self.summary), indent=2) + "\n")
-            _atomic_write_text(paths[2], self.overlap_csv())
+            atomic_write_text(paths[0], self.to_csv())
+            atomic_write_text(paths[1], json.dumps(json_safe(self.summary), indent=2) + "\n")
+            atomic_write_text(paths[2], self.overlap_csv())
             if figures:
                 from opdgeo.report.figures import write_trajectory_figures
 
@@ -800,18 +801,5 @@ def _csv(rows, columns) -> str:
     return buf.getvalue()
 
 
-def _json_safe(obj):
-    """NaN/Inf are not JSON: written as null."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
