@@ -20,7 +20,6 @@ SUBCOMMANDS = {
     "train": ("opdgeo.cli.train", "train_cmd", "Train with SFT, RLVR (GRPO) or OPD from a YAML config (SPEC §3)."),
     "eval": ("opdgeo.cli.eval", "eval_cmd", "Evaluate a model on a verifiable task (avg@k)."),
     "study": ("opdgeo.cli.study", "study_cmd", "Reproduce the study end to end and write a report."),
-    "demo": ("opdgeo.cli.demo", "demo_cmd", "Build two small checkpoints and compare them."),
 }
 
 
