@@ -1,0 +1,452 @@
+"""The study's stages: a preset becomes an ordered list of cached `Stage`s.
+
+Each stage composes the public APIs of the other packages and writes files with their
+documented schemas into the run folder::
+
+    <out>/study.json                      the plan (preset as data; read by the report)
+    <out>/models/base/                    base student (HF folder, bf16, + tokenizer)
+    <out>/models/teacher/                 teacher: pretrained here, then SFT by the core in
+                                          models/teacher/sft/ (its last step is the teacher)
+    <out>/runs/<run>/                     training-core run folders (config.yaml,
+                                          metrics.jsonl, step-NNNNNN/)
+    <out>/eval/<name>/eval.json           held-out avg@k of one checkpoint
+    <out>/diagnose/compare/<run>/         `opdgeo compare` outputs (origin -> run final)
+    <out>/diagnose/trajectory/<group>/    `opdgeo trajectory` outputs
+    <out>/tables/, figures/, report.html, report.md, claims.json, timings.json
+
+Stage order: base, teacher, eval_base, eval_teacher, then per run ``<run>`` (train),
+``eval_<run>``, ``compare_<run>``; ``trajectory_main`` (SFT, OPD, RLVR, with the OPD/RLVR
+cross-run overlap), ``trajectory_<run>`` for the other runs (a seed repeat together with
+its seed-0 run and their overlap, the noise floor of the OPD/RLVR overlap); ``report`` last.
+
+Soft stages (every evaluation and diagnostic, and the control runs) do not stop the
+study when they fail: they are recorded as failed with their error and the report lists
+them as not measured. The base, teacher, SFT, OPD and RLVR runs and the report are hard.
+
+Training runs go through `opdgeo.training.loop.train` in this process, or, with
+``launcher`` set (GPUs: ``"accelerate launch --num_processes 8"``), through
+``<launcher> -m opdgeo train <config.yaml> [--resume]`` in a subprocess.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shlex
+import subprocess
+from pathlib import Path
+
+from opdgeo.errors import ConfigError
+from opdgeo.study.presets import ModelSpec, RunSpec, StudyPreset
+from opdgeo.study.stages import Stage, StageContext, StageUnavailable
+
+__all__ = ["build_stages", "study_info", "train_config_dict", "run_checkpoints", "STUDY_VERSION"]
+
+STUDY_VERSION = 1
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _asdict(obj):
+    return json.loads(json.dumps(dataclasses.asdict(obj), default=str))
+
+
+def study_info(preset: StudyPreset) -> dict:
+    """``study.json``: the preset as plain data (runs with group and control settings)."""
+    return {
+        "preset": preset.name,
+        "description": preset.description,
+        "task": preset.task,
+        "dtype": preset.dtype,
+        "runs": [
+            {
+                "name": r.name, "objective": r.objective, "init": r.init, "group": r.group, "steps": r.steps,
+                "batch_size": r.batch_size, "samples_per_prompt": r.samples_per_prompt, "lr": r.optim.lr,
+                "token_keep": list(r.token_keep) if r.token_keep else None, "rollout_policy": r.rollout_policy,
+                "mix_alpha": r.mix_alpha, "project_rank": r.project_rank, "checkpoint_steps": r.checkpoint_steps(),
+            }
+            for r in preset.runs
+        ],
+        "eval": _asdict(preset.eval),
+        "diagnose": _asdict(preset.diagnose),
+    }
+
+
+def _task_spec(preset: StudyPreset) -> str:
+    return preset.task
+
+
+def _train_problems(preset: StudyPreset) -> int | None:
+    """Training problems drawn from the task (the arithmetic task's small difficulties hold few)."""
+    return None
+
+
+def run_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """``(step, folder)`` of the complete ``step-NNNNNN`` checkpoints of a run, by step."""
+    from opdgeo.training.checkpointing import list_checkpoints
+
+    return list_checkpoints(run_dir)
+
+
+def _final_checkpoint(run_dir: Path) -> Path:
+    cks = run_checkpoints(run_dir)
+    if not cks:
+        raise ConfigError(f"{run_dir}: run has no checkpoint")
+    return cks[-1][1]
+
+
+def _checkpoint_near(run_dir: Path, fraction: float, total_steps: int) -> Path:
+    """The checkpoint of the run whose step is nearest to ``fraction`` of ``total_steps``."""
+    cks = run_checkpoints(run_dir)
+    if not cks:
+        raise ConfigError(f"{run_dir}: run has no checkpoint")
+    target = fraction * total_steps
+    return min(cks, key=lambda sc: (abs(sc[0] - target), sc[0]))[1]
+
+
+def train_config_dict(run: RunSpec, preset: StudyPreset, *, student: str, teacher: str, out_dir: Path,
+                      project_from: str | None = None, project_origin: str | None = None) -> dict:
+    """The training-core config (``opdgeo train`` YAML schema) of one study run."""
+    o = run.optim
+    every = run.every()
+    objective: dict = {"name": run.objective}
+    if run.mix_alpha is not None:
+        objective["advantage"] = {"opd": run.mix_alpha, "rlvr": round(1.0 - run.mix_alpha, 12)}
+    needs_teacher = run.objective == "opd" or run.mix_alpha is not None
+    cfg = {
+        "model": {"student": student, "teacher": teacher if needs_teacher else None, "init_seed": run.seed},
+        "task": {"spec": _task_spec(preset), "split": "train", "num_problems": _train_problems(preset)},
+        "rollout": {"group_size": run.samples_per_prompt if run.objective != "sft" else 1,
+                    "temperature": run.temperature, "max_new_tokens": run.max_new_tokens},
+        "optim": {
+            "steps": run.steps, "batch_size": run.batch_size,
+            "micro_batch_size": run.micro_batch_size or run.batch_size,
+            "lr": o.lr, "schedule": o.schedule, "min_lr": o.min_lr,
+            "warmup_steps": int(round(o.warmup_fraction * run.steps)),
+            "betas": list(o.betas), "weight_decay": o.weight_decay, "grad_clip": o.grad_clip or None,
+        },
+        "objective": objective,
+        "checkpoint": {"every": every, "dtype": preset.dtype},
+        "run": {"out_dir": str(out_dir), "seed": run.seed, "progress": False},
+    }
+    if run.rollout_policy != "student":
+        cfg["rollout"]["policy"] = run.rollout_policy  # the core's off-policy clip default (1.0) applies
+    if run.token_keep is not None:
+        cfg["token_keep"] = {"mode": run.token_keep[0], "fraction": run.token_keep[1]}
+    if run.project_rank is not None:
+        cfg["project"] = {"from": project_from, "rank": run.project_rank, "origin": project_origin}
+    return cfg
+
+
+def _uses_controls(run: RunSpec) -> bool:
+    return bool(run.token_keep or run.rollout_policy != "student" or run.project_rank is not None)
+
+
+def _run_training(cfg_dict: dict, run_dir: Path, *, resume: bool, launcher: str | None, log) -> None:
+    """Train through the core: in process, or ``<launcher> -m opdgeo train`` for GPUs."""
+    import yaml
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg_path = run_dir / "study-config.yaml"  # what the study asked for (the core writes config.yaml)
+    cfg_path.write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
+    if launcher:
+        cmd = shlex.split(launcher) + ["-m", "opdgeo", "train", str(cfg_path)] + (["--resume"] if resume else [])
+        log("    $ " + " ".join(shlex.quote(c) for c in cmd))
+        proc = subprocess.run(cmd)
+        if proc.returncode != 0:
+            raise ConfigError(f"{run_dir}: training subprocess failed with exit code {proc.returncode}")
+        return
+    from opdgeo.training.config import config_from_dict
+    from opdgeo.training.loop import train
+
+    config = config_from_dict(cfg_dict)
+    train(config, resume=resume)
+
+
+# --------------------------------------------------------------------------- model stages
+
+
+def _save_hf(model, tokenizer, folder: Path, dtype: str) -> None:
+    import torch
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model.to(getattr(torch, dtype)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def _build_pretrained(spec: ModelSpec, preset: StudyPreset, folder: Path, log) -> dict:
+    """Build (``tiny:``), export (``smollm2``) or resolve a model; pretrain it if asked."""
+    import torch
+
+    from opdgeo.models import build_model, char_tokenizer, export_smollm2, tiny_qwen3_config
+    from opdgeo.models.factory import num_parameters
+
+    if spec.source.startswith("tiny:"):
+        tok = char_tokenizer()
+        cfg = tiny_qwen3_config(spec.source[5:], len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        model = build_model(cfg, seed=spec.seed)
+    elif spec.source == "smollm2":
+        from opdgeo.models import load_model, load_tokenizer
+
+        src = export_smollm2()
+        model, tok = load_model(src, dtype=torch.float32), load_tokenizer(src)
+    else:
+        if spec.pretrain_steps:
+            raise ConfigError(f"{spec.name}: pretraining is only for 'tiny:' models; got source {spec.source!r}")
+        return {"path": spec.source, "params": None, "pretrain": None}
+    stats = None
+    if spec.pretrain_steps:
+        from opdgeo.study.pretrain import pretrain
+        from opdgeo.tasks import ArithmeticTask, arithmetic_pretrain_corpus, load_task
+
+        task = load_task(preset.task)
+        if not isinstance(task, ArithmeticTask):
+            raise ConfigError(f"{spec.name}: pretraining uses the arithmetic corpus; task {preset.task!r} is not arithmetic")
+        docs = arithmetic_pretrain_corpus(spec.corpus_size, spec.seed, difficulty=task.difficulty, ops=task.ops)
+        stats = pretrain(model, tok, docs, steps=spec.pretrain_steps, lr=spec.pretrain_lr, batch_size=spec.pretrain_batch,
+                         seed=spec.seed, log=log)
+        log(f"    pretrained {spec.name}: loss {stats.first_loss:.3f} -> {stats.last_loss:.3f} in {stats.seconds:.1f} s")
+    n = num_parameters(model)
+    _save_hf(model, tok, folder, preset.dtype)
+    return {"path": str(folder), "params": n, "pretrain": dataclasses.asdict(stats) if stats else None}
+
+
+def _base_fn(preset: StudyPreset):
+    def fn(ctx: StageContext) -> dict:
+        return _build_pretrained(preset.base, preset, ctx.dir / "model", ctx.log)
+
+    return fn
+
+
+def _teacher_fn(preset: StudyPreset, launcher: str | None):
+    spec = preset.teacher
+
+    def fn(ctx: StageContext) -> dict:
+        pre = ctx.dir / "pretrained"
+        if not (ctx.resume and (pre / "config.json").is_file()):
+            info = _build_pretrained(spec, preset, pre, ctx.log)
+        else:
+            info = {"path": str(pre)}
+        if not spec.sft_steps:
+            return info
+        run = RunSpec(name="teacher_sft", objective="sft", init="base", steps=spec.sft_steps,
+                      batch_size=spec.sft_batch, optim=dataclasses.replace(preset.run("sft").optim, lr=spec.sft_lr, schedule="constant",
+                                                                warmup_fraction=0.0, weight_decay=0.0),
+                      checkpoint_every=1.0, seed=spec.seed)
+        run_dir = ctx.dir / "sft"
+        cfg = train_config_dict(run, preset, student=info["path"], teacher="", out_dir=run_dir)
+        _run_training(cfg, run_dir, resume=ctx.resume, launcher=launcher, log=ctx.log)
+        return {**info, "path": str(_final_checkpoint(run_dir))}
+
+    return fn
+
+
+# --------------------------------------------------------------------------- run stages
+
+
+def _run_fn(run: RunSpec, preset: StudyPreset, launcher: str | None):
+    def fn(ctx: StageContext) -> dict:
+        out = ctx.out
+        base = ctx.deps["base"]["path"]
+        teacher = ctx.deps["teacher"]["path"]
+        anchor = ctx.deps["sft"]["final"] if "sft" in ctx.deps else None
+        project_from = project_origin = None
+        if run.init == "base":
+            student = base
+        elif run.init == "anchor":
+            student = anchor
+        else:  # projected restart of run `src` from its checkpoint nearest to `frac`
+            src, _, frac = run.init.partition("@")
+            src_run = preset.run(src)
+            student = base if src_run.init == "base" else anchor
+            project_from = str(_checkpoint_near(out / "runs" / src, float(frac), src_run.steps))
+            project_origin = student
+        cfg = train_config_dict(run, preset, student=student, teacher=teacher, out_dir=ctx.dir,
+                                project_from=project_from, project_origin=project_origin)
+        try:
+            _run_training(cfg, ctx.dir, resume=ctx.resume, launcher=launcher, log=ctx.log)
+        except ConfigError as err:
+            if _uses_controls(run):
+                # A control the training core does not (yet) offer: report, do not fail the study.
+                raise StageUnavailable(str(err).replace("\n", " ")) from None
+            raise
+        cks = run_checkpoints(ctx.dir)
+        return {"final": str(cks[-1][1]), "checkpoints": [str(p) for _, p in cks], "steps": [s for s, _ in cks],
+                "init": project_from or student, "origin": student}
+
+    return fn
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _eval_fn(preset: StudyPreset, name: str, role: str, dep: str, key: str):
+    def fn(ctx: StageContext) -> dict:
+        try:
+            from opdgeo.training.evaluate import evaluate
+        except ImportError as err:
+            raise StageUnavailable(f"opdgeo.training.evaluate is not available ({err})") from None
+        import torch
+
+        from opdgeo.models import load_model, load_tokenizer
+        from opdgeo.tasks import load_task
+
+        path = ctx.deps[dep][key]
+        e = preset.eval
+        on_gpu = preset.device == "cuda" and torch.cuda.is_available()
+        model = load_model(path, dtype=torch.bfloat16 if on_gpu else torch.float32)
+        if on_gpu:
+            model = model.to("cuda")
+        tok = load_tokenizer(path)
+        task = load_task(preset.task)
+        k = 1 if e.temperature == 0 else e.k
+        res = evaluate(model, tok, task, split=e.split, n=e.n_problems, k=k, temperature=e.temperature,
+                       max_new_tokens=e.max_new_tokens, seed=0, out=ctx.dir / "samples.jsonl")
+        acc = float(res.avg_at_k)
+        n_samples = res.n * res.k
+        rec = {"name": name, "role": role, "checkpoint": str(path), "accuracy": acc, "n_problems": res.n,
+               "k": res.k, "temperature": res.temperature, "n_samples": n_samples,
+               "stderr": _problem_stderr([r["accuracy"] for r in res.records]),
+               "mean_response_tokens": res.mean_response_tokens, "truncated_fraction": res.truncated_fraction}
+        (ctx.dir / "eval.json").write_text(json.dumps(rec, indent=2) + "\n")
+        ctx.log(f"    {name}: accuracy {acc:.4f} (avg@{k}, {e.n_problems} problems)")
+        return {"accuracy": acc}
+
+    return fn
+
+
+def _problem_stderr(per_problem: list[float]) -> float | None:
+    """Standard error of avg@k over problems: sample std of the per-problem accuracies / sqrt(n).
+
+    The k samples of one problem are correlated, so the problem (not the sample) is the
+    unit **(our choice)**; None for fewer than 2 problems.
+    """
+    n = len(per_problem)
+    if n < 2:
+        return None
+    mean = sum(per_problem) / n
+    var = sum((x - mean) ** 2 for x in per_problem) / (n - 1)
+    return math.sqrt(var / n)
+
+
+# --------------------------------------------------------------------------- diagnostics
+
+
+def _compare_fn(preset: StudyPreset, run: str):
+    d = preset.diagnose
+
+    def fn(ctx: StageContext) -> dict:
+        from opdgeo.analysis.compare import compare
+
+        origin, final = ctx.deps[run]["origin"], ctx.deps[run]["final"]
+        res = compare(origin, final, k=d.k, rank=d.rank, alpha=d.alpha, eta=d.eta,
+                      cache=str(ctx.out / ".study" / "svd_cache"), progress=False)
+        res.write(ctx.dir)
+        s = res.summary
+        ctx.log(f"    {run}: sparsity {100 * s['global_sparsity']:.2f} %, density "
+                f"{_pct(s.get('mean_density'))}, NSS {s.get('mean_nss')}")
+        return {"global_sparsity": s["global_sparsity"]}
+
+    return fn
+
+
+def _pct(x):
+    return "n/a" if x is None else f"{100 * x:.2f} %"
+
+
+def _trajectory_fn(preset: StudyPreset, runs: list[str], overlap: list[tuple[str, str]]):
+    d = preset.diagnose
+
+    def fn(ctx: StageContext) -> dict:
+        try:
+            from opdgeo.analysis.trajectory import trajectory
+        except ImportError as err:
+            raise StageUnavailable(f"opdgeo.analysis.trajectory is not available ({err})") from None
+        run_paths = {r: [Path(p) for p in ctx.deps[r]["checkpoints"]] for r in runs}
+        origins = {r: ctx.deps[r]["origin"] for r in runs}
+        res = trajectory(run_paths, origins, matrices=d.trajectory_matrices, k_hill=d.hill_k, sim_k=d.sim_k,
+                         lock_threshold=d.lock_threshold, eta=d.eta, overlap=list(overlap), progress=False)
+        res.write(ctx.dir, figures=len(runs) > 1)
+        for r in runs:
+            ctx.log(f"    {r}: locking step {res.summary['runs'][r].get('locking_step')}")
+        return {"runs": runs}
+
+    return fn
+
+
+def _report_fn(preset: StudyPreset):
+    def fn(ctx: StageContext) -> dict:
+        from opdgeo.report.study_report import write_report
+
+        timings = None
+        try:
+            timings = json.loads((ctx.out / "timings.json").read_text())
+        except (OSError, ValueError):
+            pass
+        paths = write_report(ctx.out, timings=timings)
+        return {k: v for k, v in paths.items() if k != "tables"}
+
+    return fn
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+def build_stages(preset: StudyPreset, *, launcher: str | None = None) -> list[Stage]:
+    """Every stage of the study for ``preset``, dependencies first.
+
+    ``launcher`` (e.g. ``"accelerate launch --num_processes 8"``) runs training stages as
+    subprocesses of the public CLI; it does not change what is computed, so it is not
+    part of the cache keys.
+    """
+    v = {"study_version": STUDY_VERSION, "task": preset.task, "dtype": preset.dtype}
+    stages: list[Stage] = [
+        Stage("base", "model", "models/base", {**v, "spec": _asdict(preset.base)}, _base_fn(preset)),
+        Stage("teacher", "model", "models/teacher",
+              {**v, "spec": _asdict(preset.teacher), "sft_optim": _asdict(preset.run("sft").optim)},
+              _teacher_fn(preset, launcher), resumable=True),
+    ]
+    ev = _asdict(preset.eval)
+    stages.append(Stage("eval_base", "eval", "eval/base", {**v, "eval": ev}, _eval_fn(preset, "base", "base student", "base", "path"), deps=("base",), soft=True))
+    stages.append(Stage("eval_teacher", "eval", "eval/teacher", {**v, "eval": ev},
+                        _eval_fn(preset, "teacher", "teacher", "teacher", "path"), deps=("teacher",), soft=True))
+    for run in preset.runs:
+        deps = ["base", "teacher"]
+        if run.init == "anchor" or (run.name != "sft" and preset.has_run("sft")):
+            deps.append("sft")
+        if "@" in run.init:
+            deps.append(run.init.partition("@")[0])
+        deps = tuple(dict.fromkeys(d for d in deps if d != run.name))
+        control = run.name not in ("sft", "opd", "rlvr")
+        stages.append(Stage(run.name, "train", f"runs/{run.name}", {**v, "run": _asdict(run)},
+                            _run_fn(run, preset, launcher), deps=deps, resumable=True, soft=control))
+        role = "SFT anchor" if run.name == "sft" else ("projected" if run.project_rank else run.group)
+        stages.append(Stage(f"eval_{run.name}", "eval", f"eval/{run.name}", {**v, "eval": ev},
+                            _eval_fn(preset, run.name, role, run.name, "final"), deps=(run.name,), soft=True))
+        d = preset.diagnose
+        stages.append(Stage(f"compare_{run.name}", "compare", f"diagnose/compare/{run.name}",
+                            {**v, "k": d.k, "rank": d.rank, "alpha": d.alpha, "eta": d.eta},
+                            _compare_fn(preset, run.name), deps=(run.name,), soft=True))
+    d = preset.diagnose
+    tcfg = {**v, "matrices": d.trajectory_matrices, "hill_k": d.hill_k, "sim_k": d.sim_k, "lock": d.lock_threshold}
+    main = [r for r in ("sft", "opd", "rlvr") if preset.has_run(r)]
+    overlap = [("opd", "rlvr")] if {"opd", "rlvr"} <= set(main) else []
+    stages.append(Stage("trajectory_main", "trajectory", "diagnose/trajectory/main", {**tcfg, "runs": main, "overlap": overlap},
+                        _trajectory_fn(preset, main, overlap), deps=tuple(main), soft=True))
+    for run in preset.runs:
+        if run.name in main:
+            continue
+        runs, pairs = [run.name], []
+        if run.group == "seeds":  # the same method with another seed: its overlap is the noise floor of OPD-vs-RLVR
+            src = run.name.rsplit("_seed", 1)[0]
+            runs, pairs = [src, run.name], [(src, run.name)]
+        stages.append(Stage(f"trajectory_{run.name}", "trajectory", f"diagnose/trajectory/{run.name}",
+                            {**tcfg, "runs": runs, "overlap": pairs}, _trajectory_fn(preset, runs, pairs),
+                            deps=tuple(runs), soft=True))
+    stages.append(Stage("report", "report", "", {**v}, _report_fn(preset), always=True))
+    return stages

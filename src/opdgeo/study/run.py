@@ -1,0 +1,130 @@
+"""Entry points of the study: run it, or show its plan."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from opdgeo.errors import ConfigError
+from opdgeo.study.pipeline import build_stages, study_info, train_config_dict
+from opdgeo.study.plan import format_plan
+from opdgeo.study.presets import StudyPreset
+from opdgeo.study.stages import StageOutcome, read_marker, run_stages, select_stages, stage_keys
+
+__all__ = ["StudyResult", "run_study", "plan_text", "check_training_configs", "stage_statuses"]
+
+
+@dataclass(frozen=True)
+class StudyResult:
+    """What `run_study` returns.
+
+    Attributes:
+        out: the run folder.
+        outcomes: one `StageOutcome` per stage.
+        report: path of ``report.html`` (None when the report stage did not run).
+        seconds: wall time of this invocation.
+    """
+
+    out: Path
+    outcomes: dict[str, StageOutcome]
+    report: Path | None
+    seconds: float
+
+
+def check_training_configs(preset: StudyPreset) -> dict[str, str]:
+    """Validate every run's training-core config without loading anything.
+
+    Returns:
+        ``{run: problem}`` for runs whose config the training core rejects because it uses
+        a control the core does not offer (these runs are reported as not measured).
+
+    Raises:
+        ConfigError: a run without controls has an invalid config (a bug in the preset).
+    """
+    from opdgeo.training.config import config_from_dict
+
+    from opdgeo.study.pipeline import _uses_controls
+
+    problems: dict[str, str] = {}
+    hard: list[str] = []
+    for run in preset.runs:
+        cfg = train_config_dict(run, preset, student="tiny:student", teacher="tiny:teacher", out_dir=Path("runs") / run.name,
+                                project_from="runs/x/step-000001", project_origin="runs/x")
+        try:
+            config_from_dict(cfg, check_paths=False)
+        except ConfigError as err:
+            msg = str(err).replace("\n", " ")
+            if _uses_controls(run):
+                problems[run.name] = msg
+            else:
+                hard.append(f"{run.name}: {msg}")
+    if hard:
+        raise ConfigError(f"preset {preset.name!r}: " + "; ".join(hard))
+    return problems
+
+
+def stage_statuses(preset: StudyPreset, out: Path) -> dict[str, str]:
+    """``{stage: "done" | "started" | ""}`` for an existing run folder."""
+    stages = build_stages(preset)
+    keys = stage_keys(stages)
+    st = {}
+    for s in stages:
+        m = read_marker(out, s.name)
+        if m and m.get("key") == keys[s.name]:
+            st[s.name] = "done"
+        elif s.path and (out / s.path / ".stage_key").is_file():
+            st[s.name] = "started"
+        else:
+            st[s.name] = ""
+    return st
+
+
+def plan_text(preset: StudyPreset, out: Path | None = None, *, launcher: str | None = None,
+              select: Sequence[str] | None = None) -> str:
+    """The ``--dry-run`` text: validated plan, sizes, memory estimate, expected time."""
+    stages = select_stages(build_stages(preset, launcher=launcher), select)
+    problems = check_training_configs(preset)
+    statuses = stage_statuses(preset, Path(out)) if out is not None and Path(out).is_dir() else None
+    return format_plan(preset, stages, statuses, config_problems=problems, launcher=launcher)
+
+
+def run_study(preset: StudyPreset, out: str | Path, *, fresh: bool = False, select: Sequence[str] | None = None,
+              launcher: str | None = None, log: Callable[[str], None] | None = None) -> StudyResult:
+    """Run the study (or the selected stages and their dependencies) into ``out``.
+
+    Finished stages are reused (cache keyed by configuration), interrupted training stages
+    resume, ``fresh`` redoes the selected stages. Writes ``study.json`` first and
+    ``timings.json`` last; the report stage writes ``report.html`` and the rest.
+
+    Raises:
+        ConfigError: bad ``select`` names, or an invalid preset/training config, before any work.
+    """
+    out = Path(out)
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    t0 = time.perf_counter()
+    stages = build_stages(preset, launcher=launcher)
+    select_stages(stages, select)  # validate names before any work
+    problems = check_training_configs(preset)
+    for run, msg in problems.items():
+        log(f"note: run {run} uses a control the training core rejects; it will be reported as not measured ({msg[:160]})")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "study.json").write_text(json.dumps(study_info(preset), indent=2) + "\n")
+    import torch
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # the study prints one line per stage
+    threads = torch.get_num_threads()
+    if preset.torch_threads:
+        torch.set_num_threads(preset.torch_threads)
+    try:
+        outcomes = run_stages(stages, out, select=select, fresh=fresh, log=log,
+                              timings_meta={"preset": preset.name, "torch_threads": torch.get_num_threads()})
+    finally:
+        torch.set_num_threads(threads)
+    report = out / "report.html"
+    ran_report = outcomes.get("report") and outcomes["report"].status in ("ran", "resumed")
+    return StudyResult(out=out, outcomes=outcomes, report=report if ran_report else None, seconds=time.perf_counter() - t0)

@@ -1,0 +1,373 @@
+"""Cached, resumable stages: the study's execution engine.
+
+A `Stage` is a named step with a JSON-able configuration, the stages it reads from
+(``deps``) and a function that writes its outputs into its own folder. Execution rules:
+
+- **Cache key.** ``key = sha256(json({name, config, deps' keys, STAGE_FORMAT}))``. A stage
+  is *done* when its marker ``<out>/.study/stages/<name>.json`` holds this key and the
+  ``run_id`` of every dependency it consumed is still the current one (so redoing a
+  dependency invalidates everything downstream, even with an unchanged config).
+- **Atomic completion.** The marker is written (temporary file + ``os.replace``) only after
+  the stage function returned, i.e. after its outputs are complete. A crash leaves no
+  marker, so the next run redoes the stage.
+- **Resume.** A stage folder holding ``.stage_key`` equal to the current key was started
+  with this very configuration; a resumable stage (training) is called with
+  ``ctx.resume = True`` and continues from its last checkpoint (the trainer's resume);
+  a non-resumable one is wiped and redone.
+- **Fresh.** ``fresh=True`` wipes and redoes every selected stage.
+- **Unavailable.** A stage function may raise `StageUnavailable` (a component it needs is
+  missing, e.g. a training control not implemented); it is reported, not cached, and the
+  stages depending on it are skipped. The report marks what could not be measured.
+
+Timings (seconds per stage, whether it ran, resumed or came from the cache) are written to
+``<out>/timings.json`` at the end of every invocation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from opdgeo.errors import ConfigError
+
+__all__ = [
+    "Stage",
+    "StageContext",
+    "StageUnavailable",
+    "StageOutcome",
+    "stage_keys",
+    "select_stages",
+    "run_stages",
+    "read_marker",
+    "STAGE_FORMAT",
+    "MARKER_DIR",
+]
+
+STAGE_FORMAT = 1
+"""Bumped when a stage's outputs change meaning, so old caches are not reused."""
+
+MARKER_DIR = Path(".study") / "stages"
+
+
+class StageUnavailable(Exception):
+    """Raised by a stage function when a component it needs is not available."""
+
+
+@dataclass
+class StageContext:
+    """What a stage function receives.
+
+    Attributes:
+        out: the study's run folder.
+        dir: this stage's own output folder (created, empty unless resuming).
+        resume: True when continuing an interrupted run of the same configuration.
+        deps: summaries returned by the dependencies' functions, by stage name.
+        log: print one progress line.
+    """
+
+    out: Path
+    dir: Path
+    resume: bool
+    deps: dict
+    log: Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the study.
+
+    Attributes:
+        name: unique name (also its marker file name).
+        kind: ``model``, ``train``, ``eval``, ``compare``, ``trajectory``, ``report``.
+        path: output folder relative to the run folder (``""`` = the run folder itself,
+            which is never wiped).
+        config: JSON-able settings that determine the outputs (the cache key).
+        deps: names of the stages whose outputs this one reads.
+        fn: ``fn(ctx) -> dict`` writes the outputs, returns a small JSON-able summary.
+        resumable: the function can continue an interrupted run (``ctx.resume``).
+        always: rerun on every invocation (cheap stages whose output embeds timings).
+        soft: an exception inside the stage does not stop the study: the stage is marked
+            ``failed`` (traceback in ``<dir>/error.txt``), the stages depending on it are
+            skipped, and the report lists it as not measured (used for the controls, so
+            that one broken control does not cost the whole study).
+    """
+
+    name: str
+    kind: str
+    path: str
+    config: dict
+    fn: Callable[[StageContext], dict]
+    deps: tuple[str, ...] = ()
+    resumable: bool = False
+    always: bool = False
+    soft: bool = False
+
+
+@dataclass
+class StageOutcome:
+    """How one stage went in this invocation."""
+
+    name: str
+    kind: str
+    status: str  # ran | resumed | cached | unavailable | skipped | failed | pending
+    seconds: float = 0.0
+    reason: str = ""
+    cpu_seconds: float = 0.0
+    summary: dict = field(default_factory=dict)
+
+
+def _canonical(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def stage_keys(stages: Sequence[Stage]) -> dict[str, str]:
+    """Cache key of every stage: sha256 of its name, config, format and its deps' keys.
+
+    Raises:
+        ConfigError: duplicate names, or a dependency that is unknown or comes later.
+    """
+    keys: dict[str, str] = {}
+    for s in stages:
+        if s.name in keys:
+            raise ConfigError(f"duplicate stage name {s.name!r}")
+        for d in s.deps:
+            if d not in keys:
+                raise ConfigError(f"stage {s.name!r} depends on {d!r}, which is unknown or comes later")
+        blob = _canonical({"name": s.name, "config": s.config, "deps": {d: keys[d] for d in s.deps}, "format": STAGE_FORMAT})
+        keys[s.name] = hashlib.sha256(blob.encode()).hexdigest()[:32]
+    return keys
+
+
+def select_stages(stages: Sequence[Stage], wanted: Sequence[str] | None) -> list[Stage]:
+    """The stages to run for ``wanted`` (names or kinds), with all their dependencies.
+
+    ``None`` or empty selects everything. A name may be a stage name (``opd``,
+    ``compare_opd``) or a kind (``train``, ``eval``, ``compare``, ``trajectory``, ``report``).
+
+    Raises:
+        ConfigError: a name that is neither a stage nor a kind (the choices are listed).
+    """
+    if not wanted:
+        return list(stages)
+    by_name = {s.name: s for s in stages}
+    kinds = {s.kind for s in stages}
+    chosen: set[str] = set()
+    bad = []
+    for w in wanted:
+        if w in by_name:
+            chosen.add(w)
+        elif w in kinds:
+            chosen.update(s.name for s in stages if s.kind == w)
+        else:
+            bad.append(w)
+    if bad:
+        raise ConfigError(
+            f"--stages: unknown {', '.join(map(repr, bad))}; choose from kinds {sorted(kinds)} or stages {list(by_name)}"
+        )
+    stack = list(chosen)
+    while stack:
+        for d in by_name[stack.pop()].deps:
+            if d not in chosen:
+                chosen.add(d)
+                stack.append(d)
+    return [s for s in stages if s.name in chosen]
+
+
+def _marker_path(out: Path, name: str) -> Path:
+    return out / MARKER_DIR / f"{name}.json"
+
+
+def read_marker(out: Path, name: str) -> dict | None:
+    """The completion marker of stage ``name`` in run folder ``out`` (None if absent/corrupt)."""
+    p = _marker_path(out, name)
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _is_done(out: Path, stage: Stage, key: str, markers: dict[str, dict | None]) -> bool:
+    m = markers.get(stage.name)
+    if not m or m.get("key") != key:
+        return False
+    for d in stage.deps:
+        dm = markers.get(d)
+        if not dm or m.get("inputs", {}).get(d) != dm.get("run_id"):
+            return False
+    return True
+
+
+def _wipe(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def run_stages(
+    stages: Sequence[Stage],
+    out: Path,
+    *,
+    select: Sequence[str] | None = None,
+    fresh: bool = False,
+    log: Callable[[str], None] | None = None,
+    timings_meta: dict | None = None,
+) -> dict[str, StageOutcome]:
+    """Run (or reuse) the selected stages in order; write ``timings.json``.
+
+    Args:
+        stages: every stage of the study, dependencies first.
+        out: the run folder.
+        select: stage names or kinds to run (with their dependencies); None = all.
+        fresh: redo the selected stages even when cached.
+        log: progress printer (default: stderr).
+        timings_meta: extra keys for ``timings.json`` (preset, ...).
+
+    Returns:
+        One `StageOutcome` per stage of ``stages`` (unselected ones ``pending`` or
+        ``cached`` according to their marker).
+
+    Raises:
+        Whatever a stage raises, after writing ``timings.json`` with that stage ``failed``.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    keys = stage_keys(stages)
+    chosen = {s.name for s in select_stages(stages, select)}
+    markers = {s.name: read_marker(out, s.name) for s in stages}
+    outcomes: dict[str, StageOutcome] = {}
+    summaries: dict[str, dict] = {}
+    t_start = time.perf_counter()
+    n = len(chosen)
+    i = 0
+    try:
+        for s in stages:
+            key = keys[s.name]
+            done = _is_done(out, s, key, markers)
+            if s.name not in chosen:
+                st = "cached" if done else "pending"
+                m = markers.get(s.name) or {}
+                outcomes[s.name] = StageOutcome(s.name, s.kind, st, float(m.get("seconds", 0.0)) if done else 0.0,
+                                                summary=m.get("summary", {}) if done else {})
+                if done:
+                    summaries[s.name] = m.get("summary", {})
+                continue
+            i += 1
+            prefix = f"[{i}/{n}] {s.kind:<10} {s.name}"
+            blocked = [d for d in s.deps if outcomes.get(d) and outcomes[d].status in ("unavailable", "skipped", "pending", "failed")]
+            if blocked:
+                outcomes[s.name] = StageOutcome(s.name, s.kind, "skipped", reason=f"needs {', '.join(blocked)}")
+                log(f"{prefix}: skipped (needs {', '.join(blocked)})")
+                continue
+            if done and not fresh and not s.always:
+                m = markers[s.name]
+                outcomes[s.name] = StageOutcome(s.name, s.kind, "cached", float(m.get("seconds", 0.0)), summary=m.get("summary", {}),
+                                                cpu_seconds=float(m.get("cpu_seconds", 0.0)))
+                summaries[s.name] = m.get("summary", {})
+                log(f"{prefix}: cached ({m.get('seconds', 0.0):.1f} s when it ran)")
+                continue
+            sdir = out / s.path if s.path else out
+            key_file = sdir / ".stage_key"
+            resume = False
+            if s.path:
+                started_same = key_file.is_file() and key_file.read_text().strip() == key
+                if started_same and s.resumable and not fresh:
+                    resume = True
+                else:
+                    _wipe(sdir)
+            # A marker from an older run of this stage is invalid from here on.
+            _wipe(_marker_path(out, s.name))
+            markers[s.name] = None
+            sdir.mkdir(parents=True, exist_ok=True)
+            if s.path:
+                key_file.write_text(key + "\n")
+            log(f"{prefix}: {'resuming' if resume else 'running'} ...")
+            ctx = StageContext(out=out, dir=sdir, resume=resume, deps={d: summaries.get(d, {}) for d in s.deps}, log=log)
+            t0, c0 = time.perf_counter(), time.process_time()
+            try:
+                summary = s.fn(ctx) or {}
+            except StageUnavailable as err:
+                if s.path:
+                    _wipe(sdir)  # nothing to resume from: the next attempt starts clean
+                outcomes[s.name] = StageOutcome(s.name, s.kind, "unavailable", time.perf_counter() - t0, reason=str(err))
+                log(f"{prefix}: unavailable ({err})")
+                continue
+            except Exception as err:
+                outcomes[s.name] = StageOutcome(s.name, s.kind, "failed", time.perf_counter() - t0,
+                                                reason=f"{type(err).__name__}: {err}".replace("\n", " ")[:500])
+                if not s.soft:
+                    raise
+                import traceback
+
+                (sdir / "error.txt").write_text(traceback.format_exc())
+                log(f"{prefix}: FAILED ({outcomes[s.name].reason[:300]}); traceback in {sdir / 'error.txt'}")
+                continue
+            except BaseException:
+                outcomes[s.name] = StageOutcome(s.name, s.kind, "failed", time.perf_counter() - t0)
+                raise
+            seconds = time.perf_counter() - t0
+            cpu = time.process_time() - c0
+            marker = {
+                "key": key,
+                "kind": s.kind,
+                "run_id": uuid.uuid4().hex,
+                "inputs": {d: (markers.get(d) or {}).get("run_id") for d in s.deps},
+                "seconds": seconds,
+                "cpu_seconds": cpu,
+                "resumed": resume,
+                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "summary": summary,
+            }
+            _write_json_atomic(_marker_path(out, s.name), marker)
+            markers[s.name] = marker
+            summaries[s.name] = summary
+            outcomes[s.name] = StageOutcome(s.name, s.kind, "resumed" if resume else "ran", seconds, summary=summary,
+                                            cpu_seconds=cpu)
+            log(f"{prefix}: done in {seconds:.1f} s")
+            write_timings(out, stages, outcomes, time.perf_counter() - t_start, timings_meta or {})
+    finally:
+        write_timings(out, stages, outcomes, time.perf_counter() - t_start, timings_meta or {})
+    return outcomes
+
+
+def write_timings(out: Path, stages: Sequence[Stage], outcomes: dict[str, StageOutcome], wall: float, meta: dict) -> dict:
+    """Write ``timings.json``: seconds per stage (as measured when it ran) and totals.
+
+    Schema: ``{"stages": {name: {"kind", "status", "seconds", "cpu_seconds"[, "reason"]}},
+    "total_seconds"`` (sum of the stage wall times as measured when each ran, i.e. the cost
+    of the whole study from scratch), ``"total_cpu_seconds"`` (process CPU time, all
+    threads: a load-independent measure on a shared machine), ``"wall_seconds"`` (this
+    invocation), plus ``meta``.
+    """
+    rows = {}
+    for s in stages:
+        o = outcomes.get(s.name) or StageOutcome(s.name, s.kind, "pending")
+        rows[s.name] = {"kind": s.kind, "status": o.status, "seconds": round(o.seconds, 3),
+                        "cpu_seconds": round(o.cpu_seconds, 3)}
+        if o.reason:
+            rows[s.name]["reason"] = o.reason
+    data = {
+        **meta,
+        "stages": rows,
+        "total_seconds": round(sum(r["seconds"] for r in rows.values()), 3),
+        "total_cpu_seconds": round(sum(r["cpu_seconds"] for r in rows.values()), 3),
+        "wall_seconds": round(wall, 3),
+    }
+    _write_json_atomic(Path(out) / "timings.json", data)
+    return data

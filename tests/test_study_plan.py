@@ -1,0 +1,141 @@
+"""Presets, the --dry-run plan of every preset, parameter counts and the memory formula."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from opdgeo.cli.main import main
+from opdgeo.errors import ConfigError
+from opdgeo.study.pipeline import build_stages, train_config_dict
+from opdgeo.study.plan import count_parameters, memory_estimate, model_arch
+from opdgeo.study.presets import PRESETS, RunSpec, StudyPreset, get_preset
+
+
+def _meta_count(arch: dict) -> int:
+    """Independent reference: instantiate the transformers model on the meta device and count."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    kw = {k: v for k, v in arch.items() if k != "qk_norm"}
+    cfg_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if arch.get("qk_norm") is False else (Qwen3Config, Qwen3ForCausalLM)
+    with torch.device("meta"):
+        model = model_cls(cfg_cls(**kw))
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_parameter_counts_match_transformers(name):
+    p = get_preset(name)
+    for spec in (p.base, p.teacher):
+        arch = model_arch(spec)
+        assert arch is not None
+        assert count_parameters(arch) == _meta_count(arch), (name, spec.name)
+
+
+def test_known_sizes():
+    paper = get_preset("paper")
+    assert count_parameters(model_arch(paper.base)) == 8_190_735_360  # Qwen3-8B
+    assert abs(count_parameters(model_arch(paper.teacher)) - 32.76e9) < 0.01e9  # Qwen3-32B
+    assert abs(count_parameters(model_arch(get_preset("smollm2").base)) - 134.5e6) < 0.1e6  # SmolLM2-135M
+
+
+def test_memory_formula_by_hand():
+    arch = dict(hidden_size=8, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=4,
+                intermediate_size=16, vocab_size=10, tie_word_embeddings=True)
+    p = count_parameters(arch)
+    # by hand: embed 80; per layer q 64 + k,v 2*32 + o 64 + mlp 3*128 + norms 16 + qk norms 8 = 600
+    assert p == 80 + 2 * 600 + 8
+    run = RunSpec(name="opd", objective="opd", init="anchor", steps=1, batch_size=1, samples_per_prompt=3,
+                  optim=get_preset("quick").run("opd").optim, max_new_tokens=6)
+    m = memory_estimate(arch, arch, run, prompt_tokens=4, micro_batch_sequences=1)
+    assert m.student == 16 * p and m.teacher == 2 * p
+    assert m.kv == 2 * 2 * 2 * 1 * 4 * 10 * 3
+    assert m.logits == 4 * 10 * 10 and m.activations == 2 * 2 * 8 * 10 * 2
+    assert m.ddp_per_gpu == m.student + m.teacher + m.kv + m.logits + m.activations
+    assert m.sharded_per_gpu(4) == (m.student + m.teacher) / 4 + m.kv + m.logits + m.activations
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_dry_run_every_preset(name, capsys, tmp_path):
+    main(["study", "--preset", name, "--dry-run", "--out", str(tmp_path / "none")])
+    text = capsys.readouterr().out
+    p = get_preset(name)
+    for s in build_stages(p):
+        assert f"  {s.name} " in text
+    for r in p.runs:
+        assert "ckpts " + "/".join(map(str, r.checkpoint_steps())) in text
+    assert "student parameters:" in text and "M_student = 16*P_s" in text
+    assert not (tmp_path / "none").exists()  # a dry run writes nothing
+
+
+def test_paper_plan_numbers(capsys):
+    main(["study", "--preset", "paper", "--dry-run"])
+    text = capsys.readouterr().out
+    assert "student parameters: 8.19 B; teacher parameters: 32.76 B" in text
+    assert "opd, from anchor, 299 steps, batch 64, x8 samples, lr 1e-06 constant" in text
+    assert "ckpts 64/128/192/256/299" in text  # 0-indexed 63/127/191/255, then the final step
+    assert "rlvr, from anchor, 1023 steps, batch 512" in text
+    assert "sft, from base, 340 steps, batch 256, lr 1e-05 cosine->1e-06, warmup 10 %" in text
+    assert "FSDP/ZeRO-3" in text and "accelerate launch --num_processes 8" in text
+    paper = get_preset("paper")
+    opd = paper.run("opd")
+    assert (opd.optim.weight_decay, opd.optim.betas) == (0.1, (0.9, 0.98))
+
+
+def test_unknown_preset_and_stage_are_one_line_errors(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["study", "--preset", "nope", "--dry-run"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        main(["study", "--preset", "quick", "--dry-run", "--stages", "bogus"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "opdgeo: error: --stages: unknown 'bogus'" in err and "Traceback" not in err
+
+
+def test_preset_validation_lists_every_problem():
+    p = get_preset("quick")
+    bad_run = dataclasses.replace(p.run("opd"), steps=0, token_keep=("top", 2.0))
+    with pytest.raises(ConfigError) as e:
+        dataclasses.replace(p, runs=(p.run("sft"), bad_run), dtype="int8")
+    msg = str(e.value)
+    assert "runs.opd.steps must be >= 1" in msg and "runs.opd.token_keep" in msg and "dtype must be" in msg
+    with pytest.raises(ConfigError, match="must be one of quick, tiny, smollm2, paper"):
+        get_preset("x")
+    assert isinstance(p, StudyPreset)
+
+
+def test_train_configs_of_core_runs_validate():
+    from opdgeo.training.config import config_from_dict
+
+    p = get_preset("tiny")
+    for name in ("sft", "opd", "rlvr", "mix_0p5"):
+        cfg = train_config_dict(p.run(name), p, student="tiny:student", teacher="tiny:teacher", out_dir=tmp_dir())
+        c = config_from_dict(cfg, check_paths=False)
+        assert c.optim.steps == p.run(name).steps and c.checkpoint.dtype == "bfloat16"
+    mix = config_from_dict(train_config_dict(p.run("mix_0p25"), p, student="tiny:student", teacher="tiny:teacher",
+                                             out_dir=tmp_dir()), check_paths=False)
+    assert dict(mix.objective.advantage) == {"opd": 0.25, "rlvr": 0.75}
+    assert p.run("opd").checkpoint_steps() == [8, 16, 24, 32, 40]
+
+
+def tmp_dir():
+    return "runs/x"
+
+
+def test_training_through_a_launcher_subprocess(tmp_path):
+    """The GPU path: a training stage runs ``<launcher> -m opdgeo train CONFIG`` (here plain python)."""
+    import sys
+
+    from opdgeo.study.pipeline import _run_training
+
+    p = get_preset("quick")
+    run = dataclasses.replace(p.run("sft"), steps=2)
+    run_dir = tmp_path / "runs" / "sft"
+    cfg = train_config_dict(run, p, student="tiny:quick", teacher="", out_dir=run_dir)
+    lines = []
+    _run_training(cfg, run_dir, resume=False, launcher=sys.executable, log=lines.append)
+    assert (run_dir / "step-000002" / "config.json").is_file()
+    assert lines and "-m opdgeo train" in lines[0] and str(run_dir / "study-config.yaml") in lines[0]
