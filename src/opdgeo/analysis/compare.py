@@ -42,6 +42,7 @@ import torch
 from opdgeo.analysis.cache import SvdCache
 from opdgeo.analysis.files import atomic_write_text, json_safe
 from opdgeo.analysis.parallel import all_gather, map_ordered, shard_for_rank
+from opdgeo.analysis.progress import progress_bar
 from opdgeo.errors import ConfigError, OpdgeoError
 
 __all__ = [
@@ -335,7 +336,7 @@ def compare(
     angles: dict[str, dict[str, Any]] = {}
     error: str | None = None
     try:
-        with _progress_bar(progress and rank_id == 0, sum(item.numel for item in mine)) as advance:
+        with progress_bar("compare", progress and rank_id == 0, sum(item.numel for item in mine), "of parameters") as advance:
             for item, (row, ang) in zip(mine, map_ordered(worker, mine, opts.workers)):
                 rows.append(row)
                 if ang is not None:
@@ -743,46 +744,10 @@ def _type_order(rows):
 # --------------------------------------------------------------------------- helpers
 
 
-class _progress_bar:
-    """A rich progress bar over parameters processed, on stderr; a no-op when off."""
-
-    def __init__(self, enabled: bool, total: int):
-        self.enabled, self.total = enabled, total
-        self._progress = None
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda n: None
-        from rich.console import Console
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self._progress = Progress(
-            TextColumn("compare"),
-            BarColumn(),
-            TextColumn("{task.percentage:>5.1f}% of parameters"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-            transient=True,
-        )
-        self._progress.__enter__()
-        task = self._progress.add_task("compare", total=self.total)
-        return lambda n: self._progress.advance(task, n)
-
-    def __exit__(self, *exc):
-        if self._progress is not None:
-            self._progress.__exit__(*exc)
-        return False
-
-
 def _cell(value):
     if isinstance(value, float):
         return repr(value)
     return value
-
-
-
-
 
 
 def format_percent(x) -> str:

@@ -55,6 +55,7 @@ import torch
 
 from opdgeo.analysis.files import atomic_write_text, json_safe
 from opdgeo.analysis.parallel import all_gather, map_ordered, shard_for_rank
+from opdgeo.analysis.progress import progress_bar
 from opdgeo.errors import CheckpointError, ConfigError, OpdgeoError
 from opdgeo.geometry.lowrank import exact_svd, hill_alpha, randomized_top_svd, stable_rank
 from opdgeo.geometry.overlap import jaccard, jaccard_baseline, one_sided_overlap
@@ -367,7 +368,7 @@ def trajectory(
     error = None
     worker = _Worker(opts, ckpt)
     try:
-        with _progress_bar(progress and rank_id == 0, sum(it.cost for it in mine)) as advance:
+        with progress_bar("trajectory", progress and rank_id == 0, sum(it.cost for it in mine)) as advance:
             for item, res in zip(mine, map_ordered(worker, mine, opts.workers)):
                 results.append(res)
                 advance(item.cost)
@@ -760,32 +761,6 @@ def _pooled_row(a, b, scope, key, cs) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ output
 
 
-class _progress_bar:
-    """A rich progress bar over the work (matrix size × checkpoints), on stderr."""
-
-    def __init__(self, enabled: bool, total: float):
-        self.enabled, self.total = enabled, total
-        self._progress = None
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda n: None
-        from rich.console import Console
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self._progress = Progress(TextColumn("trajectory"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
-                                  TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
-                                  transient=True)
-        self._progress.__enter__()
-        task = self._progress.add_task("trajectory", total=self.total)
-        return lambda n: self._progress.advance(task, n)
-
-    def __exit__(self, *exc):
-        if self._progress is not None:
-            self._progress.__exit__(*exc)
-        return False
-
-
 def _cell(value):
     if isinstance(value, float):
         return "" if math.isnan(value) else repr(value)
@@ -799,7 +774,5 @@ def _csv(rows, columns) -> str:
     for r in rows:
         writer.writerow([_cell(r.get(c)) for c in columns])
     return buf.getvalue()
-
-
 
 
