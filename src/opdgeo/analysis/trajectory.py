@@ -291,8 +291,6 @@ def trajectory(
     progress: bool = False,
     allow_pickle: bool = False,
     keep_spectra: bool = False,
-    cache: Any = None,
-    hill_k: int | None = None,
 ) -> TrajectoryResult:
     """Trajectory diagnostics of one or more runs (SPEC §2), with cross-run overlap.
 
@@ -306,9 +304,6 @@ def trajectory(
             ``(run_a, run_b)`` pairs; ``False`` or ``[]``: none.
         progress: a rich progress bar on stderr (rank 0 only).
         allow_pickle: allow ``pytorch_model*.bin`` (``weights_only=True``).
-        cache: accepted for the API shared with ``compare``; unused (ΔW_t changes with
-            every checkpoint, and no decomposition of W0 is needed).
-        hill_k: alias of ``k_hill``.
 
     Returns:
         ``TrajectoryResult`` (the same on every rank of a distributed run).
@@ -322,10 +317,6 @@ def trajectory(
     """
     from opdgeo.checkpoints import open_checkpoint
 
-    if hill_k is not None:
-        if k_hill != 32 and k_hill != hill_k:
-            raise ConfigError(f"k_hill = {k_hill} and its alias hill_k = {hill_k} disagree")
-        k_hill = hill_k
     opts = TrajectoryOptions(matrices=matrices, k_hill=k_hill, sim_k=sim_k, lock_threshold=lock_threshold, eta=eta,
                              oversample=oversample, n_iter=n_iter, tol=tol, seed=seed, exact_svd=exact_svd,
                              workers=workers, keep_spectra=keep_spectra)
