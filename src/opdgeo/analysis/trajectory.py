@@ -188,35 +188,35 @@ def resolve_run(name: str, spec, origin) -> RunSpec:
     if isinstance(spec, (str, os.PathLike)):
         folder = Path(spec)
         if not folder.is_dir():
-            raise CheckpointError(f"run {name}: {folder} is not a folder")
+            raise CheckpointError(f"run '{name}': {folder} is not a folder")
         children = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step"))
         if not children:
-            raise CheckpointError(f"run {name}: {folder} has no step-* checkpoints")
+            raise CheckpointError(f"run '{name}': {folder} has no step-* checkpoints")
         steps = []
         for p in children:
             step = _step_of(p)
             if step is None:
-                raise CheckpointError(f"run {name}: cannot order {p}: the folder name has no step number (step-N)")
+                raise CheckpointError(f"run '{name}': cannot order {p}: the folder name has no step number (step-N)")
             steps.append(step)
         by_step: dict[int, Path] = {}
         for step, p in zip(steps, children):
             if step in by_step:
-                raise CheckpointError(f"run {name}: steps cannot be ordered: {by_step[step].name} and {p.name} "
+                raise CheckpointError(f"run '{name}': steps cannot be ordered: {by_step[step].name} and {p.name} "
                                       f"are both step {step}")
             by_step[step] = p
         order = sorted(by_step)
         return RunSpec(name, tuple(order), tuple(by_step[s] for s in order), origin)
     paths = [Path(p) for p in spec]
     if not paths:
-        raise CheckpointError(f"run {name}: no checkpoints given")
+        raise CheckpointError(f"run '{name}': no checkpoints given")
     for p in paths:
         if not p.exists():
-            raise CheckpointError(f"run {name}: checkpoint {p} does not exist")
+            raise CheckpointError(f"run '{name}': checkpoint {p} does not exist")
     steps = [_step_of(p) for p in paths]
     if all(s is not None for s in steps):
         for a, b, pa, pb in zip(steps, steps[1:], paths, paths[1:]):
             if b <= a:
-                raise CheckpointError(f"run {name}: steps cannot be ordered: {pb.name} (step {b}) is listed after "
+                raise CheckpointError(f"run '{name}': steps cannot be ordered: {pb.name} (step {b}) is listed after "
                                       f"{pa.name} (step {a})")
     else:
         steps = list(range(1, len(paths) + 1))
@@ -341,7 +341,7 @@ def trajectory(
         for p, c in zip(spec.paths[1:], ckpts[1:]):
             diff = _first_difference(ref, _signature(c), spec.paths[0].name, p.name)
             if diff:
-                raise CheckpointError(f"run {spec.name}: checkpoints of different architectures in "
+                raise CheckpointError(f"run '{spec.name}': checkpoints of different architectures in "
                                       f"{spec.paths[0].parent}: {diff}")
         diff = _first_difference(_signature(ckpt(spec.origin)), ref, "the origin", str(spec.paths[0]))
         if diff:
