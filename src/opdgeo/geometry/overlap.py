@@ -44,10 +44,10 @@ def one_sided_overlap(a: torch.Tensor, b: torch.Tensor) -> float:
         ValueError: shapes differ.
     """
     _check_masks(a, b)
-    n_a = int(a.sum())
+    n_a = int(torch.count_nonzero(a))
     if n_a == 0:
         return float("nan")
-    return int((a & b).sum()) / n_a
+    return int(torch.count_nonzero(a & b)) / n_a
 
 
 def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -69,10 +69,10 @@ def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
         ValueError: shapes differ.
     """
     _check_masks(a, b)
-    union = int((a | b).sum())
+    union = int(torch.count_nonzero(a | b))
     if union == 0:
         return float("nan")
-    return int((a & b).sum()) / union
+    return int(torch.count_nonzero(a & b)) / union
 
 
 def jaccard_baseline(p: float, q: float) -> float:
