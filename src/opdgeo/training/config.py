@@ -151,9 +151,13 @@ class OptimConfig:
     """AdamW epsilon."""
     grad_clip: float | None = 1.0
     """Clip the global gradient 2-norm to this value (None: no clipping)."""
-    bf16_autocast: bool = True
-    """Forward passes under ``torch.autocast(dtype=bfloat16)``; weights, gradients and Adam
-    states stay float32 (the fp32 master weights)."""
+    bf16_autocast: bool | str = "auto"
+    """Forward passes under ``torch.autocast(dtype=bfloat16)`` (``true``), in fp32
+    (``false``), or ``"auto"``: bf16 where the device computes it natively (CUDA with bf16,
+    a CPU with AVX-512-BF16 or AMX), fp32 elsewhere (``training.precision``; bf16 autocast
+    on a CPU without native bf16 is an order of magnitude slower). Weights, gradients and
+    Adam states stay float32 (the fp32 master weights) and checkpoints keep
+    ``checkpoint.dtype`` either way. The run's ``config.yaml`` records the resolved value."""
 
 
 @dataclass(frozen=True)
@@ -600,6 +604,8 @@ def validate(config: TrainConfig, *, check_paths: bool = True) -> list[str]:
         e.append(f"optim.weight_decay: must be >= 0; got {o.weight_decay}")
     if not o.adam_eps > 0:
         e.append(f"optim.adam_eps: must be > 0; got {o.adam_eps}")
+    if isinstance(o.bf16_autocast, str) and o.bf16_autocast != "auto":
+        e.append(f"optim.bf16_autocast: must be true, false or 'auto'; got {o.bf16_autocast!r}")
     if o.grad_clip is not None and not o.grad_clip > 0:
         e.append(f"optim.grad_clip: must be > 0 or null; got {o.grad_clip}")
 

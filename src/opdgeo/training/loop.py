@@ -72,6 +72,7 @@ from opdgeo.training.controls import (
     topkl_keep_mask,
 )
 from opdgeo.training.losses import masked_mean, masked_sum, policy_gradient_loss, sft_loss
+from opdgeo.training.precision import autocast_context, resolve_bf16_autocast
 from opdgeo.training.monitor import MonitorSettings, probe, restore_monitor, start_monitor
 from opdgeo.training.projection import (
     SUBSPACE_FILE,
@@ -459,8 +460,10 @@ def monitor_settings(config: TrainConfig) -> MonitorSettings:
                            dtype=config.checkpoint.dtype, per_matrix=r.monitor_per_matrix)
 
 
-def _autocast(enabled: bool, device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else nullcontext()
+def _autocast(setting: bool | str, device: torch.device):
+    """bf16 autocast per ``optim.bf16_autocast`` (``train`` resolves ``"auto"`` once; a stage
+    called on its own resolves it here)."""
+    return autocast_context(resolve_bf16_autocast(setting, device), device)
 
 
 # ------------------------------------------------------------------- the stages
@@ -756,6 +759,9 @@ def train(config: TrainConfig, *, resume: bool = False, hooks: Hooks | None = No
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     is_main = accelerator.is_main_process
+    # "auto" becomes what this device computes natively; config.yaml records the result
+    config = dataclasses.replace(config, optim=dataclasses.replace(
+        config.optim, bf16_autocast=resolve_bf16_autocast(config.optim.bf16_autocast, device)))
     o, obj = config.optim, config.objective
     n_micro = o.batch_size // o.micro_batch_size
     my_micro = rank_micro_batches(n_micro, rank, world)  # ConfigError before any model loads
