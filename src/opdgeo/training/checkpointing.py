@@ -21,7 +21,6 @@ import json
 import os
 import pickle
 import random
-import re
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,7 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from opdgeo.checkpoints.steps import STEP_RE, list_step_dirs, step_dir_name
 from opdgeo.errors import CheckpointError
+from opdgeo.files import TMP_PREFIX, atomic_write_text, fsync_dir, fsync_tree
 
 __all__ = [
     "STEP_RE",
@@ -49,23 +50,12 @@ __all__ = [
     "remove_partial",
 ]
 
-STEP_RE = re.compile(r"^step-(\d{6,})$")
-TMP_PREFIX = ".tmp-"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def step_dir_name(step: int) -> str:
-    """``step-NNNNNN`` (six digits, more if needed)."""
-    return f"step-{step:06d}"
 
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     """Complete step folders of a run, ascending by step (temporary folders excluded)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return []
-    out = [(int(m.group(1)), p) for p in run_dir.iterdir() if p.is_dir() and (m := STEP_RE.match(p.name))]
-    return sorted(out)
+    return list_step_dirs(run_dir)
 
 
 def latest_resumable(run_dir: str | Path) -> Path | None:
@@ -130,27 +120,6 @@ class TrainerState:
     extra: Mapping[str, Any]
 
 
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            with open(os.path.join(dirpath, name), "rb") as fh:
-                os.fsync(fh.fileno())
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_trainer_state(folder: Path, state: TrainerState) -> None:
     from safetensors.torch import save_file
 
@@ -213,13 +182,13 @@ def save_checkpoint(
             tokenizer.save_pretrained(tmp)
         if trainer_state is not None:
             _write_trainer_state(tmp / "trainer_state", trainer_state)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         old = None
         if final.exists():
             old = run_dir / f"{TMP_PREFIX}old-{final.name}-{os.getpid()}"
             os.replace(final, old)
         os.replace(tmp, final)
-        _fsync_dir(run_dir)
+        fsync_dir(run_dir)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except OSError as err:
@@ -286,6 +255,4 @@ def truncate_metrics(path: str | Path, last_step: int) -> None:
     if not path.is_file():
         return
     kept = [r for r in read_metrics(path) if int(r.get("step", 0)) <= last_step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
