@@ -30,6 +30,7 @@ __all__ = [
     "bf16_unchanged_count",
     "bf16_unchanged_mask",
     "bf16_visible_mask",
+    "legacy_unchanged_count",
     "legacy_unchanged_mask",
 ]
 
@@ -394,3 +395,34 @@ def legacy_unchanged_mask(w0: torch.Tensor, w1: torch.Tensor, *, atol: float = 1
     unchanged &= torch.isfinite(a64) & torch.isfinite(b64)
     unchanged |= a64 == b64
     return unchanged
+
+
+def legacy_unchanged_count(
+    w0: torch.Tensor, w1: torch.Tensor, *, atol: float = 1e-5, chunk: int = DEFAULT_CHUNK
+) -> int:
+    """Number of entries unchanged under the legacy rule, block by block (no full mask).
+
+    Exactly ``int(legacy_unchanged_mask(w0, w1, atol=atol).sum())`` (same formula, same
+    non-finite rules), computed on blocks of ``chunk`` elements so that the float64 copies
+    the rule needs are ``O(chunk)``, not ``O(numel)``: the memory of the bf16 count.
+
+    Args:
+        w0, w1: as ``legacy_unchanged_mask``.
+        atol: absolute tolerance, finite and >= 0 (default 1e-5).
+        chunk: elements per block, >= 1 (a tuning knob; the result does not depend on it).
+
+    Raises:
+        TypeError, ValueError: as ``legacy_unchanged_mask``; ValueError for ``chunk < 1``.
+
+    Source: Mukherjee et al. 2025, as ``legacy_unchanged_mask``.
+    """
+    _check_pair(w0, w1)
+    atol = _check_nonneg_finite("atol", atol)
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be an int >= 1; got {chunk!r}")
+    f0 = w0.detach().reshape(-1)  # [N]; a view when contiguous
+    f1 = w1.detach().reshape(-1)
+    return sum(
+        int(torch.count_nonzero(legacy_unchanged_mask(f0[lo : lo + chunk], f1[lo : lo + chunk], atol=atol)))
+        for lo in range(0, f0.numel(), chunk)
+    )
