@@ -170,7 +170,7 @@ def _split_experts(prefix: str, fused: str, is_bias: bool, name: str, source: So
     want = _expected_shape(fused, is_bias, E, inter, hidden, layout)
     if tuple(source.shape) != want:
         raise CheckpointError(
-            f"{source.where}: cannot split fused expert tensor {name}: shape {list(source.shape)}, but config.json "
+            f"{source.where}: cannot split the fused experts: shape {list(source.shape)}, but config.json "
             f"({layout} layout, {E} experts, intermediate {inter}, hidden {hidden}) gives {list(want)}"
         )
     param = "bias" if is_bias else "weight"
