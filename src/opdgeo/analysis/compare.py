@@ -34,7 +34,7 @@ import math
 import os
 import threading
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ import torch
 from opdgeo._version import __version__
 from opdgeo.analysis.cache import SvdCache
 from opdgeo.analysis.compare_summary import SUMMARY_MEAN_KEYS, summarize
-from opdgeo.analysis.driver import Progress, execute, plan_matrices
+from opdgeo.analysis.driver import Matrix, Progress, execute, plan_matrices, resolve_options
 from opdgeo.errors import FieldError
 
 __all__ = [
@@ -244,12 +244,7 @@ def compare(base, tuned, options: CompareOptions | None = None, **fields_) -> Co
     """
     from opdgeo.checkpoints import open_checkpoint
 
-    names = {f.name for f in fields(CompareOptions)}
-    unknown = sorted(set(fields_) - names)
-    if unknown:
-        raise TypeError(f"compare() got unexpected option(s) {', '.join(unknown)} (fields of CompareOptions)")
-    opts = replace(options or CompareOptions(), **fields_)
-    opts.validate()
+    opts = resolve_options(CompareOptions, options, fields_, "compare")
     svd_cache = opts.cache if isinstance(opts.cache, SvdCache) or opts.cache is None else SvdCache(opts.cache)
 
     t0 = time.perf_counter()
@@ -278,20 +273,14 @@ def compare(base, tuned, options: CompareOptions | None = None, **fields_) -> Co
 
 
 @dataclass(frozen=True)
-class _Item:
-    """One tensor to compare: what to compute for it, and its cost for load balancing."""
+class _Item(Matrix):
+    """One tensor to compare (a planned ``Matrix``): what to compute for it, and its cost
+    for load balancing."""
 
-    name: str
-    layer: int | None
-    type: str
-    expert: int | str | None
-    shape: tuple[int, ...]
-    numel: int
-    geometry: bool  # in the geometry matrix set: angles/nss/overlap apply, density is pooled
-    k: int  # angle subspace size, capped at min(m, n)
-    rank: int  # principal-mask rank, capped at min(m, n) (0 when the overlaps do not run)
-    n_base_vectors: int  # vectors of W0 needed (angles: k, overlap: rank)
-    cost: float
+    k: int = 0  # angle subspace size, capped at min(m, n)
+    rank: int = 0  # principal-mask rank, capped at min(m, n) (0 when the overlaps do not run)
+    n_base_vectors: int = 0  # vectors of W0 needed (angles: k, overlap: rank)
+    cost: float = 0.0
 
 
 def _plan(base, tuned, opts: CompareOptions) -> list[_Item]:
@@ -310,8 +299,8 @@ def _plan(base, tuned, opts: CompareOptions) -> list[_Item]:
             rank = min(opts.rank, p) if "overlap" in wants else 0
             n_vec = min(max(k_eff, rank), p)
             cost += 2.0 * m * n * p  # two SVDs dominate: O(m n min(m, n))
-        items.append(_Item(mat.name, mat.layer, mat.type, mat.expert, mat.shape, mat.numel, mat.geometry, k_eff,
-                           rank, n_vec, cost))
+        items.append(_Item(**{f.name: getattr(mat, f.name) for f in fields(Matrix)}, k=k_eff, rank=rank,
+                           n_base_vectors=n_vec, cost=cost))
     return items
 
 

@@ -24,15 +24,15 @@ Nothing here knows about metrics or files.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
 from typing import Any, Generic, TypeVar
 
 from opdgeo.analysis.parallel import all_gather, map_ordered, shard_for_rank
 from opdgeo.analysis.progress import progress_bar
 from opdgeo.errors import OpdgeoError
 
-__all__ = ["Executed", "Matrix", "Progress", "SELECTIONS", "execute", "plan_matrices", "world"]
+__all__ = ["Executed", "Matrix", "Progress", "SELECTIONS", "execute", "plan_matrices", "resolve_options", "world"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -59,6 +59,22 @@ class Matrix:
     shape: tuple[int, ...]
     numel: int
     geometry: bool
+
+
+def resolve_options(cls: type[T], options: T | None, overrides: Mapping[str, Any], caller: str) -> T:
+    """``options`` (default ``cls()``) with ``overrides`` replacing fields, validated: how an
+    entry point's keyword arguments stay a thin wrapper over its options dataclass.
+
+    Raises:
+        TypeError: an override that is not a field of ``cls`` (a programming error).
+        FieldError: from ``validate()``.
+    """
+    unknown = sorted(set(overrides) - {f.name for f in fields(cls)})
+    if unknown:
+        raise TypeError(f"{caller}() got unexpected option(s) {', '.join(unknown)} (fields of {cls.__name__})")
+    opts = replace(options or cls(), **overrides)
+    opts.validate()
+    return opts
 
 
 def plan_matrices(checkpoint, names: Sequence[str] | None = None, *, select: str = "floating") -> list[Matrix]:

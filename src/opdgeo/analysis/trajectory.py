@@ -44,13 +44,13 @@ import os
 import re
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from opdgeo.analysis.driver import SELECTIONS, Progress, execute, plan_matrices
+from opdgeo.analysis.driver import SELECTIONS, Progress, execute, plan_matrices, resolve_options
 from opdgeo.analysis.runs import RunSpec, check_architectures, overlap_pairs, resolve_run, resolve_runs
 from opdgeo.analysis.update import RANK_RTOL, UpdateMetrics, sim, update_metrics
 from opdgeo.checkpoints import TYPES
@@ -221,7 +221,7 @@ def trajectory(runs, origins, options: TrajectoryOptions | None = None, *, overl
     """
     from opdgeo.checkpoints import open_checkpoint
 
-    opts = _options(options, fields_)
+    opts = resolve_options(TrajectoryOptions, options, fields_, "trajectory")
     t0 = time.perf_counter()
     run_specs = resolve_runs(runs, origins)
     pairs = overlap_pairs(run_specs, overlap)
@@ -245,16 +245,6 @@ def trajectory(runs, origins, options: TrajectoryOptions | None = None, *, overl
     stats = {"elapsed_s": time.perf_counter() - t0, "world": done.world, "n_items": len(items),
              "n_checkpoints": sum(len(s.paths) for s in run_specs)}
     return TrajectoryResult(rows=rows, summary=summary, overlap=overlap_rows, spectra=spectra, stats=stats)
-
-
-def _options(options: TrajectoryOptions | None, overrides: dict) -> TrajectoryOptions:
-    names = {f.name for f in fields(TrajectoryOptions)}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        raise TypeError(f"trajectory() got unexpected option(s) {', '.join(unknown)} (fields of TrajectoryOptions)")
-    opts = replace(options or TrajectoryOptions(), **overrides)
-    opts.validate()
-    return opts
 
 
 # ------------------------------------------------------------------------------ planning

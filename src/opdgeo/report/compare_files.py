@@ -9,9 +9,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from opdgeo.errors import FieldError
 from opdgeo.files import atomic_write, atomic_write_text
-from opdgeo.report.files import csv_text, write_json
+from opdgeo.report.files import csv_text, output_folder, write_json
 
 __all__ = ["format_percent", "format_value", "matrices_csv", "summary_markdown", "write_compare"]
 
@@ -108,9 +107,7 @@ def write_compare(result, out_dir: str | os.PathLike, *, figures: bool = True) -
     Raises:
         FieldError: (field ``out``) the folder cannot be created or written.
     """
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
+    with output_folder(out_dir) as out:
         paths = [out / "matrices.csv", out / "summary.json", out / "summary.md"]
         atomic_write_text(paths[0], matrices_csv(result.matrices))
         write_json(paths[1], result.summary)
@@ -121,6 +118,4 @@ def write_compare(result, out_dir: str | os.PathLike, *, figures: bool = True) -
             from opdgeo.report.figures import write_expert_figures
 
             paths += write_expert_figures(result.summary["by_expert"], out)
-    except OSError as err:
-        raise FieldError([("out", f"{out}: cannot write ({err.strerror or err})")]) from None
     return paths

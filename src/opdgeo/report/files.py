@@ -7,17 +7,32 @@ only turns rows and dicts into text and files.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import math
-from collections.abc import Iterable, Sequence
+import os
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from opdgeo.errors import FieldError
 from opdgeo.files import atomic_write_text
 
-__all__ = ["csv_text", "json_safe", "write_json"]
+__all__ = ["csv_text", "json_safe", "output_folder", "write_json"]
+
+
+@contextlib.contextmanager
+def output_folder(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """Yield ``out_dir`` as a created folder; an ``OSError`` while creating or writing
+    into it becomes ``FieldError`` (field ``out``) naming the folder."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        yield out
+    except OSError as err:
+        raise FieldError([("out", f"{out}: cannot write ({err.strerror or err})")]) from None
 
 
 def json_safe(obj: Any) -> Any:

@@ -6,9 +6,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from opdgeo.errors import FieldError
-from opdgeo.report.files import csv_text, write_json
 from opdgeo.files import atomic_write_text
+from opdgeo.report.files import csv_text, output_folder, write_json
 
 __all__ = ["csv_text", "write_trajectory"]
 
@@ -24,9 +23,7 @@ def write_trajectory(result, out_dir: str | os.PathLike, *, figures: bool = True
     """
     from opdgeo.analysis.trajectory import COLUMNS, OVERLAP_COLUMNS
 
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
+    with output_folder(out_dir) as out:
         paths = [out / "trajectory.csv", out / "summary.json", out / "overlap.csv"]
         atomic_write_text(paths[0], csv_text(result.rows, COLUMNS))
         write_json(paths[1], result.summary)
@@ -35,6 +32,4 @@ def write_trajectory(result, out_dir: str | os.PathLike, *, figures: bool = True
             from opdgeo.report.figures import write_trajectory_figures
 
             paths += write_trajectory_figures(result.summary, out)
-    except OSError as err:
-        raise FieldError([("out", f"{out}: cannot write ({err.strerror or err})")]) from None
     return paths
