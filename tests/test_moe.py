@@ -31,7 +31,7 @@ from opdgeo.checkpoints import open_checkpoint, parse_tensor_name
 from opdgeo.errors import CheckpointError
 
 E, INTER, HIDDEN, LAYERS = 4, 24, 32, 2
-K = 8  # principal-angle k; rank stays at its default 64 (capped at min(m, n) per matrix)
+K, RANK = 8, 8  # principal-angle k and principal-mask rank (below every min(m, n): see the rank test)
 
 
 # --------------------------------------------------------------------------- names
@@ -219,14 +219,14 @@ def test_fused_layout_that_the_config_contradicts_is_refused(moe, tmp_path):
 
 @pytest.fixture(scope="module")
 def result(moe):
-    return opdgeo.compare(moe["base"], moe["tuned"], k=K)
+    return opdgeo.compare(moe["base"], moe["tuned"], k=K, rank=RANK)
 
 
 def test_per_expert_geometry_matches_float64_reference_in_both_layouts(moe, result):
     r0, r1 = _raw(moe["base"]), _raw(moe["tuned"])
     f0, f1 = _per_expert_from_fused(_raw(moe["base_fused"])), _per_expert_from_fused(_raw(moe["tuned_fused"]))
-    fused = opdgeo.compare(moe["base_fused"], moe["tuned_fused"], k=K, workers=2)
-    mixed = opdgeo.compare(moe["base"], moe["tuned_fused"], k=K)
+    fused = opdgeo.compare(moe["base_fused"], moe["tuned_fused"], k=K, rank=RANK, workers=2)
+    mixed = opdgeo.compare(moe["base"], moe["tuned_fused"], k=K, rank=RANK)
     assert [r["name"] for r in fused.matrices] == [r["name"] for r in result.matrices]
     checked = 0
     for row, frow, mrow in zip(result.matrices, fused.matrices, mixed.matrices):
@@ -236,7 +236,7 @@ def test_per_expert_geometry_matches_float64_reference_in_both_layouts(moe, resu
         if ".experts." not in name or not name.endswith(".weight"):
             continue
         assert row["expert"] in range(E)
-        for ref in (_reference(r0[name], r1[name], K, 64), _reference(f0[name], f1[name], K, 64)):
+        for ref in (_reference(r0[name], r1[name], K, RANK), _reference(f0[name], f1[name], K, RANK)):
             for column in METRIC_COLUMNS:
                 for got in (row, frow, mrow):
                     _close(got[column], ref[column], f"{name} {column}")
@@ -251,13 +251,24 @@ def test_per_expert_geometry_matches_float64_reference_in_both_layouts(moe, resu
     assert result.summary["by_type"]["router"]["n_matrices"] == 0
 
 
-def test_rank_is_capped_per_matrix_and_reported(result):
-    rows = {r["name"]: r for r in result.matrices}
-    assert rows["model.layers.0.mlp.experts.1.down_proj.weight"]["rank"] == INTER  # 32x24: min = 24 < 64
+def test_rank_is_capped_per_matrix_and_reported(moe):
+    """The default rank 64 exceeds every min(m, n) here: each matrix uses min(64, m, n),
+    reported in its ``rank`` column, and its row is exactly that of a run asking for it."""
+    res = opdgeo.compare(moe["base"], moe["tuned"], k=K)  # rank 64: formerly an error
+    rows = {r["name"]: r for r in res.matrices}
+    assert rows["model.layers.0.mlp.experts.1.down_proj.weight"]["rank"] == INTER  # 32x24
     assert rows["model.layers.0.self_attn.k_proj.weight"]["rank"] == 16  # 16x32
     assert rows["model.embed_tokens.weight"]["rank"] is None  # not a geometry matrix
-    geometry = [r for r in result.matrices if r["nss"] is not None]
-    assert result.summary["n_rank_capped"] == sum(1 for r in geometry if r["rank"] < 64) == len(geometry)
+    geometry = [r for r in res.matrices if r["rank"] is not None]
+    assert res.summary["n_rank_capped"] == len(geometry) == LAYERS * (4 + 3 * E)
+    for rank in (16, INTER, 32):
+        explicit = {r["name"]: r for r in opdgeo.compare(moe["base"], moe["tuned"], k=K, rank=rank).matrices}
+        same = [r for r in geometry if r["rank"] == rank]
+        assert same and all(r == explicit[r["name"]] or _nan_equal(r, explicit[r["name"]]) for r in same)
+
+
+def _nan_equal(a: dict, b: dict) -> bool:
+    return [repr(a[c]) for c in a] == [repr(b[c]) for c in a]
 
 
 def test_expert_summary_says_which_experts_moved_most(moe, result):
@@ -266,7 +277,7 @@ def test_expert_summary_says_which_experts_moved_most(moe, result):
     assert sorted(by_expert) == [(layer, e) for layer in range(LAYERS) for e in range(E)]
     for (layer, e), got in by_expert.items():
         names = [f"model.layers.{layer}.mlp.experts.{e}.{m}_proj.weight" for m in ("gate", "up", "down")]
-        refs = [_reference(r0[n], r1[n], K, 64) for n in names]
+        refs = [_reference(r0[n], r1[n], K, RANK) for n in names]
         numel = sum(r0[n].size for n in names)
         assert got["n_matrices"] == 3 and got["n_params"] == numel
         assert got["sparsity"] == pytest.approx(sum(r["sparsity"] * r0[n].size for r, n in zip(refs, names)) / numel)
@@ -330,10 +341,10 @@ def test_gpt_oss_interleaved_fused_layout_matches_reference(tmp_path):
             refs.setdefault(f"{prefix}.gate_proj.weight", []).append(gu[e][:, 0::2].T)
             refs.setdefault(f"{prefix}.up_proj.weight", []).append(gu[e][:, 1::2].T)
             refs.setdefault(f"{prefix}.down_proj.weight", []).append(down[e].T)
-    res = opdgeo.compare(tmp_path / "base", tmp_path / "tuned", k=K)
+    res = opdgeo.compare(tmp_path / "base", tmp_path / "tuned", k=K, rank=RANK)
     rows = {r["name"]: r for r in res.matrices}
     for name, (w0, w1) in refs.items():
-        ref = _reference(w0, w1, K, 64)
+        ref = _reference(w0, w1, K, RANK)
         assert rows[name]["shape"] == "x".join(map(str, w0.shape))
         for column in METRIC_COLUMNS:
             _close(rows[name][column], ref[column], f"{name} {column}")
