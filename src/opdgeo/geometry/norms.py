@@ -40,7 +40,7 @@ def update_norms(w0: torch.Tensor, w1: torch.Tensor, *, chunk: int = DEFAULT_CHU
     delta_sq = base_sq = 0.0
     for lo in range(0, f0.numel(), chunk):
         a = f0[lo : lo + chunk].to(torch.float64)
-        d = f1[lo : lo + chunk].to(torch.float64).sub_(a)  # [chunk], exact for bf16/fp16/fp32 inputs
+        d = f1[lo : lo + chunk].to(torch.float64) - a  # [chunk]; out of place: a float64 input is not copied by .to
         delta_sq += float(torch.dot(d, d))
         base_sq += float(torch.dot(a, a))
     return math.sqrt(delta_sq), math.sqrt(base_sq)
