@@ -101,7 +101,7 @@ def test_map_ordered_keeps_order_bounds_in_flight_and_raises():
         for value in map_ordered(boom, range(10), workers=2):
             got.append(value)
     assert got == [0, 1, 2]
-    with pytest.raises(ConfigError, match="--workers"):
+    with pytest.raises(ConfigError, match="^workers must be >= 1"):
         map_ordered(boom, range(3), workers=0)
 
 

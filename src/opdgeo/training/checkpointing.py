@@ -32,7 +32,7 @@ import torch
 
 from opdgeo.checkpoints.steps import STEP_RE, list_step_dirs, step_dir_name
 from opdgeo.errors import CheckpointError
-from opdgeo.files import TMP_PREFIX, atomic_write_text, fsync_dir, fsync_tree
+from opdgeo.files import TMP_PREFIX, atomic_folder, atomic_write_text
 
 __all__ = [
     "STEP_RE",
@@ -163,39 +163,24 @@ def save_checkpoint(
     """Write ``run_dir/step-NNNNNN/`` atomically and return its path.
 
     The HF weights are written with ``save_pretrained`` (safetensors) in ``dtype``; the
-    live model is not modified. The folder is assembled as ``run_dir/.tmp-step-NNNNNN-PID``,
-    every file and directory is fsynced, then it is renamed into place (an existing folder
-    of that step is replaced). Any exception leaves no ``step-NNNNNN`` behind.
+    live model is not modified. The folder is assembled under a temporary name
+    (``opdgeo.files.atomic_folder``: ``run_dir/.tmp-step-NNNNNN-PID-…``), every file and
+    directory is fsynced, then it is renamed into place (an existing folder of that step is
+    replaced). Any exception leaves no ``step-NNNNNN`` behind.
 
     Raises:
         CheckpointError: the folder cannot be written (disk full, permissions, ...).
     """
-    run_dir = Path(run_dir)
-    final = run_dir / step_dir_name(step)
-    tmp = run_dir / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    final = Path(run_dir) / step_dir_name(step)
     try:
-        tmp.mkdir(parents=True)
-        _save_hf_weights(model, tmp, DTYPES[dtype])
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if trainer_state is not None:
-            _write_trainer_state(tmp / "trainer_state", trainer_state)
-        fsync_tree(tmp)
-        old = None
-        if final.exists():
-            old = run_dir / f"{TMP_PREFIX}old-{final.name}-{os.getpid()}"
-            os.replace(final, old)
-        os.replace(tmp, final)
-        fsync_dir(run_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        with atomic_folder(final) as tmp:
+            _save_hf_weights(model, tmp, DTYPES[dtype])
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            if trainer_state is not None:
+                _write_trainer_state(tmp / "trainer_state", trainer_state)
     except OSError as err:
         raise CheckpointError(f"{final}: cannot write checkpoint: {err}") from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
