@@ -62,6 +62,14 @@ def _check_pair(w0: torch.Tensor, w1: torch.Tensor) -> None:
         raise ValueError(f"w0 and w1 must be on the same device; got {w0.device} and {w1.device}")
 
 
+def _flat_pair(w0: torch.Tensor, w1: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both inputs checked (``_check_pair``, ``chunk >= 1``) and flattened (views when contiguous)."""
+    _check_pair(w0, w1)
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be an int >= 1; got {chunk!r}")
+    return w0.detach().reshape(-1), w1.detach().reshape(-1)
+
+
 def _check_nonneg_finite(name: str, value: float) -> float:
     value = float(value)
     if not (value >= 0.0 and value != float("inf")):
@@ -265,12 +273,8 @@ def bf16_unchanged_count(
 
     Source: Shen et al. 2026 §3.1; Zhu et al. 2025 §4 (bf16-aware sparsity).
     """
-    _check_pair(w0, w1)
+    f0, f1 = _flat_pair(w0, w1, chunk)  # [N] each; views when contiguous
     eta = _check_nonneg_finite("eta", eta)
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunk must be an int >= 1; got {chunk!r}")
-    f0 = w0.detach().reshape(-1)  # [N]; a view when contiguous
-    f1 = w1.detach().reshape(-1)
     numel = f0.numel()
     fused = eta < BITWISE_ETA_BOUND and f0.device.type == "cpu"
     if f0.device.type != "cpu":
@@ -416,12 +420,8 @@ def legacy_unchanged_count(
 
     Source: Mukherjee et al. 2025, as ``legacy_unchanged_mask``.
     """
-    _check_pair(w0, w1)
+    f0, f1 = _flat_pair(w0, w1, chunk)  # [N] each
     atol = _check_nonneg_finite("atol", atol)
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunk must be an int >= 1; got {chunk!r}")
-    f0 = w0.detach().reshape(-1)  # [N]; a view when contiguous
-    f1 = w1.detach().reshape(-1)
     return sum(
         int(torch.count_nonzero(legacy_unchanged_mask(f0[lo : lo + chunk], f1[lo : lo + chunk], atol=atol)))
         for lo in range(0, f0.numel(), chunk)
