@@ -97,7 +97,7 @@ def training_problems(config, run_dir: str | Path | None = None, *, device=None,
     if config.objective.name == "sft":
         if t.demonstrations is None:
             problems = _with_solutions(problems, "task.spec", t.spec)
-            record["demonstrations"] = {"source": "task solutions", "kept": len(problems)}
+            record["demonstrations"] = {"kind": "task solutions", "kept": len(problems)}
         elif t.demonstrations == "teacher":
             from opdgeo.training.demonstrations import read_demonstrations, teacher_demonstrations
 
@@ -108,13 +108,13 @@ def training_problems(config, run_dir: str | Path | None = None, *, device=None,
             if barrier is not None:
                 barrier()
             problems, meta = read_demonstrations(run_dir)
-            record["demonstrations"] = {"source": "teacher", **{k: v for k, v in meta.items() if k != "settings"}}
+            record["demonstrations"] = {"kind": "teacher", **{k: v for k, v in meta.items() if k != "settings"}}
         else:
             demo_task = load_task(t.demonstrations)
             demos, dcounts = select_problems(demo_task, t.demonstration_split, num_problems=t.num_problems,
                                              dedup=t.dedup)
             kept = _with_solutions(demos, "task.demonstrations", t.demonstrations)
-            record["demonstrations"] = {"source": "dataset", **_stage_record(demo_task, t.demonstration_split,
+            record["demonstrations"] = {"kind": "dataset", **_stage_record(demo_task, t.demonstration_split,
                                                                               dcounts, len(demos), t.dedup),
                                         "kept": len(kept)}
             say(f"demonstrations {t.demonstrations} [{t.demonstration_split}]: {dcounts.rows} rows, "
