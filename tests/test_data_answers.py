@@ -65,7 +65,8 @@ def test_the_prompt_says_which_answer_is_read(tasks):
 
     m = tasks["math500"].problems("test")[0]
     assert tasks["math500"].answer_format(m) == "boxed"
-    assert tasks["math500"].reward("first \\boxed{(1, 0)}, finally $\\boxed{\\left(3,\\frac{\\pi}{2}\\right)}$", m) == 1.0
+    right = "first \\boxed{(1, 0)}, finally $\\boxed{\\left(3,\\frac{\\pi}{2}\\right)}$"
+    assert tasks["math500"].reward(right, m) == 1.0
     assert tasks["math500"].reward("Answer: (3, \\pi/2)", m) == 0.0  # no box
     g = tasks["gsm8k"].problems("train")[0]
     assert tasks["gsm8k"].answer_format(g) == "hash"

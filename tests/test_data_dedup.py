@@ -110,6 +110,7 @@ def test_data_plan_rows(dapo, tmp_path):
     cfg = _cfg(tmp_path, f"task.spec={dapo}", "objective=sft", f"task.demonstrations={openr1}")
     demo = demonstrations_plan_row(cfg.task, batch_size=1)
     assert (demo.dataset, demo.used, demo.with_solutions, demo.steps_per_epoch) == ("OpenR1-Math-220k", 2, 2, 2.0)
-    cfg = _cfg(tmp_path, f"task.spec={dapo}", "objective=sft", "task.demonstrations=teacher", "model.teacher=tiny:quick")
+    cfg = _cfg(tmp_path, f"task.spec={dapo}", "objective=sft", "task.demonstrations=teacher",
+               "model.teacher=tiny:quick")
     demo = demonstrations_plan_row(cfg.task)
     assert demo.used == 3 and "teacher samples (4 per prompt)" in demo.note

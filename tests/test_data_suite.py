@@ -43,7 +43,8 @@ def tiny(tmp_path_factory):
 def test_paper_suite_and_parsing():
     assert [(t.name, t.k) for t in PAPER_SUITE.tasks] == [("aime-2024", 8), ("aime-2025", 8), ("amc-2023", 8),
                                                           ("math-500", 1), ("minerva-math", 1)]
-    assert PAPER_SUITE.headline_task.name == "aime-2024" and PAPER_SUITE.settings(PAPER_SUITE.tasks[0]) == (8, 1.0, 8192)
+    assert PAPER_SUITE.headline_task.name == "aime-2024"
+    assert PAPER_SUITE.settings(PAPER_SUITE.tasks[0]) == (8, 1.0, 8192)
     t = parse_eval_task("aime24:k=8,n=30")
     assert (t.name, t.spec, t.k, t.n, t.split) == ("aime-2024", "aime24", 8, 30, "test")
     t = parse_eval_task("data/x.jsonl:dataset=aime-2024,k=4,name=mine", k=2)

@@ -90,6 +90,7 @@ def load_task(spec: str) -> Task:
     if path.suffix in (".jsonl", ".json", ".parquet") and not path.exists():
         raise ConfigError(f"{path}: no such task file")
     config = opts.get("config")
-    return MathTask(head, timeout_s=_number("timeout_s", opts["timeout_s"], spec, float) if "timeout_s" in opts else 5.0,
+    timeout_s = _number("timeout_s", opts["timeout_s"], spec, float) if "timeout_s" in opts else 5.0
+    return MathTask(head, timeout_s=timeout_s,
                     dataset=opts.get("dataset"), config=tuple(config.split("+")) if config else None,
                     answer_format=opts.get("format"))

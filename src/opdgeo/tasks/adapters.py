@@ -42,6 +42,166 @@ class RowError(ConfigError):
     """A row lacks a field the adapter needs (the caller adds the dataset's columns)."""
 
 
+# ----------------------------------------------------------------------- row parsing
+
+
+def _text(value) -> str | None:
+    """A problem text: a string, or the last user turn of chat messages."""
+    if isinstance(value, list):
+        users = [m.get("content") for m in value if isinstance(m, dict) and m.get("role", "user") == "user"]
+        value = users[-1] if users else None
+    return value if isinstance(value, str) and value.strip() else None
+
+
+def _answer_text(value) -> str | None:
+    """A reference answer as a canonical string (an integer-valued float such as AMC's
+    ``27.0`` becomes ``"27"``); None when empty."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, (list, tuple)):  # some eval sets store a list of accepted answers
+        value = value[0] if value else None
+        return _answer_text(value)
+    text = str(value).strip()
+    return text or None
+
+
+def _nested(row: dict, key: str, sub: str):
+    value = row.get(key)
+    return value.get(sub) if isinstance(value, dict) else None
+
+
+def _first(row: dict, keys: tuple[str, ...]):
+    return next((row[k] for k in keys if row.get(k) is not None), None)
+
+
+def _row_id(row: dict, where: str) -> str:
+    pid = _first(row, _ID_KEYS)
+    if pid is None:
+        pid = _nested(row, "extra_info", "index")
+    return str(pid) if pid is not None else where
+
+
+def _need(value, what: str, expected: str, where: str):
+    if value is None:
+        raise RowError(f"{where}: no {what} (expected {expected})")
+    return value
+
+
+def _solution(row: dict) -> str | None:
+    return next((row[k] for k in _SOLUTION_KEYS if isinstance(row.get(k), str) and row[k].strip()), None)
+
+
+def text_generic(row: dict) -> str | None:
+    return _text(_first(row, _PROBLEM_KEYS))
+
+
+def answer_generic(row: dict) -> str | None:
+    answer = _answer_text(_first(row, _ANSWER_KEYS))
+    if answer is None:
+        answer = _answer_text(_nested(row, "reward_model", "ground_truth"))
+    if answer is None and (solution := _solution(row)) is not None:
+        answer = _answer_text(last_boxed(solution))
+    return answer
+
+
+def parse_generic(row: dict, where: str) -> Problem:
+    """The field-name rules of the module docstring."""
+    text = _need(text_generic(row), "problem text", "one of " + ", ".join(_PROBLEM_KEYS), where)
+    answer = _need(answer_generic(row), "answer", "answer, Answer, final_answer, reward_model.ground_truth, or a "
+                   "\\boxed{} in solution", where)
+    return Problem(id=_row_id(row, where), prompt=text, answer=answer, solution=_solution(row))
+
+
+def text_dapo(row: dict) -> str | None:
+    return _text(row.get("prompt"))
+
+
+def answer_dapo(row: dict) -> str | None:
+    return _answer_text(_nested(row, "reward_model", "ground_truth"))
+
+
+def parse_dapo(row: dict, where: str) -> Problem:
+    """dapo-math-17k: ``prompt`` chat messages (DAPO's instruction included),
+    ``reward_model.ground_truth``, ``extra_info.index``; no solutions."""
+    text = _need(text_dapo(row), "problem text", "prompt (chat messages)", where)
+    answer = _need(answer_dapo(row), "answer", "reward_model.ground_truth", where)
+    return Problem(id=_row_id(row, where), prompt=text, answer=answer, solution=None)
+
+
+def text_dapo_processed(row: dict) -> str | None:
+    return _text(row.get("prompt")) or _text(row.get("source_prompt"))
+
+
+def answer_dapo_processed(row: dict) -> str | None:
+    return _answer_text(row.get("solution")) or _answer_text(_nested(row, "reward_model", "ground_truth"))
+
+
+def parse_dapo_processed(row: dict, where: str) -> Problem:
+    """open-r1/DAPO-Math-17k-Processed: ``prompt`` is the user text (DAPO's instruction
+    included) and ``solution`` is the reference ANSWER (``reward_model.ground_truth``
+    copied), not a worked solution; no demonstrations."""
+    text = _need(text_dapo_processed(row), "problem text", "prompt or source_prompt", where)
+    answer = _need(answer_dapo_processed(row), "answer", "solution or reward_model.ground_truth", where)
+    return Problem(id=_row_id(row, where), prompt=text, answer=answer, solution=None)
+
+
+_CALCULATOR = re.compile(r"<<[^<>]*>>")
+_GSM8K_FINAL = re.compile(r"####\s*([^\n]+)\s*$")
+
+
+def text_gsm8k(row: dict) -> str | None:
+    return _text(row.get("question"))
+
+
+def answer_gsm8k(row: dict) -> str | None:
+    full = row.get("answer")
+    m = _GSM8K_FINAL.search(full) if isinstance(full, str) else None
+    return _answer_text(m.group(1).replace(",", "")) if m else None
+
+
+def parse_gsm8k(row: dict, where: str) -> Problem:
+    """GSM8K: ``question``; ``answer`` is the worked solution ending in ``#### 72``. The
+    reference answer is the text after ``####`` (thousands separators removed); the
+    demonstration is the solution without the calculator annotations ``<<48/2=24>>``
+    **(our choice)**, still ending in its ``####`` line."""
+    text = _need(text_gsm8k(row), "problem text", "question", where)
+    final = _need(answer_gsm8k(row), "answer", "answer ending in '#### <answer>'", where)
+    return Problem(id=_row_id(row, where), prompt=text, answer=final,
+                   solution=_CALCULATOR.sub("", row["answer"]).strip())
+
+
+def text_openr1(row: dict) -> str | None:
+    return _text(row.get("problem"))
+
+
+def answer_openr1(row: dict) -> str | None:
+    answer = _answer_text(row.get("answer"))
+    if answer is None and isinstance(row.get("solution"), str):
+        answer = _answer_text(last_boxed(row["solution"]))
+    return answer
+
+
+def parse_openr1(row: dict, where: str) -> Problem:
+    """OpenR1-Math-220k: ``problem``, ``answer`` and DeepSeek-R1 ``generations`` with
+    ``correctness_math_verify`` (and ``is_reasoning_complete``). The demonstration is the
+    first generation math-verify found correct and complete; else the assistant turn of
+    ``messages``; else the NuminaMath ``solution``."""
+    text = _need(text_openr1(row), "problem text", "problem", where)
+    answer = _need(answer_openr1(row), "answer", "answer, or a \\boxed{} in solution", where)
+    gens = row.get("generations") or []
+    ok = row.get("correctness_math_verify") or []
+    complete = row.get("is_reasoning_complete") or [True] * len(gens)
+    demo = next((g for g, c, d in zip(gens, ok, complete) if c and d and isinstance(g, str) and g.strip()), None)
+    if demo is None and isinstance(row.get("messages"), list):
+        demo = next((m.get("content") for m in reversed(row["messages"])
+                     if isinstance(m, dict) and m.get("role") == "assistant"), None)
+    if demo is None and isinstance(row.get("solution"), str) and row["solution"].strip():
+        demo = row["solution"]
+    return Problem(id=_row_id(row, where), prompt=text, answer=answer, solution=demo)
+
+
 @dataclass(frozen=True)
 class HubId:
     """A Hub copy of a dataset and the ``datasets`` config(s) to read from it."""
@@ -63,6 +223,11 @@ class DatasetAdapter:
     ``"demonstrations"`` (problems with worked solutions for SFT) or ``"any"``."""
     parse: Callable[[dict, str], Problem]
     """Row → Problem; ``where`` (``file:row``) names the row in errors."""
+    text: Callable[[dict], str | None] = text_generic
+    """Row → its problem text, exactly ``parse(row).prompt`` (None when absent): with
+    ``answer``, lets deduplication count an exact copy without building its Problem."""
+    answer: Callable[[dict], str | None] = answer_generic
+    """Row → its reference answer, exactly ``parse(row).answer`` (None when absent)."""
     hub_ids: tuple[HubId, ...] = ()
     """Known Hub copies, the preferred first (an alias resolves to the first one cached)."""
     aliases: tuple[str, ...] = ()
@@ -114,126 +279,6 @@ class DatasetAdapter:
         return DESCRIPTIONS[self.default_format]
 
 
-# ----------------------------------------------------------------------- row parsing
-
-
-def _text(value) -> str | None:
-    """A problem text: a string, or the last user turn of chat messages."""
-    if isinstance(value, list):
-        users = [m.get("content") for m in value if isinstance(m, dict) and m.get("role", "user") == "user"]
-        value = users[-1] if users else None
-    return value if isinstance(value, str) and value.strip() else None
-
-
-def _answer_text(value) -> str | None:
-    """A reference answer as a canonical string (an integer-valued float such as AMC's
-    ``27.0`` becomes ``"27"``); None when empty."""
-    if value is None or isinstance(value, bool):
-        return None
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, (list, tuple)):  # some eval sets store a list of accepted answers
-        value = value[0] if value else None
-        return _answer_text(value)
-    text = str(value).strip()
-    return text or None
-
-
-def _nested(row: dict, key: str, sub: str):
-    value = row.get(key)
-    return value.get(sub) if isinstance(value, dict) else None
-
-
-def _first(row: dict, keys: tuple[str, ...]):
-    return next((row[k] for k in keys if row.get(k) is not None), None)
-
-
-def _row_id(row: dict, where: str) -> str:
-    pid = _first(row, _ID_KEYS)
-    if pid is None:
-        pid = _nested(row, "extra_info", "index")
-    return str(pid) if pid is not None else where
-
-
-def _need(value, what: str, expected: str, where: str):
-    if value is None:
-        raise RowError(f"{where}: no {what} (expected {expected})")
-    return value
-
-
-def parse_generic(row: dict, where: str) -> Problem:
-    """The field-name rules of the module docstring."""
-    text = _need(_text(_first(row, _PROBLEM_KEYS)), "problem text", "one of " + ", ".join(_PROBLEM_KEYS), where)
-    solution = next((row[k] for k in _SOLUTION_KEYS if isinstance(row.get(k), str) and row[k].strip()), None)
-    answer = _answer_text(_first(row, _ANSWER_KEYS))
-    if answer is None:
-        answer = _answer_text(_nested(row, "reward_model", "ground_truth"))
-    if answer is None and solution is not None:
-        answer = _answer_text(last_boxed(solution))
-    answer = _need(answer, "answer", "answer, Answer, final_answer, reward_model.ground_truth, or a \\boxed{} "
-                   "in solution", where)
-    return Problem(id=_row_id(row, where), prompt=text, answer=answer, solution=solution)
-
-
-def parse_dapo(row: dict, where: str) -> Problem:
-    """dapo-math-17k: ``prompt`` chat messages (DAPO's instruction included),
-    ``reward_model.ground_truth``, ``extra_info.index``; no solutions."""
-    text = _need(_text(row.get("prompt")), "problem text", "prompt (chat messages)", where)
-    answer = _need(_answer_text(_nested(row, "reward_model", "ground_truth")), "answer",
-                   "reward_model.ground_truth", where)
-    return Problem(id=_row_id(row, where), prompt=text, answer=answer, solution=None)
-
-
-def parse_dapo_processed(row: dict, where: str) -> Problem:
-    """open-r1/DAPO-Math-17k-Processed: ``prompt`` is the user text (DAPO's instruction
-    included) and ``solution`` is the reference ANSWER (``reward_model.ground_truth``
-    copied), not a worked solution; no demonstrations."""
-    text = _need(_text(row.get("prompt")) or _text(row.get("source_prompt")), "problem text",
-                 "prompt or source_prompt", where)
-    answer = _answer_text(row.get("solution")) or _answer_text(_nested(row, "reward_model", "ground_truth"))
-    answer = _need(answer, "answer", "solution or reward_model.ground_truth", where)
-    return Problem(id=_row_id(row, where), prompt=text, answer=answer, solution=None)
-
-
-_CALCULATOR = re.compile(r"<<[^<>]*>>")
-_GSM8K_FINAL = re.compile(r"####\s*([^\n]+)\s*$")
-
-
-def parse_gsm8k(row: dict, where: str) -> Problem:
-    """GSM8K: ``question``; ``answer`` is the worked solution ending in ``#### 72``. The
-    reference answer is the text after ``####`` (thousands separators removed); the
-    demonstration is the solution without the calculator annotations ``<<48/2=24>>``
-    **(our choice)**, still ending in its ``####`` line."""
-    text = _need(_text(row.get("question")), "problem text", "question", where)
-    full = row.get("answer")
-    m = _GSM8K_FINAL.search(full) if isinstance(full, str) else None
-    final = _need(m.group(1).strip().replace(",", "") if m else None, "answer", "answer ending in '#### <answer>'",
-                  where)
-    return Problem(id=_row_id(row, where), prompt=text, answer=final, solution=_CALCULATOR.sub("", full).strip())
-
-
-def parse_openr1(row: dict, where: str) -> Problem:
-    """OpenR1-Math-220k: ``problem``, ``answer`` and DeepSeek-R1 ``generations`` with
-    ``correctness_math_verify`` (and ``is_reasoning_complete``). The demonstration is the
-    first generation math-verify found correct and complete; else the assistant turn of
-    ``messages``; else the NuminaMath ``solution``."""
-    text = _need(_text(row.get("problem")), "problem text", "problem", where)
-    answer = _answer_text(row.get("answer"))
-    gens = row.get("generations") or []
-    ok = row.get("correctness_math_verify") or []
-    complete = row.get("is_reasoning_complete") or [True] * len(gens)
-    demo = next((g for g, c, d in zip(gens, ok, complete) if c and d and isinstance(g, str) and g.strip()), None)
-    if demo is None and isinstance(row.get("messages"), list):
-        demo = next((m.get("content") for m in reversed(row["messages"])
-                     if isinstance(m, dict) and m.get("role") == "assistant"), None)
-    if demo is None and isinstance(row.get("solution"), str) and row["solution"].strip():
-        demo = row["solution"]
-    if answer is None and isinstance(row.get("solution"), str):
-        answer = _answer_text(last_boxed(row["solution"]))
-    answer = _need(answer, "answer", "answer, or a \\boxed{} in solution", where)
-    return Problem(id=_row_id(row, where), prompt=text, answer=answer, solution=demo)
-
-
 # ------------------------------------------------------------------------- the adapters
 
 _DAPO_PROMPT = "chat messages; DAPO's own instruction asks for a last line 'Answer: $Answer'"
@@ -248,6 +293,7 @@ GENERIC = DatasetAdapter(
 ADAPTERS: tuple[DatasetAdapter, ...] = (
     DatasetAdapter(
         name="dapo-math-17k-processed", title="DAPO-Math-17k-Processed", role="train", parse=parse_dapo_processed,
+        text=text_dapo_processed, answer=answer_dapo_processed,
         hub_ids=(HubId("open-r1/DAPO-Math-17k-Processed", ("all",)),), aliases=("dapo-processed",),
         default_format="answer_line", signature=frozenset({"prompt", "solution", "source_prompt"}),
         splits_doc="train: the 17,398 distinct prompts of dapo-math-17k (config all; en and cn split them by "
@@ -256,6 +302,7 @@ ADAPTERS: tuple[DatasetAdapter, ...] = (
     ),
     DatasetAdapter(
         name="dapo-math-17k", title="DAPO-Math-17k", role="train", parse=parse_dapo,
+        text=text_dapo, answer=answer_dapo,
         hub_ids=(HubId("BytedTsinghua-SIA/DAPO-Math-17k"),), aliases=("dapo",), default_format="answer_line",
         signature=frozenset({"prompt", "reward_model"}),
         splits_doc="train: every row; the Hub copy holds about 1.79M rows, about 17.4k distinct prompts "
@@ -293,12 +340,14 @@ ADAPTERS: tuple[DatasetAdapter, ...] = (
     ),
     DatasetAdapter(
         name="gsm8k", title="GSM8K", role="any", parse=parse_gsm8k,
+        text=text_gsm8k, answer=answer_gsm8k,
         hub_ids=(HubId("openai/gsm8k", ("main",)),), default_format="hash",
         splits_doc="train: 7,473 problems; test: 1,319 (config main)",
         prompt_doc="the bare question + the instruction to give the answer after '####' (verl's)",
     ),
     DatasetAdapter(
         name="openr1-math", title="OpenR1-Math-220k", role="demonstrations", parse=parse_openr1,
+        text=text_openr1, answer=answer_openr1,
         hub_ids=(HubId("open-r1/OpenR1-Math-220k", ("default",)),), aliases=("openr1", "openr1-math-220k"),
         template="Please reason step by step, and put your final answer within \\boxed{}.\n\n{problem}",
         signature=frozenset({"problem", "generations", "correctness_math_verify"}),

@@ -12,19 +12,21 @@ are kept as they are: ``x`` and ``X`` are different variables **(our choice)**.
 
 from __future__ import annotations
 
-import re
 import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from opdgeo.tasks.base import Problem, Task
 
-_SPACE = re.compile(r"\s+")
 
 
 def normalize_problem_text(text: str) -> str:
-    """The dedup key of a problem text: NFKC, whitespace runs → one space, stripped."""
-    return _SPACE.sub(" ", unicodedata.normalize("NFKC", text)).strip()
+    """The dedup key of a problem text: NFKC, whitespace runs → one space, stripped.
+
+    ``str.split()`` splits on runs of Unicode whitespace and drops the ends, so joining
+    its parts is the regex ``\\s+`` → ``" "`` plus ``strip`` (several times faster).
+    """
+    return " ".join(unicodedata.normalize("NFKC", text).split())
 
 
 @dataclass(frozen=True)
@@ -55,13 +57,16 @@ class Deduplicator:
     def __init__(self):
         self._first: dict[str, str] = {}
         self._conflicts: set[str] = set()
+        self._key_of: dict[str, str] = {}  # raw text -> key: exact copies are normalized once
         self.rows = 0
         self.kept: list[Problem] = []
 
     def add(self, problem: Problem) -> bool:
         """Count ``problem``; keep it (and return True) iff its text is new."""
         self.rows += 1
-        key = normalize_problem_text(problem.prompt)
+        key = self._key_of.get(problem.prompt)
+        if key is None:
+            key = self._key_of[problem.prompt] = normalize_problem_text(problem.prompt)
         first = self._first.get(key)
         if first is None:
             self._first[key] = problem.answer
@@ -70,6 +75,18 @@ class Deduplicator:
         if first != problem.answer:
             self._conflicts.add(key)
         return False
+
+    def seen_text(self, text: str) -> bool:
+        """Whether this exact text was added before (``add_copy`` may then count a row)."""
+        return text in self._key_of
+
+    def add_copy(self, text: str, answer: str) -> None:
+        """Count a row whose text is exactly that of an earlier ``add``, with its answer,
+        without building its Problem (the row is a duplicate by construction)."""
+        self.rows += 1
+        key = self._key_of[text]
+        if self._first[key] != answer:
+            self._conflicts.add(key)
 
     def counts(self) -> DedupCounts:
         """Counts of what was fed so far."""

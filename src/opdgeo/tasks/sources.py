@@ -39,8 +39,10 @@ from opdgeo.errors import ConfigError
 SUFFIXES = (".jsonl", ".json", ".parquet")
 """Data file types read directly (folders and caches: whatever ``datasets`` reads)."""
 
-BATCH_ROWS = 65_536
-"""Rows converted to Python at a time when streaming a split."""
+BATCH_ROWS = 8_192
+"""Rows converted to Python at a time when streaming a split (small batches keep the
+peak memory of a 1.79M-row split near that of its distinct problems, and run faster than
+large ones: measured in ``bench/data.py``)."""
 
 # The Hub's split keywords (``datasets.data_files``): a data file whose name contains one
 # of these words, delimited, belongs to that split.
@@ -78,14 +80,15 @@ def _offline_datasets():
     from datasets.utils import logging as ds_logging
 
     saved = (datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE, ds_logging.get_verbosity(),
-             ds_logging.is_progress_bar_enabled())
-    datasets.config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
+             ds_logging.is_progress_bar_enabled(), datasets.config.HF_DATASETS_OFFLINE)
+    datasets.config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
     ds_logging.set_verbosity_error()
     ds_logging.disable_progress_bar()
     try:
         yield datasets
     finally:
         datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved[0], saved[1]
+        datasets.config.HF_DATASETS_OFFLINE = saved[4]
         ds_logging.set_verbosity(saved[2])
         if saved[3]:
             ds_logging.enable_progress_bar()
@@ -222,16 +225,20 @@ class Source:
             return
         yield from self._rows_json()
 
+    def where_prefix(self, split: str) -> str:
+        """``where(split, i)`` is this prefix followed by ``i + 1``."""
+        name = Path(self.location).name if self.kind in ("file", "folder") else (self.hub_id or self.location)
+        return f"{name}:" if self.kind == "file" else f"{name}[{split}]:"
+
     def where(self, split: str, index: int) -> str:
         """``file:row`` (1-based) for messages."""
-        name = Path(self.location).name if self.kind in ("file", "folder") else (self.hub_id or self.location)
-        return f"{name}:{index + 1}" if self.kind == "file" else f"{name}[{split}]:{index + 1}"
+        return f"{self.where_prefix(split)}{index + 1}"
 
     def _parquet(self):
         import pyarrow.parquet as pq
 
         try:
-            return pq.ParquetFile(self.location)
+            return pq.ParquetFile(self.location, pre_buffer=False)  # no read-ahead: row groups one at a time
         except Exception as err:  # pyarrow raises many types for corrupt files
             raise ConfigError(f"{self.location}: cannot read parquet: {_first_line(err)}") from None
 
