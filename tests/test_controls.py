@@ -143,6 +143,7 @@ def test_rescale_sums_and_values():
     r = rescale_kept(GAPS, m, RESP)
     # row 0: T = 6, kept 3 -> scale 2; row 1: T = 3, kept 2 -> scale 1.5
     want = torch.tensor([[1.0, 0, 4.0, 0, 6.0, 0], [0, -0.15, -0.3, 0, 0, 0]])
+    # float32 products of the inputs with scales 2 and 1.5: within 1 ulp of values <= 6
     torch.testing.assert_close(r, want, rtol=0, atol=1e-7)
     assert torch.isfinite(r).all()
     # sum of rescaled signal = T * mean over kept tokens
@@ -165,13 +166,14 @@ def test_sparsify_stats_pooled_over_micro_batches():
     assert sums == {"kept_tokens": 5.0, "response_tokens": 9.0, "kept_abs": pytest.approx(5.8, rel=1e-6),
                     "total_abs": pytest.approx(7.8, rel=1e-6)}
     s = sparsify_stats(sums)
-    assert s.kept_fraction == pytest.approx(5 / 9, abs=1e-15)
+    assert s.kept_fraction == pytest.approx(5 / 9, abs=1e-15)  # a ratio of exact counts
     assert s.kept_abs_share == pytest.approx(5.8 / 7.8, rel=1e-6)
     assert set(s.as_metrics()) == {"sparsify/kept_fraction", "sparsify/kept_abs_share"}
     # split into two micro-batches, summed: the same pooled numbers
     parts = [sparsify_sums(GAPS[i:i + 1], m[i:i + 1], RESP[i:i + 1]) for i in range(2)]
     pooled = {k: parts[0][k] + parts[1][k] for k in parts[0]}
     assert sparsify_stats(pooled).kept_fraction == s.kept_fraction
+    # sums of a few float32 values accumulated in float64, regrouped: a few ulp apart
     assert sparsify_stats(pooled).kept_abs_share == pytest.approx(s.kept_abs_share, rel=1e-12)
     ones = torch.ones(1, 2, dtype=torch.bool)
     z = sparsify_stats(sparsify_sums(torch.zeros(1, 2), ones, ones))
@@ -189,6 +191,7 @@ def test_offpolicy_ratio_and_clipping_exact():
     eps_low, eps_high = clip_range(cfg)
     assert (eps_low, eps_high) == (1.0, 1.0)  # symmetric [0, 2]
     out = policy_gradient_loss(logp, blogp, adv, resp, eps_low=eps_low, eps_high=eps_high)
+    # exp of a float64 difference of two logs: ~2 ulp from the exact ratio
     torch.testing.assert_close(out.ratio[resp], torch.tensor([2.0, 1.0, 3.0, 0.25, 0.25], dtype=torch.float64),
                                rtol=1e-15, atol=0)
     # only 3.0 (A > 0, above 1 + 1) is clipped; 0.25 with A < 0 is not (lower bound 0)

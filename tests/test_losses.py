@@ -25,6 +25,8 @@ def _pg(lp, old, adv, mask=None, **kw):
     ],
 )
 def test_ppo_clipping_branches(ratio, adv, clipped_value, is_clipped):
+    # float64 elementwise arithmetic of a few operations (exp, log, min, clamp): exact to a
+    # few ulp on any platform, so 1e-12 relative still leaves ~1e4 ulp of margin
     import math
 
     lp = torch.tensor([[math.log(ratio)]], dtype=torch.float64, requires_grad=True)
@@ -64,6 +66,8 @@ def test_pg_gradient_equals_sft_gradient_when_adv_one_and_ratio_one():
     g_sft = grad(lambda lp: sft_loss(lp, mask))
     g_pg = grad(lambda lp: policy_gradient_loss(lp, lp.detach(), torch.ones_like(lp), mask).loss)
     assert g_sft.abs().max() > 1e-3
+    # the same float64 log-softmax backward either way, differing only by multiplications
+    # with exact ones (ratio exp(0) = 1, advantage 1): equal to a few ulp
     torch.testing.assert_close(g_pg, g_sft, rtol=1e-12, atol=1e-14)
     # and a negative advantage flips it (a wrong sign would fail the test above)
     g_neg = grad(lambda lp: policy_gradient_loss(lp, lp.detach(), -torch.ones_like(lp), mask).loss)
@@ -98,6 +102,7 @@ def test_split_reduction_with_global_denominator_equals_full_mean():
     full = masked_mean(v, m)
     d = int(m.sum())
     parts = masked_mean(v[:2], m[:2], denominator=d) + masked_mean(v[2:], m[2:], denominator=d)
+    # a float64 sum of 30 terms regrouped: the two orders differ by at most ~30 ulp
     assert parts.item() == pytest.approx(full.item(), rel=1e-14)
     # the per-part mean (the classic mistake) is different
     wrong = (masked_mean(v[:2], m[:2]) + masked_mean(v[2:], m[2:])) / 2
