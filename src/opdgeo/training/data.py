@@ -9,7 +9,8 @@
    the same way), or the teacher's verified samples of the training prompts
    (``"teacher"``, ``opdgeo.training.demonstrations``), written once to the run folder;
 3. ``data.json`` in the run folder: the dataset, split, row counts before and after
-   deduplication, the prompts used, the answer format, and the demonstrations' source.
+   deduplication, the prompts used, the answer format, and the demonstrations (``kind``:
+   ``"task solutions"``, ``"dataset"`` or ``"teacher"``, with their counts).
 
 Everything is checked before a model is loaded for training (a set without solutions is
 refused up front, not at the first SFT step).
@@ -96,7 +97,11 @@ def training_problems(config, run_dir: str | Path | None = None, *, device=None,
         f"{'' if t.dedup else ' (dedup off)'}; using {len(problems)}")
     if config.objective.name == "sft":
         if t.demonstrations is None:
-            problems = _with_solutions(problems, "task.spec", t.spec)
+            with_solutions = _with_solutions(problems, "task.spec", t.spec)
+            if len(with_solutions) < len(problems):
+                say(f"demonstrations: {len(problems) - len(with_solutions)} of {len(problems)} problems have no "
+                    "solution and are left out")
+            problems = with_solutions
             record["demonstrations"] = {"kind": "task solutions", "kept": len(problems)}
         elif t.demonstrations == "teacher":
             from opdgeo.training.demonstrations import read_demonstrations, teacher_demonstrations
