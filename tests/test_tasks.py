@@ -184,11 +184,11 @@ def math_files(tmp_path_factory):
     (d / "math500.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS_MATH500))
     pq.write_table(pa.Table.from_pylist(ROWS_AIME), d / "aime.parquet")
     pq.write_table(pa.Table.from_pylist(ROWS_DAPO), d / "dapo.parquet")
-    (d / "solonly.jsonl").write_text(json.dumps(ROWS_SOLUTION_ONLY[0]) + "\n")
+    (d / "solonly_test.jsonl").write_text(json.dumps(ROWS_SOLUTION_ONLY[0]) + "\n")
     ds = d / "dataset"
     (ds / "data").mkdir(parents=True)
-    pq.write_table(pa.Table.from_pylist(ROWS_DAPO), ds / "data" / "train-00000.parquet")
-    (ds / "data" / "test.jsonl").write_text(json.dumps(ROWS_MATH500[1]) + "\n")
+    pq.write_table(pa.Table.from_pylist(ROWS_MATH500[:1]), ds / "data" / "train-00000.parquet")
+    pq.write_table(pa.Table.from_pylist(ROWS_MATH500[1:]), ds / "data" / "test-00000.parquet")
     (d / "bad.jsonl").write_text('{"problem": "x"}\n')
     return d
 
@@ -200,22 +200,26 @@ def verifier():
     v.close()
 
 
-def test_math_task_reads_field_variants(math_files):
+def test_math_task_reads_field_variants(math_files, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
     m = MathTask(math_files / "math500.jsonl")
-    ps = m.problems("test")
+    ps = m.problems("train")  # a data file without a split word in its name is the train split (the Hub's rule)
     assert [(p.id, p.answer) for p in ps] == [("test/a.json", "\\frac{1}{2}"), ("test/b.json", "5")]
-    assert m.problems("train", 1) == ps[:1]  # a single file serves every split
-    (aime,) = MathTask(math_files / "aime.parquet").problems("test")
+    with pytest.raises(ConfigError, match="a single data file holds one split, 'train'"):
+        m.problems("test")  # never silently the same rows
+    (aime,) = MathTask(math_files / "aime.parquet", dataset="aime-2024").problems("test")
     assert (aime.id, aime.prompt, aime.answer) == ("2024-I-1", "Find N.", "204")
     (dapo,) = load_task(str(math_files / "dapo.parquet")).problems("train")
     assert (dapo.id, dapo.prompt, dapo.answer) == ("abc-1", "Compute 6*7.", "42")
-    (sol,) = MathTask(math_files / "solonly.jsonl").problems("test")
+    with pytest.raises(ConfigError, match="DAPO-Math-17k has no held-out split"):
+        load_task(str(math_files / "dapo.parquet")).problems("test")
+    (sol,) = MathTask(math_files / "solonly_test.jsonl").problems("test")
     assert (sol.prompt, sol.answer) == ("Compute 2+2.", "4")
     ds = MathTask(math_files / "dataset")
     assert ds.splits() == ["test", "train"]
-    assert ds.problems("train")[0].answer == "42" and ds.problems("test")[0].answer == "5"
-    with pytest.raises(ConfigError, match=r"bad.jsonl:1: no answer"):
-        MathTask(math_files / "bad.jsonl").problems("test")
+    assert ds.problems("train")[0].answer == "\\frac{1}{2}" and ds.problems("test")[0].answer == "5"
+    with pytest.raises(ConfigError, match=r"bad.jsonl:1: no answer .*the dataset has columns: problem"):
+        MathTask(math_files / "bad.jsonl").problems("train")
     with pytest.raises(ConfigError, match="not a dataset in the local Hugging Face cache"):
         load_task("opdgeo-test-org/not-a-cached-dataset")
     assert "\\boxed{}" in m.format_prompt(ps[0], char_tokenizer())
@@ -274,7 +278,7 @@ def test_math_task_reward_from_a_thread(math_files):
     from concurrent.futures import ThreadPoolExecutor
 
     m = MathTask(math_files / "math500.jsonl", timeout_s=3.0)
-    p = m.problems("test")[0]
+    p = m.problems("train")[0]
     with ThreadPoolExecutor(1) as pool:
         got = pool.submit(lambda: [m.reward("\\boxed{0.5}", p), m.reward("\\boxed{2}", p)]).result()
     m.verifier.close()

@@ -1,4 +1,4 @@
-"""``opdgeo eval``: pass@1 (avg@k) of a model on a verifiable task."""
+"""``opdgeo eval``: pass@1 (avg@k) of a model on one verifiable task or a suite of them."""
 
 from __future__ import annotations
 
@@ -10,8 +10,12 @@ import click
 
 @click.command("eval")
 @click.argument("model")
-@click.option("--task", "task_spec", default="arithmetic", show_default=True,
-              help="'arithmetic[:difficulty=3,seed=0]', a .jsonl/.parquet file, or a cached dataset name.")
+@click.option("--task", "task_specs", multiple=True,
+              help="'arithmetic[:difficulty=3,seed=0]', a .jsonl/.parquet file, a cached dataset id, or a known "
+                   "dataset (aime-2024, math-500, ...); eval options after ':' (k=8, n=30, split=test, name=...). "
+                   "Repeat for several tasks. Default: arithmetic.")
+@click.option("--suite", default=None, help="A named suite of tasks, each with its own k: 'paper' (AIME 2024 "
+              "avg@8 headline, AIME 2025, AMC 2023, MATH-500, Minerva).")
 @click.option("--split", default="test", show_default=True, help="Problem split (held-out test by default).")
 @click.option("--n", type=int, default=None, help="Number of problems (task default when omitted).")
 @click.option("--k", type=int, default=1, show_default=True, help="Samples per problem (avg@k).")
@@ -21,29 +25,63 @@ import click
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write per-problem results and samples as JSONL (and <out>.summary.json).")
-def eval_cmd(model, task_spec, split, n, k, temperature, max_new_tokens, batch_size, seed, dtype, out):
-    """Evaluate MODEL (a folder, a locally cached model id, or 'smollm2') on a task."""
+              help="One task: write per-problem results and samples as JSONL (and <out>.summary.json).")
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Any number of tasks: write <out-dir>/<task>.jsonl per task and <out-dir>/summary.json.")
+@click.option("--no-dedup", is_flag=True, help="Evaluate every row, duplicates included (default: distinct problems).")
+@click.option("--train-task", "train_tasks", multiple=True,
+              help="A training task 'SPEC[:split=train]' to refuse as evaluation data (repeatable).")
+def eval_cmd(model, task_specs, suite, split, n, k, temperature, max_new_tokens, batch_size, seed, dtype, out,
+             out_dir, no_dedup, train_tasks):
+    """Evaluate MODEL (a folder, a locally cached model id, or 'smollm2') on a task or a suite."""
+    import dataclasses
+
     import torch
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from opdgeo.errors import ConfigError
     from opdgeo.models import load_model, load_tokenizer
-    from opdgeo.tasks import load_task
-    from opdgeo.training.evaluate import evaluate
+    from opdgeo.tasks import split_task_spec
+    from opdgeo.tasks.suite import suite_from
+    from opdgeo.training.evaluate import evaluate_suite
 
-    task = load_task(task_spec)
+    tasks = task_specs or (() if suite else ("arithmetic",))
+    plan = suite_from(tasks, suite=suite, k=k, split=split, n=n, temperature=temperature,
+                      max_new_tokens=max_new_tokens)
+    ctx = click.get_current_context()
+    given = {name for name in ("temperature", "max_new_tokens")
+             if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT}
+    # an explicit --temperature / --max-new-tokens overrides a named suite's own
+    plan = dataclasses.replace(plan, dedup=not no_dedup,
+                               temperature=temperature if "temperature" in given else plan.temperature,
+                               max_new_tokens=max_new_tokens if "max_new_tokens" in given else plan.max_new_tokens)
+    if out is not None and len(plan.tasks) > 1:
+        raise ConfigError(f"--out writes one task's results; {len(plan.tasks)} tasks: use --out-dir")
+    train = []
+    for text in train_tasks:
+        head, opts = split_task_spec(text)
+        tsplit = opts.pop("split", "train")
+        train.append((head + (":" + ",".join(f"{a}={b}" for a, b in opts.items()) if opts else ""), tsplit))
     tokenizer = load_tokenizer(model)
     lm = load_model(model, dtype=getattr(torch, dtype))
     err = Console(stderr=True)
-    with Progress(TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    with Progress(TextColumn("eval {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=True) as bar:
-        job = bar.add_task("eval", total=None)
-        result = evaluate(lm, tokenizer, task, split=split, n=n, k=k, temperature=temperature,
-                          max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, out=out,
-                          progress=lambda done, total: bar.update(job, completed=done, total=total))
+        jobs = {t.name: bar.add_task(t.name, total=None) for t in plan.tasks}
+        result = evaluate_suite(lm, tokenizer, plan, seed=seed, batch_size=batch_size, out_dir=out_dir, train=train,
+                                progress=lambda name, done, total: bar.update(jobs[name], completed=done, total=total))
     if out is not None:
-        out.with_name(out.name + ".summary.json").write_text(json.dumps(result.summary(), indent=2) + "\n")
-    click.echo(f"{model}: avg@{k} (pass@1) = {result.avg_at_k:.4f} on {result.n} {split} problems of "
-               f"{result.task} (T={temperature:g}, mean {result.mean_response_tokens:.1f} tokens, "
-               f"{100 * result.truncated_fraction:.1f}% truncated)")
+        (only,) = result.results.values()
+        only.write(out)
+        out.with_name(out.name + ".summary.json").write_text(json.dumps(only.summary(), indent=2) + "\n")
+    for name, r in result.results.items():
+        c = result.counts.get(name, {})
+        dup = f", {c['rows'] - c['distinct']} duplicate rows skipped" if plan.dedup and c.get("rows", 0) > c.get(
+            "distinct", 0) else ""
+        click.echo(f"{model}: avg@{r.k} (pass@1) = {r.avg_at_k:.4f} on {r.n} {r.split} problems of "
+                   f"{r.task} (T={r.temperature:g}, mean {r.mean_response_tokens:.1f} tokens, "
+                   f"{100 * r.truncated_fraction:.1f}% truncated{dup})")
+    if len(result.results) > 1:
+        head = result.results[result.headline]
+        click.echo(f"headline: {result.headline} avg@{head.k} = {head.avg_at_k:.4f}")

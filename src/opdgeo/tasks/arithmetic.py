@@ -29,7 +29,7 @@ import random
 import re
 
 from opdgeo.errors import ConfigError
-from opdgeo.tasks.base import SPLITS, Problem, Task
+from opdgeo.tasks.base import SPLITS, Problem, Task, Verdict
 
 OPS = "+-*"
 DEFAULT_SIZES = {"train": 5000, "test": 200}
@@ -192,6 +192,17 @@ class ArithmeticTask(Task):
     def reward(self, response: str, problem: Problem) -> float:
         """1.0 iff ``parse_final_answer(response) == problem.answer`` (strict; see there)."""
         return 1.0 if parse_final_answer(response) == problem.answer else 0.0
+
+    def check(self, response: str, problem: Problem) -> Verdict:
+        """``reward``'s verdict with the integer read from the final ``Answer:`` line (the
+        verdict follows ``reward``, so a subclass that redefines the reward stays consistent)."""
+        got = parse_final_answer(response)
+        ok = self.reward(response, problem) == 1.0
+        return Verdict(ok, "correct" if ok else "no_answer" if got is None else "wrong", extracted=got)
+
+    def answer_format(self, problem: Problem) -> str:
+        """``"answer_line"``: a strict final ``Answer: <integer>`` line (``parse_final_answer``)."""
+        return "answer_line"
 
     def plain_prompt(self, problem: Problem) -> str:
         """``"347+285=\\n"``: the question, ``=`` and a newline; the solution follows."""

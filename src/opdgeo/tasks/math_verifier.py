@@ -11,40 +11,20 @@ thread).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import select
 import subprocess
 import sys
 import threading
-from dataclasses import dataclass
+
+from opdgeo.tasks.answers import extract_answer, last_boxed
+from opdgeo.tasks.base import Verdict
+
+__all__ = ["MathVerifier", "Verdict", "last_boxed"]
 
 log = logging.getLogger("opdgeo.tasks.math")
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) in text, braces balanced; None if absent/unclosed."""
-    best = None
-    for key in ("\\boxed", "\\fbox"):
-        i = text.rfind(key)
-        if i >= 0 and (best is None or i > best[0]):
-            best = (i, key)
-    if best is None:
-        return None
-    j = best[0] + len(best[1])
-    while j < len(text) and text[j] == " ":
-        j += 1
-    if j >= len(text) or text[j] != "{":
-        return None
-    depth, start = 0, j + 1
-    for k in range(j, len(text)):
-        if text[k] == "{":
-            depth += 1
-        elif text[k] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start:k]
-    return None
 
 
 def _check(gold: str, predicted: str, inner_timeout: int) -> bool:
@@ -77,18 +57,8 @@ def _worker_main() -> None:
         out.flush()
 
 
-@dataclass(frozen=True)
-class Verdict:
-    """Outcome of one check."""
-
-    correct: bool
-    """True iff the extracted answer is equivalent to the reference."""
-    reason: str
-    """"correct", "wrong", "no_answer" (no ``\\boxed{}``), "error" (malformed, raised) or "timeout"."""
-
-
 class MathVerifier:
-    """Checks ``\\boxed{}`` answers with math-verify in a worker process.
+    """Checks final answers with math-verify in a worker process.
 
     Args:
         timeout_s: hard wall-clock limit per check (seconds, > 0); a check that takes
@@ -147,18 +117,19 @@ class MathVerifier:
         except Exception:  # interpreter shutdown: nothing left to clean
             pass
 
-    def check(self, response: str, gold: str) -> Verdict:
+    def check(self, response: str, gold: str, *, answer_format: str = "boxed") -> Verdict:
         """Score ``response`` against the reference answer ``gold``.
 
-        The answer is the content of the response's last ``\\boxed{}``; none → wrong
-        ("no_answer"). Never raises for any string input; a hang or an exception is
-        logged and scored wrong.
+        The answer is extracted in ``answer_format`` (``opdgeo.tasks.answers``: the last
+        ``\\boxed{}`` by default, or DAPO's ``Answer:`` line, or GSM8K's ``####``); none →
+        wrong ("no_answer"). Never raises for any string input; a hang or an exception is
+        logged and scored wrong. The verdict carries the extracted answer.
         """
-        predicted = last_boxed(response)
-        if predicted is None or not predicted.strip():
+        predicted = extract_answer(response, answer_format)
+        if predicted is None:
             verdict = Verdict(False, "no_answer")
         else:
-            verdict = self._check_remote(gold, predicted)
+            verdict = dataclasses.replace(self._check_remote(gold, predicted), extracted=predicted)
         self.counts[verdict.reason] += 1
         return verdict
 

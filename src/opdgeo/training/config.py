@@ -88,7 +88,25 @@ class TaskConfig:
     split: str = "train"
     """Which split of the task to train on."""
     num_problems: int | None = None
-    """Use only the first N problems of the split (None: all)."""
+    """Use only the first N problems of the split (None: all); with ``dedup``, the first N
+    distinct ones. SFT with ``demonstrations``: the first N of the demonstration set."""
+    dedup: bool = True
+    """Deduplicate the split by normalized problem text, keeping the first row of each
+    (``opdgeo.tasks.dedup``; dapo-math-17k's Hub copy repeats each prompt ~100 times). The
+    counts before and after are logged and written to the run's ``data.json``."""
+    demonstrations: str | None = None
+    """SFT only: where the demonstrations come from. None: the task's own solutions;
+    ``"teacher"``: ``model.teacher``'s samples of the training prompts, kept only when
+    verified correct (rejection sampling), written once to ``demonstrations.jsonl`` in the
+    run folder and reused; else a task spec with solutions (``"openr1-math"``, a file…),
+    whose problems and prompts the SFT stage then uses."""
+    demonstration_split: str = "train"
+    """Split of the ``demonstrations`` dataset (when it is a task spec)."""
+    demonstration_samples: int = 4
+    """Teacher samples per prompt for ``demonstrations: teacher`` (the first verified one is kept)."""
+    demonstration_temperature: float = 1.0
+    """Sampling temperature of the teacher for ``demonstrations: teacher`` (responses are
+    capped at ``rollout.max_new_tokens``)."""
 
 
 @dataclass(frozen=True)
@@ -512,6 +530,20 @@ def validate(config: TrainConfig, *, check_paths: bool = True) -> list[str]:
         e.append("task.spec: required")
     if t.num_problems is not None and t.num_problems < 1:
         e.append(f"task.num_problems: must be >= 1; got {t.num_problems}")
+    if t.demonstrations is not None:
+        if obj.name != "sft":
+            e.append(f"task.demonstrations: SFT demonstrations apply to objective sft; got {obj.name!r}")
+        if t.demonstrations == "teacher" and m.teacher is None:
+            e.append("task.demonstrations: 'teacher' needs model.teacher (the model that generates them)")
+        elif not t.demonstrations.strip():
+            e.append("task.demonstrations: must be 'teacher' or a task spec; got ''")
+        elif (check_paths and Path(t.demonstrations.split(":")[0]).suffix in (".jsonl", ".json", ".parquet")
+              and not Path(t.demonstrations.split(":")[0]).expanduser().exists()):
+            e.append(f"task.demonstrations: no such file {t.demonstrations!r}")
+    if t.demonstration_samples < 1:
+        e.append(f"task.demonstration_samples: must be >= 1; got {t.demonstration_samples}")
+    if not t.demonstration_temperature > 0:
+        e.append(f"task.demonstration_temperature: must be > 0; got {t.demonstration_temperature}")
 
     if obj.name not in OBJECTIVES:
         e.append(f"objective.name: must be one of {', '.join(OBJECTIVES)}; got {obj.name!r}")

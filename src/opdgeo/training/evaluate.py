@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -38,7 +38,8 @@ class EvalResult:
     truncated_fraction: float
     """Fraction of samples that hit max_new_tokens without EOS."""
     records: list[dict] = field(repr=False, default_factory=list)
-    """Per problem: id, prompt, answer, accuracy (fraction of k correct), rewards, samples."""
+    """Per problem: id, prompt, answer, accuracy (fraction of k correct), rewards, samples,
+    extracted (the answer read from each sample), verdicts (each sample's reason)."""
 
     @property
     def pass_at_1(self) -> float:
@@ -80,7 +81,8 @@ def avg_at_k(rewards: list[list[float]]) -> float:
 
 def evaluate(model, tokenizer, task, *, split: str = "test", n: int | None = None, k: int = 1,
              temperature: float = 0.0, max_new_tokens: int = 96, seed: int = 0, batch_size: int = 64,
-             out: str | Path | None = None, progress: Callable[[int, int], None] | None = None) -> EvalResult:
+             out: str | Path | None = None, progress: Callable[[int, int], None] | None = None,
+             problems: Sequence | None = None) -> EvalResult:
     """Evaluate ``model`` on ``task.problems(split, n)`` with k samples per problem.
 
     Prompts are ``task.format_prompt(problem, tokenizer)``; responses come from
@@ -101,10 +103,15 @@ def evaluate(model, tokenizer, task, *, split: str = "test", n: int | None = Non
         batch_size: sequences per ``generate`` call.
         out: if given, per-problem records are written there as JSONL.
         progress: called as ``progress(done, total)`` problems after each group.
+        problems: evaluate these problems of ``task`` instead of ``task.problems(split, n)``
+            (e.g. its distinct ones; ``split`` is then only recorded).
 
     Returns:
         ``EvalResult``; each record is ``{"id", "prompt", "answer", "accuracy", "rewards",
-        "samples"}`` with ``samples`` the k response texts.
+        "samples", "extracted", "verdicts"}`` with ``samples`` the k response texts,
+        ``extracted`` the answer ``task.check`` read from each (None: none in the
+        expected format) and ``verdicts`` its reason (``"correct"``, ``"wrong"``,
+        ``"no_answer"``, ``"error"``, ``"timeout"``).
 
     Raises:
         ConfigError: k < 1, temperature < 0, or bad split/n (from the task).
@@ -117,7 +124,7 @@ def evaluate(model, tokenizer, task, *, split: str = "test", n: int | None = Non
         raise ConfigError(f"eval: temperature must be >= 0; got {temperature!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"eval: batch_size must be a positive integer; got {batch_size!r}")
-    problems = task.problems(split, n)
+    problems = list(task.problems(split, n) if problems is None else problems)
     group = max(1, batch_size // k)
     records, all_rewards = [], []
     tokens = truncated = 0
@@ -130,10 +137,12 @@ def evaluate(model, tokenizer, task, *, split: str = "test", n: int | None = Non
         truncated += int((~ro.finished).sum())
         for i, p in enumerate(chunk):
             texts = ro.texts[i * k:(i + 1) * k]
-            rewards = [float(task.reward(t, p)) for t in texts]
+            verdicts = [task.check(t, p) for t in texts]
+            rewards = [1.0 if v.correct else 0.0 for v in verdicts]
             all_rewards.append(rewards)
             records.append({"id": p.id, "prompt": p.prompt, "answer": p.answer,
-                            "accuracy": sum(rewards) / k, "rewards": rewards, "samples": texts})
+                            "accuracy": sum(rewards) / k, "rewards": rewards, "samples": texts,
+                            "extracted": [v.extracted for v in verdicts], "verdicts": [v.reason for v in verdicts]})
         if progress is not None:
             progress(min(start + group, len(problems)), len(problems))
     total = len(problems) * k
@@ -144,3 +153,91 @@ def evaluate(model, tokenizer, task, *, split: str = "test", n: int | None = Non
     if out is not None:
         result.write(out)
     return result
+
+
+# ------------------------------------------------------------------------ suites
+
+
+@dataclass(frozen=True)
+class SuiteResult:
+    """Outcome of ``evaluate_suite``: one ``EvalResult`` per task, and the headline."""
+
+    results: dict
+    """Task name → ``EvalResult``, in the suite's order."""
+    headline: str
+    """Name of the headline task."""
+    counts: dict = field(default_factory=dict)
+    """Task name → ``{"rows", "distinct"}`` of its split (before and after deduplication)."""
+
+    @property
+    def headline_value(self) -> float:
+        """avg@k of the headline task."""
+        return self.results[self.headline].avg_at_k
+
+    def summary(self) -> dict:
+        """``{"headline": {"task", "metric", "value"}, "tasks": {name: summary + counts}}`` (JSON-ready)."""
+        head = self.results[self.headline]
+        return {"headline": {"task": self.headline, "metric": f"avg@{head.k}", "value": head.avg_at_k},
+                "tasks": {name: {**r.summary(), **self.counts.get(name, {})} for name, r in self.results.items()}}
+
+    def write(self, out_dir: str | Path) -> Path:
+        """``<out_dir>/<task>.jsonl`` per task (``EvalResult.write``) and ``summary.json``; the folder."""
+        out_dir = Path(out_dir)
+        for name, r in self.results.items():
+            r.write(out_dir / f"{name}.jsonl")
+        tmp = out_dir / "summary.json.tmp"
+        tmp.write_text(json.dumps(self.summary(), indent=2) + "\n")
+        tmp.replace(out_dir / "summary.json")
+        return out_dir
+
+
+def evaluate_suite(model, tokenizer, suite, *, seed: int = 0, batch_size: int = 64, out_dir: str | Path | None = None,
+                   train: Sequence[tuple[str, str]] = (),
+                   progress: Callable[[str, int, int], None] | None = None) -> SuiteResult:
+    """Evaluate ``model`` on every task of an ``opdgeo.tasks.suite.EvalSuite``.
+
+    Each task's problems are its split's distinct problems (``suite.dedup``; else every
+    row), the first ``n``; k, temperature and the token cap come from
+    ``suite.settings(task)``. Tasks that resolve to training rows are refused before any
+    generation (``check_eval_not_train`` against ``train``).
+
+    Args:
+        model, tokenizer: the causal LM and its tokenizer.
+        suite: the ``EvalSuite``.
+        seed: sampling seed (the same for every task).
+        batch_size: sequences per ``generate`` call.
+        out_dir: if given, ``SuiteResult.write(out_dir)``.
+        train: ``(spec, split)`` of the training tasks to refuse.
+        progress: called as ``progress(task_name, done, total)``.
+
+    Returns:
+        ``SuiteResult``.
+
+    Raises:
+        ConfigError: an evaluation task that is training data, or any task/split error,
+            all before the first generation.
+    """
+    from opdgeo.tasks import load_task
+    from opdgeo.tasks.dedup import select_problems
+    from opdgeo.tasks.suite import check_eval_not_train
+
+    if train:
+        check_eval_not_train(train, suite)
+    chosen = {}
+    for t in suite.tasks:  # every task resolves (and every split exists) before generating
+        task = load_task(t.spec)
+        problems, counts = select_problems(task, t.split, num_problems=t.n, dedup=suite.dedup)
+        chosen[t.name] = (task, problems, {"rows": counts.rows, "distinct": counts.distinct})
+    results = {}
+    for t in suite.tasks:
+        task, problems, _ = chosen[t.name]
+        k, temperature, cap = suite.settings(t)
+        cb = None if progress is None else (lambda done, total, name=t.name: progress(name, done, total))
+        results[t.name] = evaluate(model, tokenizer, task, split=t.split, k=k, temperature=temperature,
+                                   max_new_tokens=cap, seed=seed, batch_size=batch_size, problems=problems,
+                                   progress=cb)
+    out = SuiteResult(results=results, headline=suite.headline_task.name,
+                      counts={name: c for name, (_, _, c) in chosen.items()})
+    if out_dir is not None:
+        out.write(out_dir)
+    return out

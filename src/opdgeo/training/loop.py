@@ -746,7 +746,7 @@ def train(config: TrainConfig, *, resume: bool = False, hooks: Hooks | None = No
     from accelerate import Accelerator
 
     from opdgeo.models import check_same_tokenizer
-    from opdgeo.tasks import load_task
+    from opdgeo.training.data import training_problems
 
     transformers.utils.logging.disable_progress_bar()
     hooks = hooks or Hooks()
@@ -765,10 +765,8 @@ def train(config: TrainConfig, *, resume: bool = False, hooks: Hooks | None = No
     _barrier()
 
     # ---- task, student, teacher
-    task = load_task(config.task.spec)
-    problems = task.problems(config.task.split, config.task.num_problems)
-    if not problems:
-        raise ConfigError(f"task.spec: {config.task.spec!r} has no {config.task.split!r} problems")
+    data = training_problems(config, run_dir, device=device, is_main=is_main, barrier=_barrier)
+    task, problems = data.task, data.problems
     torch.manual_seed(config.run.seed)
     student, tokenizer = load_policy(config.model.student, init_seed=config.model.init_seed)
     student = student.to(device=device, dtype=torch.float32).eval()  # fp32 master weights
