@@ -459,7 +459,7 @@ def test_parse_tensor_name(name, layer, typ):
 
 
 def test_type_constants_and_geometry_set():
-    assert TYPES == ("q", "k", "v", "o", "gate", "up", "down", "embed", "lm_head", "norm", "other")
+    assert TYPES == ("q", "k", "v", "o", "gate", "up", "down", "embed", "lm_head", "norm", "other", "router")
     assert GEOMETRY_TYPES == TYPES[:7] and ATTENTION_TYPES == TYPES[:4]
     assert is_geometry_matrix("model.layers.0.mlp.down_proj.weight", (4, 8))
     assert not is_geometry_matrix("model.layers.0.self_attn.q_proj.bias", (8,))

@@ -163,8 +163,8 @@ def test_bad_inputs_give_one_line_and_exit_2(ckpts, tmp_path, capsys):
 
 def test_bad_options_give_one_line_and_exit_2(ckpts, capsys):
     _, base, tuned, _ = ckpts
-    code, _, err = run_cli(["compare", base, tuned, "--rank", "40"], capsys)
-    assert_one_line_error(code, err, "--rank", "model.layers.0.self_attn.k_proj.weight", "32")
+    code, _, err = run_cli(["compare", base, tuned, "--rank", "0", "--k", "0"], capsys)
+    assert_one_line_error(code, err, "--k must be an integer >= 1; got 0", "--rank must be an integer >= 1; got 0")
     code, _, err = run_cli(["compare", base, tuned, "--metrics", "sparsity,foo", "--alpha", "1.5"], capsys)
     assert_one_line_error(code, err, "'foo'", "--alpha")
     if not torch.cuda.is_available():

@@ -127,7 +127,7 @@ def test_cli_eval(saved_model, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args,msg", [
-    (["eval", "/nonexistent/model"], "no such model folder"),
+    (["eval", "/nonexistent/model"], "/nonexistent/model: no such file or directory"),
     (["eval", "MODEL", "--task", "arithmetic:difficulty=0"], "difficulty must be"),
     (["eval", "MODEL", "--k", "0", "--n", "1"], "k must be"),
 ])

@@ -134,20 +134,20 @@ def test_model_id_resolved_from_local_cache_only(tok, tmp_path, monkeypatch):
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, model(x).logits)
     assert load_tokenizer("opdgeo-test/tiny").get_vocab() == tok.get_vocab()
-    with pytest.raises(ConfigError, match="opdgeo-test/other: no such folder, and not in the local Hugging Face cache"):
+    with pytest.raises(ConfigError, match="opdgeo-test/other: no such file or directory, and not found in the local Hugging Face cache"):
         load_model("opdgeo-test/other")
 
 
 def test_load_model_errors(tmp_path):
-    with pytest.raises(ConfigError, match="no such model folder"):
+    with pytest.raises(ConfigError, match="missing: no such file or directory"):
         load_model(tmp_path / "missing")
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ConfigError, match="no config.json"):
         load_model(empty)
-    with pytest.raises(ConfigError, match="not in the local Hugging Face cache"):
+    with pytest.raises(ConfigError, match="not found in the local Hugging Face cache"):
         load_model("opdgeo-test-org/definitely-not-cached-model")
-    with pytest.raises(ConfigError, match="not in the local Hugging Face cache"):
+    with pytest.raises(ConfigError, match="not found in the local Hugging Face cache"):
         load_tokenizer("opdgeo-test-org/definitely-not-cached-model")
     pickled = tmp_path / "pickled"
     pickled.mkdir()

@@ -276,8 +276,13 @@ def test_bad_input_one_line_errors(runs, tmp_path, capsys):
     with pytest.raises(CheckpointError, match="does not match run lock"):
         trajectory({"lock": root / "lock"}, other_origin)
     # options validated before any weight is read, all problems at once
-    with pytest.raises(ConfigError, match="--k-hill.*--sim-k"):
+    with pytest.raises(ConfigError, match="^k_hill must be .*; sim_k must be"):  # the library names fields
         trajectory({"lock": root / "lock"}, root / "origin", k_hill=1, sim_k=0)
+    capsys.readouterr()
+    assert _cli(["trajectory", "--origin", str(root / "origin"), str(root / "lock"), "--k-hill", "1",
+                 "--lock-threshold", "2"]) == 2
+    err = capsys.readouterr().err  # ... and the CLI its flags
+    assert "--k-hill must be an integer >= 2; got 1" in err and "--lock-threshold must be in [0, 1]" in err
     with pytest.raises(ConfigError, match="no matrix"):
         trajectory({"lock": root / "lock"}, root / "origin", matrices="nothing_matches")
     assert _cli(["trajectory", "--run", f"lock={root / 'lock'}", "--origin", f"lokc={root / 'origin'}"]) == 2

@@ -7,9 +7,9 @@ Library entry points (imported lazily so that ``import opdgeo`` stays cheap):
 - ``opdgeo.geometry`` -> the pure metric functions.
 """
 
+from opdgeo._version import __version__
 from opdgeo.errors import CheckpointError, ConfigError, OpdgeoError
 
-__version__ = "0.1.0"
 __all__ = ["compare", "trajectory", "OpdgeoError", "CheckpointError", "ConfigError", "__version__"]
 
 

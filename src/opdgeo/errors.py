@@ -17,3 +17,30 @@ class CheckpointError(OpdgeoError):
 
 class ConfigError(OpdgeoError):
     """A configuration or option value is invalid (all problems listed at once)."""
+
+
+class SourceError(CheckpointError, ConfigError):
+    """A model source (folder, file, local-cache id, ``smollm2``, ``tiny:PRESET``) that
+    names nothing usable. Both a checkpoint that cannot be opened and a configuration
+    value that is wrong, so it is caught as either."""
+
+
+class FieldError(ConfigError):
+    """Invalid fields of an options dataclass, all listed at once.
+
+    ``problems`` holds ``(field, text)`` pairs; the message is ``"<field> <text>"`` for
+    each, joined by ``"; "`` (e.g. ``"k must be an integer >= 1; got 0"``). Library code
+    names fields; a front end that spells them otherwise (the CLI's ``--k``) re-raises
+    ``err.renamed({"k": "--k"})``.
+    """
+
+    def __init__(self, problems):
+        self.problems = tuple((str(f), str(t)) for f, t in problems)
+        super().__init__("; ".join(f"{f} {t}" for f, t in self.problems))
+
+    def renamed(self, names) -> "FieldError":
+        """The same problems with each field spelled ``names[field]`` (unknown fields kept)."""
+        return FieldError([(names.get(f, f), t) for f, t in self.problems])
+
+    def __reduce__(self):  # picklable across ranks despite the non-string constructor argument
+        return (type(self), (self.problems,))

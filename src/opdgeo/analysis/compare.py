@@ -1,53 +1,55 @@
 """Pairwise diagnostics of a base -> fine-tuned checkpoint pair (SPEC §1).
 
-``compare(base, tuned, **options)`` streams the two checkpoints tensor by tensor (one pair
+``compare(base, tuned, options)`` streams the two checkpoints tensor by tensor (one pair
 per worker in memory), computes
 
-- bf16-aware update sparsity and visible density for every floating-point tensor;
-- for the geometry matrix set only (q, k, v, o, gate, up, down): principal-angle rotation
-  of the top-k left/right singular subspaces, the normalized spectral shift over all
-  singular values, and the overlap of the update mask with the principal and
-  low-magnitude masks of W0;
+- bf16-aware update sparsity and visible density for every floating-point tensor (and,
+  with ``nss``, the update's Frobenius norm ‖ΔW‖_F and ‖ΔW‖_F / ‖W0‖_F);
+- for the geometry matrix set only (q, k, v, o, gate, up, down, the experts' included):
+  principal-angle rotation of the top-k left/right singular subspaces, the normalized
+  spectral shift over all singular values, and the overlap of the update mask with the
+  principal and low-magnitude masks of W0;
 
-and aggregates them as the SPEC says. All the numerics are the functions of
-``opdgeo.geometry``; all the reading is ``opdgeo.checkpoints``; this module only decides
-what to compute for which tensor, in which order, and how to pool it.
+and aggregates them as the SPEC says (``analysis.compare_summary``; per expert for a
+mixture-of-experts checkpoint). All the numerics are the functions of ``opdgeo.geometry``;
+all the reading is ``opdgeo.checkpoints``; the work goes through
+``opdgeo.analysis.driver``; the files are written by ``opdgeo.report.compare_files``.
+This module decides what to compute for which tensor.
 
 Cheapest exact path per matrix: a cache-blocked bitwise bf16 count for sparsity and the
 non-finite check in the same pass (``bf16_unchanged_count``: no float copy, no full-size
-mask; the update mask is built only when the overlaps need it); singular values only where vectors are not needed (``nss`` alone); the top
-``max(k, rank)`` vectors of W0 and the top ``k`` of W+ otherwise; the base's decomposition
-and its principal/low-magnitude masks (functions of W0 alone) from the on-disk cache
-(``cache=DIR``) when it is warm, so a warm run does only the tuned side's work.
+mask; the update mask is built only when the overlaps need it); singular values only
+where vectors are not needed (``nss`` alone); the top ``max(k, rank)`` vectors of W0 and
+the top ``k`` of W+ otherwise; the base's decomposition and its principal/low-magnitude
+masks (functions of W0 alone) from the on-disk cache (``cache=DIR``) when it is warm, so a
+warm run does only the tuned side's work.
 
-Work is split across threads (``workers``) and across torchrun processes (an initialized
-``torch.distributed`` group: each rank takes a cost-balanced shard of the tensors, and the
-rows are gathered so that every rank returns the same result; the CLI writes on rank 0).
+``k`` and ``rank`` are capped per matrix at min(m, n); the ``rank`` column says which
+rank each matrix's principal mask used.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import os
+import threading
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from opdgeo._version import __version__
 from opdgeo.analysis.cache import SvdCache
-from opdgeo.analysis.files import atomic_write_text, json_safe
-from opdgeo.analysis.parallel import all_gather, map_ordered, shard_for_rank
-from opdgeo.analysis.progress import progress_bar
-from opdgeo.errors import ConfigError, OpdgeoError
+from opdgeo.analysis.compare_summary import SUMMARY_MEAN_KEYS, summarize
+from opdgeo.analysis.driver import Matrix, Progress, execute, plan_matrices, resolve_options
+from opdgeo.errors import FieldError
 
 __all__ = [
     "METRICS",
     "COLUMNS",
+    "EXTRA_COLUMNS",
     "SUMMARY_MEAN_KEYS",
     "CompareOptions",
     "CompareResult",
@@ -74,30 +76,22 @@ COLUMNS = (
     "principal_overlap",
     "low_magnitude_overlap",
 )
-EXTRA_COLUMNS = ("legacy_sparsity", "note")
-
-# Per-matrix columns averaged (unweighted) over the geometry set -> summary key.
-SUMMARY_MEAN_KEYS = {
-    "density": "mean_density",
-    "nss": "mean_nss",
-    "angle_left_max_deg": "mean_angle_left_max_deg",
-    "angle_right_max_deg": "mean_angle_right_max_deg",
-    "principal_overlap": "mean_principal_overlap",
-    "low_magnitude_overlap": "mean_low_magnitude_overlap",
-}
+EXTRA_COLUMNS = ("legacy_sparsity", "note", "expert", "fro_norm", "rel_fro_norm", "rank")
 
 
 @dataclass(frozen=True)
 class CompareOptions:
-    """Settings of one comparison (SPEC §1); ``validate()`` lists every problem at once.
+    """Settings of one comparison (SPEC §1): the one place of their defaults (the CLI and
+    the study read them here). ``validate()`` lists every problem at once, naming fields.
 
     Attributes:
-        metrics: subset of ``METRICS``; ``sparsity`` is always computed (it is also the
-            update mask of the overlaps) for every floating tensor, the others only for
-            the geometry matrix set.
+        metrics: subset of ``METRICS`` (a tuple, or a comma-separated string); ``sparsity``
+            is always computed (it is also the update mask of the overlaps) for every
+            floating tensor, the others only for the geometry matrix set (``nss`` also
+            gives ``fro_norm``/``rel_fro_norm`` for every floating tensor).
         k: principal-angle subspace size, capped per matrix at ``min(m, n)``.
-        rank: rank r of the W0 reconstruction behind the principal mask; must be
-            ``<= min(m, n)`` of every geometry matrix when ``overlap`` is requested.
+        rank: rank r of the W0 reconstruction behind the principal mask, capped per
+            matrix at ``min(m, n)`` (the ``rank`` column reports the value used).
         alpha: mask fraction of the principal and low-magnitude masks (our choice: 0.3,
             see SPEC §1).
         eta: relative tolerance of the bf16 unchanged rule.
@@ -109,9 +103,14 @@ class CompareOptions:
         workers: threads working on different tensors at once.
         keep_angles: keep every matrix's full angle vectors (degrees) in
             ``CompareResult.angles``.
+        cache: a folder (or an ``SvdCache``) holding the base's decompositions and masks;
+            reused when warm, filled when cold.
+        ignore_missing: skip tensors present in only one checkpoint instead of failing.
+        allow_pickle: allow ``pytorch_model*.bin`` (loaded with ``weights_only=True``).
+        progress: a progress bar on stderr (rank 0 only).
     """
 
-    metrics: tuple[str, ...] = METRICS
+    metrics: tuple[str, ...] | str | None = METRICS
     k: int = 512
     rank: int = 64
     alpha: float = 0.3
@@ -121,45 +120,66 @@ class CompareOptions:
     device: str = "cpu"
     workers: int = 1
     keep_angles: bool = False
+    cache: str | os.PathLike | SvdCache | None = None
+    ignore_missing: bool = False
+    allow_pickle: bool = False
+    progress: bool = False
+
+    #: fields that change how the work runs or what is kept, not the numbers
+    RUN_FIELDS = ("workers", "keep_angles", "cache", "ignore_missing", "allow_pickle", "progress")
+
+    def __post_init__(self):
+        metrics = METRICS if self.metrics is None else self.metrics
+        if isinstance(metrics, str):
+            metrics = tuple(m.strip() for m in metrics.split(",") if m.strip())
+        requested = tuple(m for m in METRICS if m in set(metrics) | {"sparsity"})
+        object.__setattr__(self, "metrics", requested + tuple(m for m in metrics if m not in METRICS))
+        object.__setattr__(self, "device", str(self.device))
 
     def validate(self) -> None:
-        """Raise ``ConfigError`` listing every invalid field (one line)."""
+        """Raise ``FieldError`` listing every invalid field."""
         problems = []
         unknown = [m for m in self.metrics if m not in METRICS]
         if unknown:
-            problems.append(f"--metrics: unknown {', '.join(map(repr, unknown))} (choose from {', '.join(METRICS)})")
-        if not isinstance(self.k, int) or self.k < 1:
-            problems.append(f"--k must be an integer >= 1; got {self.k!r}")
-        if not isinstance(self.rank, int) or self.rank < 1:
-            problems.append(f"--rank must be an integer >= 1; got {self.rank!r}")
-        if not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):
-            problems.append(f"--alpha must be in [0, 1]; got {self.alpha!r}")
-        if not (isinstance(self.eta, (int, float)) and 0.0 <= self.eta < 1.0 and math.isfinite(self.eta)):
-            problems.append(f"--eta must be in [0, 1); got {self.eta!r}")
-        if self.legacy_atol is not None and not (
-            isinstance(self.legacy_atol, (int, float)) and self.legacy_atol >= 0 and math.isfinite(self.legacy_atol)
-        ):
-            problems.append(f"--legacy-atol must be a finite number >= 0; got {self.legacy_atol!r}")
+            problems.append(("metrics", f"unknown {', '.join(map(repr, unknown))} (choose from {', '.join(METRICS)})"))
+        for name in ("k", "rank", "workers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                problems.append((name, f"must be an integer >= 1; got {value!r}"))
+        if not (_is_number(self.alpha) and 0.0 <= self.alpha <= 1.0):
+            problems.append(("alpha", f"must be in [0, 1]; got {self.alpha!r}"))
+        if not (_is_number(self.eta) and 0.0 <= self.eta < 1.0):
+            problems.append(("eta", f"must be in [0, 1); got {self.eta!r}"))
+        if self.legacy_atol is not None and not (_is_number(self.legacy_atol) and self.legacy_atol >= 0):
+            problems.append(("legacy_atol", f"must be a finite number >= 0; got {self.legacy_atol!r}"))
         if self.precision not in PRECISIONS:
-            problems.append(f"--precision must be fp64 or fp32; got {self.precision!r}")
-        if not isinstance(self.workers, int) or self.workers < 1:
-            problems.append(f"--workers must be an integer >= 1; got {self.workers!r}")
-        device = str(self.device)
+            problems.append(("precision", f"must be fp64 or fp32; got {self.precision!r}"))
+        device = self.device
         if device == "cuda" or device.startswith("cuda:"):
             if not torch.cuda.is_available():
-                problems.append(f"--device {device}: CUDA is not available on this machine")
+                problems.append(("device", f"{device}: CUDA is not available on this machine"))
             elif device.startswith("cuda:"):
                 index = device.split(":", 1)[1]
                 if not index.isdigit() or int(index) >= torch.cuda.device_count():
-                    problems.append(f"--device {device}: no such CUDA device ({torch.cuda.device_count()} visible)")
+                    problems.append(("device", f"{device}: no such CUDA device ({torch.cuda.device_count()} visible)"))
         elif device != "cpu":
-            problems.append(f"--device must be cpu, cuda or cuda:N; got {device!r}")
+            problems.append(("device", f"must be cpu, cuda or cuda:N; got {device!r}"))
         if problems:
-            raise ConfigError("; ".join(problems))
+            raise FieldError(problems)
 
     @property
     def dtype(self) -> torch.dtype:
         return PRECISIONS[self.precision]
+
+    def settings(self) -> dict[str, Any]:
+        """The fields that change the numbers (``summary.json`` ``settings``)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.RUN_FIELDS}
+        out["metrics"] = list(self.metrics)
+        return out
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @dataclass
@@ -182,243 +202,105 @@ class CompareResult:
     angles: dict[str, dict[str, Any]] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
 
-    def write(self, out_dir: str | os.PathLike) -> list[Path]:
-        """Write ``matrices.csv``, ``summary.json``, ``summary.md`` (and
-        ``angles.safetensors`` when angle vectors were kept) into ``out_dir``.
+    def write(self, out_dir: str | os.PathLike, *, figures: bool = True) -> list[Path]:
+        """Write ``matrices.csv``, ``summary.json``, ``summary.md`` (``angles.safetensors``
+        when angle vectors were kept; the expert density heatmap for a mixture of experts)
+        into ``out_dir``, each file atomically (``opdgeo.report.compare_files``)."""
+        from opdgeo.report.compare_files import write_compare
 
-        Each file is written to a temporary name and renamed into place.
-        """
-        out = Path(out_dir)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise ConfigError(f"--out {out}: cannot create the folder ({err.strerror})") from None
-        paths = [out / "matrices.csv", out / "summary.json", out / "summary.md"]
-        atomic_write_text(paths[0], self.to_csv())
-        atomic_write_text(paths[1], json.dumps(json_safe(self.summary), indent=2) + "\n")
-        atomic_write_text(paths[2], self.to_markdown())
-        if self.angles:
-            from safetensors.torch import save_file
-
-            tensors = {}
-            for name, sides in self.angles.items():
-                for side, values in sides.items():
-                    tensors[f"{name}.{side}"] = torch.as_tensor(values, dtype=torch.float64)
-            path = out / "angles.safetensors"
-            tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-            save_file(tensors, str(tmp), metadata={"unit": "degrees", "order": "ascending"})
-            os.replace(tmp, path)
-            paths.append(path)
-        return paths
+        return write_compare(self, out_dir, figures=figures)
 
     def to_csv(self) -> str:
         """``matrices.csv`` as text: empty cell for ``None``, full ``repr`` precision."""
-        import io
+        from opdgeo.report.compare_files import matrices_csv
 
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        columns = COLUMNS + EXTRA_COLUMNS
-        writer.writerow(columns)
-        for row in self.matrices:
-            writer.writerow(["" if row.get(c) is None else _cell(row[c]) for c in columns])
-        return buf.getvalue()
+        return matrices_csv(self.matrices)
 
     def to_markdown(self) -> str:
         """``summary.md``: the headline numbers and the per-type table."""
-        s = self.summary
-        lines = ["# opdgeo compare", ""]
-        lines.append(f"- base: `{s['settings']['base']}`")
-        lines.append(f"- tuned: `{s['settings']['tuned']}`")
-        lines.append(f"- tensors: {s['n_tensors']} ({s['n_params']:,} parameters), geometry matrices: {s['n_matrices']}")
-        lines.append(f"- global sparsity (parameter-weighted, bf16-aware): {format_percent(s['global_sparsity'])}")
-        for key in SUMMARY_MEAN_KEYS.values():
-            lines.append(f"- {key}: {format_value(s[key], key)}")
-        if s.get("global_legacy_sparsity") is not None:
-            lines.append(f"- global legacy sparsity (|Δ| ≤ {s['settings']['legacy_atol']}): {format_percent(s['global_legacy_sparsity'])}")
-        lines += ["", "## By type", ""]
-        head = ["type", "tensors", "params", "sparsity", *SUMMARY_MEAN_KEYS.values()]
-        lines.append("| " + " | ".join(head) + " |")
-        lines.append("|" + "---|" * len(head))
-        for t, d in s["by_type"].items():
-            cells = [t, str(d["n_tensors"]), f"{d['n_params']:,}", format_percent(d["sparsity"])]
-            cells += [format_value(d[key], key) for key in SUMMARY_MEAN_KEYS.values()]
-            lines.append("| " + " | ".join(cells) + " |")
-        if s["by_layer"]:
-            lines += ["", "## By layer", "", "| layer | params | sparsity |", "|---|---|---|"]
-            for layer, d in s["by_layer"].items():
-                lines.append(f"| {layer} | {d['n_params']:,} | {format_percent(d['sparsity'])} |")
-        if s["non_finite"]:
-            lines += ["", "## Non-finite weights", ""]
-            lines += [f"- `{item['name']}`: {item['note']}" for item in s["non_finite"]]
-        return "\n".join(lines) + "\n"
+        from opdgeo.report.compare_files import summary_markdown
+
+        return summary_markdown(self.summary)
 
 
-def compare(
-    base,
-    tuned,
-    *,
-    metrics: Sequence[str] | str | None = None,
-    k: int = 512,
-    rank: int = 64,
-    alpha: float = 0.3,
-    eta: float = 1e-3,
-    legacy_atol: float | None = None,
-    precision: str = "fp64",
-    device: str = "cpu",
-    workers: int = 1,
-    cache: str | os.PathLike | SvdCache | None = None,
-    ignore_missing: bool = False,
-    allow_pickle: bool = False,
-    progress: bool = False,
-    keep_angles: bool = False,
-) -> CompareResult:
+def compare(base, tuned, options: CompareOptions | None = None, **fields_) -> CompareResult:
     """Diagnose the update from ``base`` to ``tuned`` (SPEC §1).
 
     Args:
         base, tuned: checkpoints — an HF folder, a ``.safetensors`` file, a local-cache
-            model id, or an opened ``opdgeo.checkpoints.Checkpoint``.
-        metrics: names from ``METRICS`` (a list or a comma-separated string); ``None``
-            means all. ``sparsity`` is always included.
-        k, rank, alpha, eta, legacy_atol, precision, device, workers, keep_angles: see
-            ``CompareOptions``.
-        cache: a folder (or ``SvdCache``) holding the base's decompositions (and, with
-            ``overlap``, its two masks as packed bits under ``masks/``); reused when
-            warm, filled when cold.
-        ignore_missing: skip tensors present in only one checkpoint instead of failing.
-        allow_pickle: allow ``pytorch_model*.bin`` (loaded with ``weights_only=True``).
-        progress: show a rich progress bar on stderr (rank 0 only).
+            model id, ``smollm2``, or an opened ``opdgeo.checkpoints.Checkpoint``.
+        options: ``CompareOptions``; keyword arguments named after its fields override
+            them (``compare(base, tuned, k=16, cache="svd/")``).
 
     Returns:
         ``CompareResult``; the same on every rank of a distributed run.
 
     Raises:
-        ConfigError: invalid options, or ``rank`` larger than some matrix allows (every
-            offending tensor named), before any tensor is read.
+        FieldError: invalid options (every offending field named), before any tensor is
+            read.
         CheckpointError: unreadable checkpoints, one-sided tensors (without
             ``ignore_missing``), shape mismatches.
+        TypeError: a keyword that is not a field of ``CompareOptions``.
     """
     from opdgeo.checkpoints import open_checkpoint
 
-    if metrics is None:
-        metrics = METRICS
-    elif isinstance(metrics, str):
-        metrics = tuple(m.strip() for m in metrics.split(",") if m.strip())
-    requested = tuple(m for m in METRICS if m in set(metrics) | {"sparsity"})
-    opts = CompareOptions(
-        metrics=requested + tuple(m for m in metrics if m not in METRICS),
-        k=k,
-        rank=rank,
-        alpha=alpha,
-        eta=eta,
-        legacy_atol=legacy_atol,
-        precision=precision,
-        device=str(device),
-        workers=workers,
-        keep_angles=keep_angles,
-    )
-    opts.validate()
-    svd_cache = cache if isinstance(cache, SvdCache) or cache is None else SvdCache(cache)
+    opts = resolve_options(CompareOptions, options, fields_, "compare")
+    svd_cache = opts.cache if isinstance(opts.cache, SvdCache) or opts.cache is None else SvdCache(opts.cache)
 
     t0 = time.perf_counter()
-    base_ckpt = base if hasattr(base, "load") else open_checkpoint(base, allow_pickle=allow_pickle)
-    tuned_ckpt = tuned if hasattr(tuned, "load") else open_checkpoint(tuned, allow_pickle=allow_pickle)
-    plan = _plan(base_ckpt, tuned_ckpt, opts, ignore_missing)
-
-    import torch.distributed as dist
-
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    rank_id, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    mine = shard_for_rank(plan, rank_id, world, cost=lambda item: item.cost)
-
+    base_ckpt = base if hasattr(base, "load") else open_checkpoint(base, allow_pickle=opts.allow_pickle)
+    tuned_ckpt = tuned if hasattr(tuned, "load") else open_checkpoint(tuned, allow_pickle=opts.allow_pickle)
+    plan = _plan(base_ckpt, tuned_ckpt, opts)
     counters = _Counters()
     worker = _Worker(base_ckpt, tuned_ckpt, opts, svd_cache, counters)
-    rows: list[dict[str, Any]] = []
-    angles: dict[str, dict[str, Any]] = {}
-    error: str | None = None
-    try:
-        with progress_bar("compare", progress and rank_id == 0, sum(item.numel for item in mine), "of parameters") as advance:
-            for item, (row, ang) in zip(mine, map_ordered(worker, mine, opts.workers)):
-                rows.append(row)
-                if ang is not None:
-                    angles[item.name] = ang
-                advance(item.numel)
-    except OpdgeoError as err:
-        if not distributed:
-            raise
-        error = f"{type(err).__name__}\t{err}"
-
-    stats = counters.as_dict()
-    if distributed:
-        # every rank learns every rank's rows (and errors), so all fail or finish together
-        gathered = all_gather((error, rows, angles, stats))
-        errors = [e for e, *_ in gathered if e is not None]
-        if errors:
-            kind, message = errors[0].split("\t", 1)
-            from opdgeo import errors as err_mod
-
-            raise getattr(err_mod, kind, OpdgeoError)(message)
-        by_name = {}
-        for _, r, a, _ in gathered:
-            by_name.update({row["name"]: row for row in r})
-            angles.update(a)
-        rows = [by_name[item.name] for item in plan]
-        stats = _sum_stats([s for *_, s in gathered])
-    stats["world"] = world
+    progress = Progress("compare", "of parameters", weight=lambda item: item.numel) if opts.progress else None
+    done = execute(plan, worker, cost=lambda item: item.cost, workers=opts.workers, progress=progress,
+                   stats=counters.as_dict)
+    rows = [row for row, _ in done.results]
+    angles = {item.name: ang for item, (_, ang) in zip(plan, done.results) if ang is not None}
+    stats = _sum_stats(done.stats)
+    stats["world"] = done.world
     stats["elapsed_s"] = time.perf_counter() - t0
 
     geometry_names = {item.name for item in plan if item.geometry}
-    summary = summarize(rows, geometry_names, opts, base=str(getattr(base_ckpt, "path", base)), tuned=str(getattr(tuned_ckpt, "path", tuned)))
-    return CompareResult(matrices=rows, summary=summary, angles=angles if keep_angles else {}, stats=stats)
+    settings = dict(opts.settings(), base=str(getattr(base_ckpt, "path", base)),
+                    tuned=str(getattr(tuned_ckpt, "path", tuned)), opdgeo_version=__version__)
+    summary = summarize(rows, geometry_names, opts, settings)
+    return CompareResult(matrices=rows, summary=summary, angles=angles if opts.keep_angles else {}, stats=stats)
 
 
 # --------------------------------------------------------------------------- planning
 
 
 @dataclass(frozen=True)
-class _Item:
-    """One tensor to compare: what to compute for it, and its cost for load balancing."""
+class _Item(Matrix):
+    """One tensor to compare (a planned ``Matrix``): what to compute for it, and its cost
+    for load balancing."""
 
-    name: str
-    layer: int | None
-    type: str
-    shape: tuple[int, ...]
-    numel: int
-    geometry: bool  # in the geometry matrix set: angles/nss/overlap apply, density is pooled
-    k: int  # angle subspace size, capped at min(m, n)
-    n_base_vectors: int  # vectors of W0 needed (angles: k, overlap: rank)
-    cost: float
+    k: int = 0  # angle subspace size, capped at min(m, n)
+    rank: int = 0  # principal-mask rank, capped at min(m, n) (0 when the overlaps do not run)
+    n_base_vectors: int = 0  # vectors of W0 needed (angles: k, overlap: rank)
+    cost: float = 0.0
 
 
-def _plan(base, tuned, opts: CompareOptions, ignore_missing: bool) -> list[_Item]:
-    """Pair the names, classify each tensor, and validate ``rank`` against every matrix."""
-    from opdgeo.checkpoints import is_geometry_matrix, pair_names, parse_tensor_name
+def _plan(base, tuned, opts: CompareOptions) -> list[_Item]:
+    """Pair the names, classify each tensor, and size each matrix's work."""
+    from opdgeo.checkpoints import pair_names
 
-    names = pair_names(base, tuned, ignore_missing=ignore_missing)
     wants = set(opts.metrics)
-    items, too_small = [], []
-    for name in names:
-        info = base.info(name)
-        if not info.dtype.is_floating_point:
-            continue  # integer buffers (e.g. position ids) are not weights
-        shape = tuple(int(s) for s in info.shape)
-        parsed = parse_tensor_name(name)
-        geometry = bool(is_geometry_matrix(name, shape))
-        k_eff, n_vec, cost = 0, 0, float(info.numel)
-        if geometry and wants - {"sparsity"}:
-            m, n = shape
+    items = []
+    for mat in plan_matrices(base, pair_names(base, tuned, ignore_missing=opts.ignore_missing)):
+        k_eff = rank = n_vec = 0
+        cost = float(mat.numel)
+        if mat.geometry and wants - {"sparsity"}:
+            m, n = mat.shape
             p = min(m, n)
-            if "overlap" in wants and opts.rank > p:
-                too_small.append((name, p))
             k_eff = min(opts.k, p) if "angles" in wants else 0
-            n_vec = min(max(k_eff, opts.rank if "overlap" in wants else 0), p)
+            rank = min(opts.rank, p) if "overlap" in wants else 0
+            n_vec = min(max(k_eff, rank), p)
             cost += 2.0 * m * n * p  # two SVDs dominate: O(m n min(m, n))
-        items.append(
-            _Item(name, parsed.layer, parsed.type, shape, int(info.numel), geometry, k_eff, n_vec, cost)
-        )
-    if too_small:
-        listed = "; ".join(f"min(m, n) = {p} for {name}" for name, p in too_small[:3])
-        more = f" (and {len(too_small) - 3} more)" if len(too_small) > 3 else ""
-        raise ConfigError(f"--rank must be <= min(m, n) of every matrix; got {opts.rank}, but {listed}{more}")
+        items.append(_Item(**{f.name: getattr(mat, f.name) for f in fields(Matrix)}, k=k_eff, rank=rank,
+                           n_base_vectors=n_vec, cost=cost))
     return items
 
 
@@ -429,8 +311,6 @@ class _Counters:
     """Thread-safe counts of the expensive steps (for stats and tests)."""
 
     def __init__(self):
-        import threading
-
         self._lock = threading.Lock()
         self.counts = {"base_svds": 0, "tuned_svds": 0, "cache_hits": 0, "cache_misses": 0, "tensors": 0}
 
@@ -452,14 +332,15 @@ def _sum_stats(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 class _Worker:
-    """Computes one tensor's row; called from ``map_ordered`` threads (holds no state
+    """Computes one tensor's row; called from the driver's threads (holds no state
     between calls except the thread-safe counters and cache)."""
 
     def __init__(self, base, tuned, opts: CompareOptions, cache: SvdCache | None, counters: _Counters):
         self.base, self.tuned, self.opts, self.cache, self.counters = base, tuned, opts, cache, counters
 
     def __call__(self, item: _Item) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        from opdgeo.geometry.sparsity import bf16_unchanged_count, legacy_unchanged_mask
+        from opdgeo.geometry.norms import update_norms
+        from opdgeo.geometry.sparsity import bf16_unchanged_count, legacy_unchanged_count
 
         opts = self.opts
         device = torch.device(opts.device)
@@ -467,25 +348,24 @@ class _Worker:
         w1 = self.tuned.load(item.name).to(device)
         self.counters.add("tensors")
         row: dict[str, Any] = {c: None for c in COLUMNS + EXTRA_COLUMNS}
-        row.update(
-            name=item.name,
-            layer=item.layer,
-            type=item.type,
-            shape="x".join(map(str, item.shape)),
-            numel=item.numel,
-        )
+        row.update(name=item.name, layer=item.layer, type=item.type, shape="x".join(map(str, item.shape)),
+                   numel=item.numel, expert=item.expert)
         # One cache-blocked pass: the unchanged count and the NaN/Inf counts, no mask.
         counts = bf16_unchanged_count(w0, w1, eta=opts.eta)
         row["sparsity"] = counts.sparsity
         row["density"] = 1.0 - row["sparsity"] if item.numel else float("nan")
-        if opts.legacy_atol is not None:
-            legacy = legacy_unchanged_mask(w0, w1, atol=opts.legacy_atol)
-            row["legacy_sparsity"] = int(torch.count_nonzero(legacy)) / item.numel if item.numel else float("nan")
-            del legacy
-
+        if opts.legacy_atol is not None:  # blocked as well: memory of the bf16 count
+            legacy = legacy_unchanged_count(w0, w1, atol=opts.legacy_atol)
+            row["legacy_sparsity"] = legacy / item.numel if item.numel else float("nan")
         note = _non_finite_note(counts)
         if note:
             row["note"] = note
+        if "nss" in opts.metrics:
+            fro, base_fro = update_norms(w0, w1) if not note else (float("nan"), float("nan"))
+            row["fro_norm"] = fro
+            row["rel_fro_norm"] = fro / base_fro if base_fro > 0 else float("nan")
+        if item.rank:
+            row["rank"] = item.rank
         angles = None
         if item.geometry and set(opts.metrics) - {"sparsity"}:
             if note:
@@ -552,12 +432,13 @@ class _Worker:
 
             update = bf16_visible_mask(w0, w1, eta=opts.eta)  # M_upd; only the overlaps need it
             # Both masks depend on W0 only: with a cache they are base work, paid once.
-            masks = _load_base_masks(self.cache, key, item, opts) if self.cache is not None else None
+            mask_key = dict(rank=item.rank, alpha=opts.alpha, n_vectors=item.n_base_vectors, precision=opts.precision)
+            masks = self.cache.get_masks(key, shape=item.shape, **mask_key) if self.cache is not None else None
             if masks is None:
-                pmask = principal_mask(U0, S0, V0, rank=opts.rank, alpha=opts.alpha)
+                pmask = principal_mask(U0, S0, V0, rank=item.rank, alpha=opts.alpha)
                 lmask = low_magnitude_mask(w0, alpha=opts.alpha)
                 if self.cache is not None:
-                    _store_base_masks(self.cache, key, item, opts, pmask, lmask)
+                    self.cache.put_masks(key, **mask_key, principal=pmask, low_magnitude=lmask)
             else:
                 pmask, lmask = (m.to(update.device) for m in masks)
             row["principal_overlap"] = float(mask_overlap(pmask, update))
@@ -567,79 +448,6 @@ class _Worker:
                 row["note"] = "no visible update: overlaps undefined (NaN)"
         return angles
 
-
-# Base masks (principal, low-magnitude) next to the SVD cache: a function of W0's bytes and
-# of (rank, alpha, n_vectors, precision) only, stored as packed bits (1/8 byte per entry).
-_MASK_CACHE_FORMAT = 1
-
-
-def _mask_cache_path(cache: SvdCache, content_key: str, item: _Item, opts: CompareOptions) -> Path:
-    import hashlib
-
-    from opdgeo import __version__
-
-    payload = json.dumps(
-        {
-            "content": content_key,
-            "rank": opts.rank,
-            "alpha": float(opts.alpha),
-            "n_vectors": item.n_base_vectors,
-            "precision": opts.precision,
-            "format": _MASK_CACHE_FORMAT,
-            "opdgeo": __version__,
-        },
-        sort_keys=True,
-    )
-    key = hashlib.sha256(payload.encode()).hexdigest()
-    # safetensors content under a ".bits" suffix: ``*.safetensors`` in the cache folder
-    # stay the SVD entries of ``SvdCache`` alone.
-    return cache.root / "masks" / key[:2] / f"{key}.bits"
-
-
-def _load_base_masks(cache: SvdCache, content_key: str, item: _Item, opts: CompareOptions):
-    """``(principal_mask, low_magnitude_mask)`` of W0 from the cache, or None (a miss; an
-    unreadable or mismatched entry is a miss and gets rewritten)."""
-    import numpy as np
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = _mask_cache_path(cache, content_key, item, opts)
-    if not path.is_file():
-        return None
-    try:
-        packed = load_file(str(path))
-        masks = []
-        for name in ("principal", "low_magnitude"):
-            if packed[name].dtype != torch.uint8 or packed[name].numel() != -(-item.numel // 8):
-                return None  # not this matrix's entry (unpackbits would zero-pad silently)
-            bits = np.unpackbits(packed[name].numpy(), count=item.numel)  # [m*n] uint8
-            masks.append(torch.from_numpy(bits.view(np.bool_)).reshape(item.shape))
-    except (SafetensorError, OSError, KeyError, ValueError, RuntimeError):
-        return None
-    return masks[0], masks[1]
-
-
-def _store_base_masks(cache: SvdCache, content_key: str, item: _Item, opts: CompareOptions, pmask, lmask) -> None:
-    """Write both masks atomically (temporary file + rename), as ``SvdCache.put`` does."""
-    import tempfile
-
-    import numpy as np
-    from safetensors.torch import save_file
-
-    path = _mask_cache_path(cache, content_key, item, opts)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {
-        name: torch.from_numpy(np.packbits(m.detach().to("cpu").reshape(-1).numpy()))
-        for name, m in (("principal", pmask), ("low_magnitude", lmask))
-    }
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".bits", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"content_key": content_key, "shape": "x".join(map(str, item.shape))})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 _GEOMETRY_COLUMNS = {
@@ -665,100 +473,3 @@ def _non_finite_note(counts) -> str | None:
         what = ", ".join(p for p in (f"{n_nan} NaN" if n_nan else "", f"{n_inf} Inf" if n_inf else "") if p)
         parts.append(f"{label} {what}")
     return "non-finite weights: " + "; ".join(parts) if parts else None
-
-
-# --------------------------------------------------------------------------- aggregation
-
-
-def summarize(
-    rows: list[dict[str, Any]], geometry_names: set[str], opts: CompareOptions, *, base: str, tuned: str
-) -> dict[str, Any]:
-    """The ``summary.json`` dict from the rows (SPEC §1 pooling).
-
-    - ``global_sparsity`` = Σ unchanged / Σ numel over all floating tensors (tied tensors
-      appear once in the rows, so they count once);
-    - ``mean_*`` = unweighted mean over the geometry matrices with a finite value (a
-      matrix whose metric is NaN — non-finite weights — is left out and listed in
-      ``non_finite``); ``None`` when the metric was not requested or no matrix has it;
-    - ``by_type``: per type, its parameter-weighted sparsity and the same means;
-    - ``by_layer``: per layer index, parameter-weighted sparsity over its tensors.
-    """
-    def pooled(subset):
-        n = sum(r["numel"] for r in subset)
-        unchanged = sum(round(r["sparsity"] * r["numel"]) for r in subset)  # exact: counts < 2**53
-        out = {"sparsity": unchanged / n if n else None, "n_params": n, "n_tensors": len(subset)}
-        if opts.legacy_atol is not None:
-            out["legacy_sparsity"] = (
-                sum(r["legacy_sparsity"] * r["numel"] for r in subset) / n if n else None
-            )
-        return out
-
-    def means(subset):
-        out = {}
-        for column, key in SUMMARY_MEAN_KEYS.items():
-            values = [r[column] for r in subset if r.get(column) is not None and math.isfinite(r[column])]
-            out[key] = sum(values) / len(values) if values else None
-        return out
-
-    summary: dict[str, Any] = {}
-    everything = pooled(rows)
-    summary["global_sparsity"] = everything["sparsity"]
-    geo_rows = [r for r in rows if r["name"] in geometry_names]
-    summary.update(means(geo_rows))
-    by_type = {}
-    for t in _type_order(rows):
-        subset = [r for r in rows if r["type"] == t]
-        entry = pooled(subset)
-        entry.update(means([r for r in subset if r["name"] in geometry_names]))
-        entry["n_matrices"] = sum(1 for r in subset if r["name"] in geometry_names)
-        by_type[t] = entry
-    summary["by_type"] = by_type
-    layers = sorted({r["layer"] for r in rows if r["layer"] is not None})
-    summary["by_layer"] = {str(layer): pooled([r for r in rows if r["layer"] == layer]) for layer in layers}
-    summary["n_tensors"] = len(rows)
-    summary["n_params"] = everything["n_params"]
-    summary["n_matrices"] = len(geo_rows)
-    if opts.legacy_atol is not None:
-        summary["global_legacy_sparsity"] = everything["legacy_sparsity"]
-    summary["non_finite"] = [
-        {"name": r["name"], "note": r["note"]} for r in rows if (r.get("note") or "").startswith("non-finite")
-    ]
-    settings = asdict(opts)
-    settings["metrics"] = list(opts.metrics)
-    settings.pop("workers")  # does not change the numbers
-    settings.pop("keep_angles")
-    from opdgeo import __version__
-
-    settings.update(base=base, tuned=tuned, opdgeo_version=__version__)
-    summary["settings"] = settings
-    return summary
-
-
-def _type_order(rows):
-    from opdgeo.checkpoints import TYPES
-
-    present = {r["type"] for r in rows}
-    return [t for t in TYPES if t in present] + sorted(present - set(TYPES))
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _cell(value):
-    if isinstance(value, float):
-        return repr(value)
-    return value
-
-
-def format_percent(x) -> str:
-    return "—" if x is None else f"{100 * x:.2f} %"
-
-
-def format_value(x, key: str) -> str:
-    if x is None:
-        return "—"
-    if "overlap" in key or "density" in key:
-        return f"{100 * x:.2f} %"
-    if "deg" in key:
-        return f"{x:.4g}°"
-    return f"{x:.3e}"

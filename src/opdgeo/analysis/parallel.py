@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from opdgeo.errors import ConfigError
+from opdgeo.errors import ConfigError, FieldError
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -100,10 +100,10 @@ def map_ordered(fn: Callable[[T], R], items: Iterable[T], workers: int = 1) -> I
         workers: number of threads, ``>= 1``.
 
     Raises:
-        ConfigError: ``workers < 1``.
+        FieldError: (field ``workers``) ``workers < 1``.
     """
     if workers < 1:
-        raise ConfigError(f"--workers must be >= 1; got {workers}")
+        raise FieldError([("workers", f"must be >= 1; got {workers}")])
     if workers == 1:
         return (fn(item) for item in items)
     return _map_threads(fn, iter(items), workers)

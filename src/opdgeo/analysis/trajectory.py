@@ -1,7 +1,9 @@
-"""Trajectory diagnostics over a run's checkpoints and cross-run overlap (SPEC §2, issue 4).
+"""Trajectory diagnostics over a run's checkpoints and cross-run overlap (SPEC §2).
 
 For every run (a folder of ``step-*`` checkpoints, or an ordered list of checkpoint
-folders) and every selected matrix, with ΔW_t = W_t − W0 (W0 from the run's origin):
+folders) and every selected matrix, with ΔW_t = W_t − W0 (W0 from the run's origin), the
+per-matrix metrics of ``opdgeo.analysis.update.update_metrics`` (the one implementation,
+shared with the training monitor):
 
 - ``stable_rank`` = ‖ΔW_t‖_F² / σ1(ΔW_t)²;
 - ``fro_norm`` = ‖ΔW_t‖_F and ``rel_fro_norm`` = ‖ΔW_t‖_F / ‖W0‖_F;
@@ -21,51 +23,47 @@ Streaming: the work is split by (origin, matrix). A work item loads W0 once, the
 each run the final checkpoint first (its V_K is the reference of Sim_K; its update mask
 feeds the overlap), then the other checkpoints one by one, so memory is bounded by W0,
 one W_t, one ΔW_t and the kept top-K vectors and masks; every matrix of every checkpoint
-is read exactly once. Items run on ``workers`` threads (``analysis.parallel.map_ordered``)
-and, under torchrun, are shared among ranks (``shard_for_rank``; results gathered to
-every rank).
+is read exactly once. The items go through ``opdgeo.analysis.driver.execute`` (threads,
+torchrun ranks, results gathered on every rank). A mixture-of-experts checkpoint's expert
+matrices are ordinary matrices here (``--matrices all``), with their ``expert`` column.
 
 Conventions (our choices, documented in docs/trajectory.md):
 
 - progress = 100 · step / last step (steps from ``step-N`` folder names; for a list of
   folders whose names carry no step, the position 1..T);
-- a metric that is undefined is NaN in the table and left out of the means: stable rank
-  of a zero update; Hill index when min(m, n) < k_hill or σ_{k_hill} ≤ 1e-6 σ1
-  (numerical rank < k_hill); Sim_K when min(m, n) < K or σ_K ≤ 1e-6 σ1 at t or T;
+- a metric that is undefined is NaN in the table and left out of the means
+  (``update.py`` lists when);
 - the locking step ignores the final checkpoint (Sim = 1 there by construction): a run
   whose only checkpoint above the threshold is the final one never locks (null).
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 import os
 import re
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from opdgeo.analysis.files import atomic_write_text, json_safe
-from opdgeo.analysis.parallel import all_gather, map_ordered, shard_for_rank
-from opdgeo.analysis.progress import progress_bar
-from opdgeo.errors import CheckpointError, ConfigError, OpdgeoError
-from opdgeo.geometry.lowrank import exact_svd, hill_alpha, randomized_top_svd, stable_rank
+from opdgeo.analysis.driver import SELECTIONS, Progress, execute, plan_matrices, resolve_options
+from opdgeo.analysis.runs import RunSpec, check_architectures, overlap_pairs, resolve_run, resolve_runs
+from opdgeo.analysis.update import RANK_RTOL, UpdateMetrics, sim, update_metrics
+from opdgeo.checkpoints import TYPES
+from opdgeo.errors import CheckpointError, FieldError
 from opdgeo.geometry.overlap import jaccard, jaccard_baseline, one_sided_overlap
 from opdgeo.geometry.sparsity import bf16_visible_mask
-from opdgeo.geometry.subspace import locking_step, subspace_similarity
+from opdgeo.geometry.subspace import locking_step
 
 __all__ = [
     "COLUMNS",
     "METRICS",
     "OVERLAP_COLUMNS",
+    "RANK_RTOL",
     "TrajectoryOptions",
     "TrajectoryResult",
     "RunSpec",
@@ -73,27 +71,24 @@ __all__ = [
     "trajectory",
 ]
 
-# trajectory.csv schema (docs/trajectory.md): these columns, in this order.
+# trajectory.csv schema (docs/trajectory.md): these columns, in this order; additions at the end.
 COLUMNS = ("run", "step", "progress", "name", "type", "stable_rank", "fro_norm", "rel_fro_norm", "hill_alpha",
-           "sim_to_final")
+           "sim_to_final", "expert")
 METRICS = ("stable_rank", "fro_norm", "rel_fro_norm", "hill_alpha", "sim_to_final")
 OVERLAP_COLUMNS = ("run_a", "run_b", "scope", "key", "numel", "density_a", "density_b", "overlap_a_in_b",
                    "baseline_a_in_b", "overlap_b_in_a", "baseline_b_in_a", "jaccard", "jaccard_baseline")
 
-# A singular value at or below RANK_RTOL · σ1 counts as zero (numerical rank): the
-# float32 iteration of ``randomized_top_svd`` leaves ~1e-7 σ1 on zero singular values.
-RANK_RTOL = 1e-6
-_STEP_RE = re.compile(r"^step[-_]?(\d+)$")
-
 
 @dataclass(frozen=True)
 class TrajectoryOptions:
-    """Settings of a trajectory analysis (SPEC §2); ``validate()`` lists every problem at once.
+    """Settings of a trajectory analysis (SPEC §2): the one place of their defaults (the
+    CLI, the study and the training monitor read them here). ``validate()`` lists every
+    problem at once, naming fields.
 
     Attributes:
         matrices: ``"attention"`` (q, k, v, o of every block: the paper's set),
-            ``"all"`` (the whole geometry set q..down) or a regular expression matched
-            (``re.search``) against tensor names of 2-D floating-point tensors.
+            ``"all"`` (the whole geometry set q..down, experts included) or a regular
+            expression matched (``re.search``) against names of 2-D floating tensors.
         k_hill: number of top singular values in the Hill index (our choice: 32).
         sim_k: K of Sim_K (16 in the paper).
         lock_threshold: the locking level of Sim_K (our addition: 0.8).
@@ -102,6 +97,8 @@ class TrajectoryOptions:
         exact_svd: use full float64 SVDs instead (reference; slow).
         workers: matrices processed at once (threads).
         keep_spectra: keep each ΔW_t's top singular values in ``TrajectoryResult.spectra``.
+        allow_pickle: allow ``pytorch_model*.bin`` (loaded with ``weights_only=True``).
+        progress: a progress bar on stderr (rank 0 only).
     """
 
     matrices: str = "attention"
@@ -116,111 +113,47 @@ class TrajectoryOptions:
     exact_svd: bool = False
     workers: int = 1
     keep_spectra: bool = False
+    allow_pickle: bool = False
+    progress: bool = False
+
+    #: fields that change how the work runs or what is kept, not the numbers
+    RUN_FIELDS = ("workers", "keep_spectra", "allow_pickle", "progress")
 
     def validate(self) -> None:
+        """Raise ``FieldError`` listing every invalid field."""
         problems = []
 
-        def positive_int(label, value, low):
+        def integer(name, low):
+            value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                problems.append(f"{label} must be an integer >= {low}; got {value!r}")
+                problems.append((name, f"must be an integer >= {low}; got {value!r}"))
+
+        def number(name, ok, text):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+                problems.append((name, f"{text}; got {value!r}"))
 
         if not isinstance(self.matrices, str) or not self.matrices:
-            problems.append(f"--matrices must be attention, all or a regular expression; got {self.matrices!r}")
-        elif self.matrices not in ("attention", "all"):
+            problems.append(("matrices", f"must be attention, all or a regular expression; got {self.matrices!r}"))
+        elif self.matrices not in SELECTIONS:
             try:
                 re.compile(self.matrices)
             except re.error as err:
-                problems.append(f"--matrices {self.matrices!r} is not a valid regular expression ({err})")
-        positive_int("--k-hill", self.k_hill, 2)
-        positive_int("--sim-k", self.sim_k, 1)
-        positive_int("oversample", self.oversample, 0)
-        positive_int("n_iter", self.n_iter, 0)
-        positive_int("--workers", self.workers, 1)
-        if not (isinstance(self.lock_threshold, (int, float)) and 0.0 <= self.lock_threshold <= 1.0):
-            problems.append(f"--threshold must be in [0, 1]; got {self.lock_threshold!r}")
-        if not (isinstance(self.eta, (int, float)) and math.isfinite(self.eta) and self.eta >= 0):
-            problems.append(f"eta must be finite and >= 0; got {self.eta!r}")
-        if not (isinstance(self.tol, (int, float)) and math.isfinite(self.tol) and self.tol > 0):
-            problems.append(f"tol must be finite and > 0; got {self.tol!r}")
+                problems.append(("matrices", f"{self.matrices!r} is not a valid regular expression ({err})"))
+        for name, low in (("k_hill", 2), ("sim_k", 1), ("oversample", 0), ("n_iter", 0), ("workers", 1)):
+            integer(name, low)
+        number("lock_threshold", lambda x: 0.0 <= x <= 1.0, "must be in [0, 1]")
+        number("eta", lambda x: x >= 0, "must be finite and >= 0")
+        number("tol", lambda x: x > 0, "must be finite and > 0")
         if problems:
-            raise ConfigError("; ".join(problems))
+            raise FieldError(problems)
 
-
-@dataclass(frozen=True)
-class RunSpec:
-    """One run: its ordered checkpoints and their steps.
-
-    Attributes:
-        name: run name (CSV ``run`` column, legend label).
-        steps: training steps, strictly increasing.
-        paths: checkpoint folders (or files), same order.
-        origin: the checkpoint W0 the updates are measured from.
-    """
-
-    name: str
-    steps: tuple[int, ...]
-    paths: tuple[Path, ...]
-    origin: Path
-
-    @property
-    def progress(self) -> tuple[float, ...]:
-        last = self.steps[-1]
-        return tuple(100.0 * s / last if last > 0 else 100.0 for s in self.steps)
-
-
-def _step_of(path: Path) -> int | None:
-    m = _STEP_RE.match(path.name)
-    return int(m.group(1)) if m else None
-
-
-def resolve_run(name: str, spec, origin) -> RunSpec:
-    """A run's checkpoints and steps from a run folder or an explicit list of checkpoints.
-
-    A folder: its ``step-*`` subfolders, step from the name (``step-000063`` → 63),
-    ordered by step. A list: the checkpoints in the order given; steps from the names
-    when every name is ``step-N`` (then they must increase), else 1..T.
-
-    Raises:
-        CheckpointError: a missing path, a run folder with no ``step-*`` checkpoints, a
-            ``step-*`` name without a number, duplicate or decreasing steps.
-    """
-    origin = Path(origin)
-    if isinstance(spec, (str, os.PathLike)):
-        folder = Path(spec)
-        if not folder.is_dir():
-            raise CheckpointError(f"run '{name}': {folder} is not a folder")
-        children = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step"))
-        if not children:
-            raise CheckpointError(f"run '{name}': {folder} has no step-* checkpoints")
-        steps = []
-        for p in children:
-            step = _step_of(p)
-            if step is None:
-                raise CheckpointError(f"run '{name}': cannot order {p}: the folder name has no step number (step-N)")
-            steps.append(step)
-        by_step: dict[int, Path] = {}
-        for step, p in zip(steps, children):
-            if step in by_step:
-                raise CheckpointError(f"run '{name}': steps cannot be ordered: {by_step[step].name} and {p.name} "
-                                      f"are both step {step}")
-            by_step[step] = p
-        order = sorted(by_step)
-        return RunSpec(name, tuple(order), tuple(by_step[s] for s in order), origin)
-    paths = [Path(p) for p in spec]
-    if not paths:
-        raise CheckpointError(f"run '{name}': no checkpoints given")
-    for p in paths:
-        if not p.exists():
-            raise CheckpointError(f"run '{name}': checkpoint {p} does not exist")
-    steps = [_step_of(p) for p in paths]
-    if all(s is not None for s in steps):
-        for a, b, pa, pb in zip(steps, steps[1:], paths, paths[1:]):
-            if b <= a:
-                raise CheckpointError(f"run '{name}': steps cannot be ordered: {pb.name} (step {b}) is listed after "
-                                      f"{pa.name} (step {a})")
-    else:
-        steps = list(range(1, len(paths) + 1))
-    return RunSpec(name, tuple(steps), tuple(paths), origin)
+    def settings(self) -> dict[str, Any]:
+        """The fields that change the numbers (``summary.json`` ``settings``), with the
+        numerical-rank tolerance."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.RUN_FIELDS}
+        out["rank_rtol"] = RANK_RTOL
+        return out
 
 
 @dataclass
@@ -242,226 +175,79 @@ class TrajectoryResult:
     stats: dict[str, Any] = field(default_factory=dict)
 
     def to_csv(self) -> str:
-        return _csv(self.rows, COLUMNS)
+        from opdgeo.report.trajectory_files import csv_text
+
+        return csv_text(self.rows, COLUMNS)
 
     def overlap_csv(self) -> str:
-        return _csv(self.overlap, OVERLAP_COLUMNS)
+        from opdgeo.report.trajectory_files import csv_text
+
+        return csv_text(self.overlap, OVERLAP_COLUMNS)
 
     def write(self, out_dir: str | os.PathLike, *, figures: bool = True) -> list[Path]:
-        """Write ``trajectory.csv``, ``summary.json``, ``overlap.csv`` and the figures.
-
-        Returns:
-            The paths written.
+        """Write ``trajectory.csv``, ``summary.json``, ``overlap.csv`` and the figures
+        (``opdgeo.report.trajectory_files.write_trajectory``).
 
         Raises:
-            ConfigError: ``out_dir`` cannot be created or written.
+            FieldError: (field ``out``) ``out_dir`` cannot be created or written.
         """
-        out = Path(out_dir)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            paths = [out / "trajectory.csv", out / "summary.json", out / "overlap.csv"]
-            atomic_write_text(paths[0], self.to_csv())
-            atomic_write_text(paths[1], json.dumps(json_safe(self.summary), indent=2) + "\n")
-            atomic_write_text(paths[2], self.overlap_csv())
-            if figures:
-                from opdgeo.report.figures import write_trajectory_figures
+        from opdgeo.report.trajectory_files import write_trajectory
 
-                paths += write_trajectory_figures(self.summary, out)
-        except OSError as err:
-            raise ConfigError(f"--out {out}: cannot write ({err.strerror or err})") from None
-        return paths
+        return write_trajectory(self, out_dir, figures=figures)
 
 
-def trajectory(
-    runs,
-    origins,
-    *,
-    matrices: str = "attention",
-    k_hill: int = 32,
-    sim_k: int = 16,
-    lock_threshold: float = 0.8,
-    overlap: bool | Sequence[tuple[str, str]] | None = None,
-    eta: float = 1e-3,
-    oversample: int = 64,
-    n_iter: int = 40,
-    tol: float = 1e-4,
-    seed: int = 0,
-    exact_svd: bool = False,
-    workers: int = 1,
-    progress: bool = False,
-    allow_pickle: bool = False,
-    keep_spectra: bool = False,
-) -> TrajectoryResult:
+def trajectory(runs, origins, options: TrajectoryOptions | None = None, *, overlap=None, **fields_) -> TrajectoryResult:
     """Trajectory diagnostics of one or more runs (SPEC §2), with cross-run overlap.
 
     Args:
         runs: ``{name: run folder | [checkpoint, ...]}``; a bare folder or list is one
             run named after the folder.
         origins: ``{name: origin checkpoint}`` (one per run) or one origin for all runs.
-        matrices, k_hill, sim_k, lock_threshold, eta, oversample, n_iter, tol, seed,
-            exact_svd, workers, keep_spectra: see ``TrajectoryOptions``.
+        options: ``TrajectoryOptions``; keyword arguments named after its fields override
+            them (``trajectory(runs, origin, k_hill=8)``).
         overlap: ``None``/``True``: every pair of runs with the same origin; a list of
             ``(run_a, run_b)`` pairs; ``False`` or ``[]``: none.
-        progress: a rich progress bar on stderr (rank 0 only).
-        allow_pickle: allow ``pytorch_model*.bin`` (``weights_only=True``).
 
     Returns:
         ``TrajectoryResult`` (the same on every rank of a distributed run).
 
     Raises:
-        ConfigError: invalid options or overlap pairs, or a matrix selection that
+        FieldError: invalid options, origins or overlap pairs, or a matrix selection that
             matches nothing, before any weight is read.
         CheckpointError: unreadable checkpoints; a run folder without checkpoints;
             steps that cannot be ordered; checkpoints of different architectures in one
             run; an origin whose tensors do not match the run's.
+        TypeError: a keyword that is not a field of ``TrajectoryOptions``.
     """
     from opdgeo.checkpoints import open_checkpoint
 
-    opts = TrajectoryOptions(matrices=matrices, k_hill=k_hill, sim_k=sim_k, lock_threshold=lock_threshold, eta=eta,
-                             oversample=oversample, n_iter=n_iter, tol=tol, seed=seed, exact_svd=exact_svd,
-                             workers=workers, keep_spectra=keep_spectra)
-    opts.validate()
+    opts = resolve_options(TrajectoryOptions, options, fields_, "trajectory")
     t0 = time.perf_counter()
-
-    run_specs = _resolve_runs(runs, origins)
-    pairs = _overlap_pairs(run_specs, overlap)
-
-    # Open every checkpoint (headers only) and check architectures before reading weights.
+    run_specs = resolve_runs(runs, origins)
+    pairs = overlap_pairs(run_specs, overlap)
     opened: dict[Path, Any] = {}
 
     def ckpt(path: Path):
         key = Path(os.path.abspath(path))
         if key not in opened:
-            opened[key] = open_checkpoint(path, allow_pickle=allow_pickle)
+            opened[key] = open_checkpoint(path, allow_pickle=opts.allow_pickle)
         return opened[key]
 
-    for spec in run_specs:
-        ckpts = [ckpt(p) for p in spec.paths]
-        ref = _signature(ckpts[0])
-        for p, c in zip(spec.paths[1:], ckpts[1:]):
-            diff = _first_difference(ref, _signature(c), spec.paths[0].name, p.name)
-            if diff:
-                raise CheckpointError(f"run '{spec.name}': checkpoints of different architectures in "
-                                      f"{spec.paths[0].parent}: {diff}")
-        diff = _first_difference(_signature(ckpt(spec.origin)), ref, "the origin", str(spec.paths[0]))
-        if diff:
-            raise CheckpointError(f"origin {spec.origin} does not match run {spec.name}: {diff}")
-
+    check_architectures(run_specs, ckpt)  # headers only, before any weight is read
     items = _plan(run_specs, pairs, opts, ckpt)
-
-    import torch.distributed as dist
-
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    rank_id, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    mine = shard_for_rank(items, rank_id, world, cost=lambda it: it.cost)
-
-    results: list[_ItemResult] = []
-    error = None
-    worker = _Worker(opts, ckpt)
-    try:
-        with progress_bar("trajectory", progress and rank_id == 0, sum(it.cost for it in mine)) as advance:
-            for item, res in zip(mine, map_ordered(worker, mine, opts.workers)):
-                results.append(res)
-                advance(item.cost)
-    except OpdgeoError as err:
-        if not distributed:
-            raise
-        error = f"{type(err).__name__}\t{err}"
-    if distributed:
-        gathered = all_gather((error, results))
-        errors = [e for e, _ in gathered if e is not None]
-        if errors:
-            kind, message = errors[0].split("\t", 1)
-            from opdgeo import errors as err_mod
-
-            raise getattr(err_mod, kind, OpdgeoError)(message)
-        by_key = {(r.origin, r.name): r for _, part in gathered for r in part}
-        results = [by_key[(it.origin, it.name)] for it in items]
-
+    done = execute(items, _Worker(opts, ckpt), cost=lambda it: it.cost, workers=opts.workers,
+                   progress=Progress("trajectory") if opts.progress else None)
+    results = done.results
     rows = _order_rows([row for r in results for row in r.rows], run_specs, items)
     overlap_rows = _overlap_table([c for r in results for c in r.counts], pairs)
-    spectra = {key: s for r in results for key, s in r.spectra.items()} if keep_spectra else {}
+    spectra = {key: s for r in results for key, s in r.spectra.items()} if opts.keep_spectra else {}
     summary = _summarize(rows, run_specs, opts, pairs)
-    stats = {"elapsed_s": time.perf_counter() - t0, "world": world, "n_items": len(items),
+    stats = {"elapsed_s": time.perf_counter() - t0, "world": done.world, "n_items": len(items),
              "n_checkpoints": sum(len(s.paths) for s in run_specs)}
     return TrajectoryResult(rows=rows, summary=summary, overlap=overlap_rows, spectra=spectra, stats=stats)
 
 
 # ------------------------------------------------------------------------------ planning
-
-
-def _resolve_runs(runs, origins) -> list[RunSpec]:
-    if isinstance(runs, (str, os.PathLike)):
-        runs = {Path(runs).name: runs}
-    elif not isinstance(runs, Mapping):
-        runs = list(runs)
-        if not runs:
-            raise ConfigError("no runs given")
-        runs = {Path(runs[0]).parent.name or "run": runs}
-    if not runs:
-        raise ConfigError("no runs given")
-    if isinstance(origins, (str, os.PathLike)):
-        origins = {name: origins for name in runs}
-    elif not isinstance(origins, Mapping):
-        raise ConfigError(f"origins must be a path or a mapping run -> path; got {type(origins).__name__}")
-    missing = [name for name in runs if name not in origins]
-    extra = [name for name in origins if name not in runs]
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"no --origin for run(s) {', '.join(missing)}")
-        if extra:
-            parts.append(f"--origin for unknown run(s) {', '.join(extra)}")
-        raise ConfigError("; ".join(parts))
-    return [resolve_run(str(name), spec, origins[name]) for name, spec in runs.items()]
-
-
-def _overlap_pairs(specs: list[RunSpec], overlap) -> list[tuple[str, str]]:
-    same = {}
-    for s in specs:
-        same.setdefault(os.path.abspath(s.origin), []).append(s.name)
-    if overlap is False or (overlap is not None and overlap is not True and len(overlap) == 0):
-        return []
-    if overlap is None or overlap is True:
-        return [(a, b) for names in same.values() for i, a in enumerate(names) for b in names[i + 1:]]
-    origin_of = {s.name: os.path.abspath(s.origin) for s in specs}
-    pairs, problems = [], []
-    for pair in overlap:
-        try:
-            a, b = pair
-        except (TypeError, ValueError):
-            problems.append(f"overlap pair {pair!r} is not (run_a, run_b)")
-            continue
-        unknown = [r for r in (a, b) if r not in origin_of]
-        if unknown:
-            problems.append(f"overlap pair ({a}, {b}): unknown run {', '.join(unknown)}")
-        elif a == b:
-            problems.append(f"overlap pair ({a}, {b}): a run with itself")
-        elif origin_of[a] != origin_of[b]:
-            problems.append(f"overlap pair ({a}, {b}): the runs have different origins")
-        else:
-            pairs.append((a, b))
-    if problems:
-        raise ConfigError("; ".join(problems))
-    return pairs
-
-
-def _signature(c) -> dict[str, tuple]:
-    return {name: tuple(c.info(name).shape) for name in c.names()}
-
-
-def _first_difference(a: dict[str, tuple], b: dict[str, tuple], label_a: str, label_b: str) -> str | None:
-    """The first tensor that tells two checkpoints' architectures apart, in words."""
-    only_a = [n for n in a if n not in b]
-    only_b = [n for n in b if n not in a]
-    if only_a:
-        return f"tensor {only_a[0]} is in {label_a} but not in {label_b} ({len(only_a)} such tensors)"
-    if only_b:
-        return f"tensor {only_b[0]} is in {label_b} but not in {label_a} ({len(only_b)} such tensors)"
-    for n, shape in a.items():
-        if b[n] != shape:
-            return f"tensor {n} has shape {list(shape)} in {label_a} but {list(b[n])} in {label_b}"
-    return None
 
 
 @dataclass(frozen=True)
@@ -471,50 +257,29 @@ class _Item:
     origin: str  # absolute path of the origin
     name: str
     type: str
+    expert: int | str | None
     shape: tuple[int, int]
     runs: tuple[RunSpec, ...]
     pairs: tuple[tuple[str, str], ...]  # overlap pairs among these runs
     cost: float
 
 
-def _selected(c, opts: TrajectoryOptions) -> list[str]:
-    from opdgeo.checkpoints import ATTENTION_TYPES, is_geometry_matrix, parse_tensor_name
-
-    out = []
-    pattern = None if opts.matrices in ("attention", "all") else re.compile(opts.matrices)
-    for name in c.names():
-        info = c.info(name)
-        if pattern is None:
-            if not is_geometry_matrix(name, info.shape):
-                continue
-            if opts.matrices == "attention" and parse_tensor_name(name).type not in ATTENTION_TYPES:
-                continue
-        elif not (pattern.search(name) and len(info.shape) == 2 and info.dtype.is_floating_point):
-            continue
-        out.append(name)
-    return out
-
-
 def _plan(specs: list[RunSpec], pairs, opts: TrajectoryOptions, ckpt) -> list[_Item]:
-    from opdgeo.checkpoints import parse_tensor_name
-
     groups: dict[str, list[RunSpec]] = {}
     for s in specs:
         groups.setdefault(os.path.abspath(s.origin), []).append(s)
     items = []
     for origin, group in groups.items():
-        c = ckpt(Path(origin))
-        names = _selected(c, opts)
-        if not names:
-            raise ConfigError(f"--matrices {opts.matrices}: no matrix of {origin} matches")
+        matrices = plan_matrices(ckpt(Path(origin)), select=opts.matrices)
+        if not matrices:
+            raise FieldError([("matrices", f"{opts.matrices}: no matrix of {origin} matches")])
         in_group = {s.name for s in group}
         group_pairs = tuple(p for p in pairs if p[0] in in_group)
         n_ckpts = sum(len(s.paths) for s in group)
-        for name in names:
-            shape = tuple(c.info(name).shape)
-            m, n = shape
+        for mat in matrices:
+            m, n = mat.shape
             # cost ~ (checkpoints) x (m n l) randomized SVD work + I/O
-            items.append(_Item(origin, name, parse_tensor_name(name).type, shape, tuple(group), group_pairs,
+            items.append(_Item(origin, mat.name, mat.type, mat.expert, mat.shape, tuple(group), group_pairs,
                                float(n_ckpts * m * n)))
     return items
 
@@ -531,109 +296,74 @@ class _ItemResult:
     spectra: dict
 
 
-@dataclass(frozen=True)
-class _Spectrum:
-    S: torch.Tensor | None  # top singular values (None for a zero update)
-    V: torch.Tensor | None  # top right singular vectors [n, kk]
-    fro: float
-
-
 class _Worker:
-    """Computes one item; called from ``map_ordered`` threads (holds no mutable state)."""
+    """Computes one item; called from the driver's threads (holds no mutable state)."""
 
     def __init__(self, opts: TrajectoryOptions, ckpt):
         self.opts = opts
         self.ckpt = ckpt
 
-    def _load(self, path: Path, name: str, *, check_finite: bool) -> torch.Tensor:
-        w = self.ckpt(path).load(name)
+    def _load(self, path: Path, item: _Item) -> torch.Tensor:
+        w = self.ckpt(path).load(item.name)
         if not w.is_floating_point():
-            raise CheckpointError(f"{path}: tensor {name} is not floating-point ({w.dtype})")
-        if check_finite and not bool(torch.isfinite(w).all()):
-            raise CheckpointError(f"{path}: tensor {name} has non-finite values")
+            raise CheckpointError(f"{path}: tensor {item.name} is not floating-point ({w.dtype})")
+        if tuple(w.shape) != item.shape:
+            raise CheckpointError(f"{path}: tensor {item.name} has shape {list(w.shape)}; origin has {list(item.shape)}")
         return w
-
-    def _spectrum(self, d: torch.Tensor, path: Path, name: str) -> _Spectrum:
-        o = self.opts
-        fro = float(torch.linalg.matrix_norm(d))
-        if not math.isfinite(fro):  # W0 is finite (checked), so W_t is not: one pass instead of two
-            raise CheckpointError(f"{path}: tensor {name} has non-finite values")
-        if fro == 0.0:
-            return _Spectrum(None, None, 0.0)
-        kk = min(max(o.k_hill, o.sim_k), min(d.shape))
-        if o.exact_svd:
-            _, s, v = exact_svd(d)
-            return _Spectrum(s[:kk], v[:, :kk], fro)
-        _, s, v = randomized_top_svd(d, kk, oversample=o.oversample, n_iter=o.n_iter, tol=o.tol, seed=o.seed)
-        return _Spectrum(s, v, fro)
-
-    def _defined(self, sp: _Spectrum, k: int) -> bool:
-        return sp.S is not None and sp.S.numel() >= k and float(sp.S[k - 1]) > RANK_RTOL * float(sp.S[0])
 
     def __call__(self, item: _Item) -> _ItemResult:
         o = self.opts
         origin = Path(item.origin)
-        w0 = self._load(origin, item.name, check_finite=True)
-        w0_64 = w0.to(torch.float64)
-        w0_norm = float(torch.linalg.matrix_norm(w0_64))
+        w0 = self._load(origin, item)
+        if not bool(torch.isfinite(w0).all()):
+            raise CheckpointError(f"{origin}: tensor {item.name} has non-finite values")
+        w0_norm = float(torch.linalg.matrix_norm(w0.to(torch.float64)))
         rows, spectra, masks = [], {}, {}
         want_mask = {r for p in item.pairs for r in p}
         for spec in item.runs:
-            order = [len(spec.paths) - 1] + list(range(len(spec.paths) - 1))  # final first
-            final: _Spectrum | None = None
+            last = len(spec.paths) - 1
+            final: UpdateMetrics | None = None
             run_rows = {}
-            for idx in order:
+            for idx in [last] + list(range(last)):  # final first: the reference of Sim_K
                 path = spec.paths[idx]
-                w = self._load(path, item.name, check_finite=False)
-                if tuple(w.shape) != item.shape:
-                    raise CheckpointError(f"{path}: tensor {item.name} has shape {list(w.shape)}; "
-                                          f"origin has {list(item.shape)}")
-                if idx == len(spec.paths) - 1 and spec.name in want_mask:
+                w = self._load(path, item)
+                if idx == last and spec.name in want_mask:
                     masks[spec.name] = bf16_visible_mask(w0, w, eta=o.eta)
-                d = w.to(torch.float64).sub_(w0_64)  # [m, n] ΔW_t, exact for bf16/fp32 inputs; in place
+                um = update_metrics(w0, w, o, w0_norm=w0_norm)
                 del w
-                sp = self._spectrum(d, path, item.name)
-                del d
+                if not math.isfinite(um.fro_norm):  # W0 is finite (checked), so W_t is not
+                    raise CheckpointError(f"{path}: tensor {item.name} has non-finite values")
                 if final is None:
-                    final = sp
-                run_rows[idx] = self._row(spec, idx, item, sp, final, w0_norm)
-                if o.keep_spectra and sp.S is not None:
-                    spectra[(spec.name, spec.steps[idx], item.name)] = sp.S.clone()
+                    final = um
+                run_rows[idx] = self._row(spec, idx, item, um, final)
+                if o.keep_spectra and um.S is not None:
+                    spectra[(spec.name, spec.steps[idx], item.name)] = um.S.clone()
             rows += [run_rows[i] for i in range(len(spec.paths))]
-        counts = []
-        for a, b in item.pairs:
-            ma, mb = masks[a], masks[b]
-            counts.append({"run_a": a, "run_b": b, "name": item.name, "type": item.type,
-                           "numel": ma.numel(), "n_a": int(ma.sum()), "n_b": int(mb.sum()),
-                           "n_ab": int((ma & mb).sum()),
-                           "overlap_a_in_b": one_sided_overlap(ma, mb), "overlap_b_in_a": one_sided_overlap(mb, ma),
-                           "jaccard": jaccard(ma, mb)})
+        counts = [_mask_counts(a, b, masks[a], masks[b], item) for a, b in item.pairs]
         return _ItemResult(item.origin, item.name, rows, counts, spectra)
 
-    def _row(self, spec: RunSpec, idx: int, item: _Item, sp: _Spectrum, final: _Spectrum, w0_norm: float):
-        o = self.opts
-        nan = float("nan")
-        if sp.S is None:
-            srank = hill = sim = nan
-        else:
-            srank = stable_rank(sp.fro**2, min(float(sp.S[0]), sp.fro))
-            hill = hill_alpha(sp.S, o.k_hill) if self._defined(sp, o.k_hill) else nan
-            if self._defined(sp, o.sim_k) and self._defined(final, o.sim_k):
-                sim = subspace_similarity(sp.V, final.V, o.sim_k)
-            else:
-                sim = nan
+    def _row(self, spec: RunSpec, idx: int, item: _Item, um: UpdateMetrics, final: UpdateMetrics):
         return {
             "run": spec.name,
             "step": spec.steps[idx],
             "progress": spec.progress[idx],
             "name": item.name,
             "type": item.type,
-            "stable_rank": srank,
-            "fro_norm": sp.fro,
-            "rel_fro_norm": sp.fro / w0_norm if w0_norm > 0 else nan,
-            "hill_alpha": hill,
-            "sim_to_final": sim,
+            "stable_rank": um.stable_rank,
+            "fro_norm": um.fro_norm,
+            "rel_fro_norm": um.rel_fro_norm,
+            "hill_alpha": um.hill_alpha,
+            "sim_to_final": sim(um, final, self.opts.sim_k),
+            "expert": item.expert,
         }
+
+
+def _mask_counts(a: str, b: str, ma: torch.Tensor, mb: torch.Tensor, item: _Item) -> dict[str, Any]:
+    return {"run_a": a, "run_b": b, "name": item.name, "type": item.type, "numel": ma.numel(),
+            "n_a": int(torch.count_nonzero(ma)), "n_b": int(torch.count_nonzero(mb)),
+            "n_ab": int(torch.count_nonzero(ma & mb)),
+            "overlap_a_in_b": one_sided_overlap(ma, mb), "overlap_b_in_a": one_sided_overlap(mb, ma),
+            "jaccard": jaccard(ma, mb)}
 
 
 def _order_rows(rows, specs: list[RunSpec], items: list[_Item]) -> list[dict[str, Any]]:
@@ -679,8 +409,6 @@ def _summarize(rows, specs: list[RunSpec], opts: TrajectoryOptions, pairs) -> di
         means = _means(mine, spec)
         lock = _lock(means, opts.lock_threshold)
         by_type = {}
-        from opdgeo.checkpoints import TYPES
-
         for t in sorted({r["type"] for r in mine}, key=TYPES.index):
             tm = _means([r for r in mine if r["type"] == t], spec)
             by_type[t] = {"locking_step": _lock(tm, opts.lock_threshold), "means": tm}
@@ -695,9 +423,7 @@ def _summarize(rows, specs: list[RunSpec], opts: TrajectoryOptions, pairs) -> di
             "means": means,
             "by_type": by_type,
         }
-    settings = asdict(opts)
-    settings.pop("workers")
-    settings.pop("keep_spectra")
+    settings = opts.settings()
     settings["rank_rtol"] = RANK_RTOL
     settings["overlap_pairs"] = [list(p) for p in pairs]
     return {"runs": runs, "settings": settings}
@@ -747,23 +473,3 @@ def _pooled_row(a, b, scope, key, cs) -> dict[str, Any]:
             "overlap_a_in_b": n_ab / n_a if n_a else nan, "baseline_a_in_b": e_ab / n_a if n_a else nan,
             "overlap_b_in_a": n_ab / n_b if n_b else nan, "baseline_b_in_a": e_ab / n_b if n_b else nan,
             "jaccard": n_ab / union if union else nan, "jaccard_baseline": e_ab / e_union if e_union > 0 else nan}
-
-
-# ------------------------------------------------------------------------------ output
-
-
-def _cell(value):
-    if isinstance(value, float):
-        return "" if math.isnan(value) else repr(value)
-    return value
-
-
-def _csv(rows, columns) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(columns)
-    for r in rows:
-        writer.writerow([_cell(r.get(c)) for c in columns])
-    return buf.getvalue()
-
-

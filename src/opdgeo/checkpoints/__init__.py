@@ -13,7 +13,9 @@ from opdgeo.checkpoints.names import (
     is_geometry_matrix,
     parse_tensor_name,
 )
-from opdgeo.checkpoints.reader import Checkpoint, TensorInfo, hf_hub_cache, open_checkpoint, pair_names
+from opdgeo.checkpoints.reader import Checkpoint, TensorInfo, open_checkpoint, pair_names
+from opdgeo.checkpoints.steps import list_step_dirs, step_dir_name, step_of
+from opdgeo.sources import hf_hub_cache
 
 __all__ = [
     "ATTENTION_TYPES",
@@ -24,7 +26,10 @@ __all__ = [
     "TensorName",
     "hf_hub_cache",
     "is_geometry_matrix",
+    "list_step_dirs",
     "open_checkpoint",
     "pair_names",
     "parse_tensor_name",
+    "step_dir_name",
+    "step_of",
 ]

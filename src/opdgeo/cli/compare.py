@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import click
 
-from opdgeo.analysis.compare import METRICS
+from opdgeo.analysis.compare import METRICS, CompareOptions
+
+_D = CompareOptions()  # the defaults, in one place
+_FLAGS = {"keep_angles": "--save-angles"}  # fields whose flag is not --<field>
 
 
 @click.command("compare", context_settings={"help_option_names": ["-h", "--help"]})
@@ -16,61 +19,49 @@ from opdgeo.analysis.compare import METRICS
 @click.argument("tuned")
 @click.option("--out", "out", type=click.Path(file_okay=False), default=None,
               help="Write matrices.csv, summary.json and summary.md into this folder.")
-@click.option("--metrics", default=",".join(METRICS), show_default=True,
-              help="Comma-separated subset of: sparsity, angles, nss, overlap (sparsity is always computed).")
-@click.option("--k", "k", type=int, default=512, show_default=True,
+@click.option("--metrics", default=",".join(_D.metrics), show_default=True,
+              help=f"Comma-separated subset of: {', '.join(METRICS)} (sparsity is always computed).")
+@click.option("--k", "k", type=int, default=_D.k, show_default=True,
               help="Principal-angle subspace size (capped at min(m, n) per matrix).")
-@click.option("--rank", "rank", type=int, default=64, show_default=True,
-              help="Rank of the W0 reconstruction behind the principal mask.")
-@click.option("--alpha", type=float, default=0.3, show_default=True,
+@click.option("--rank", "rank", type=int, default=_D.rank, show_default=True,
+              help="Rank of the W0 reconstruction behind the principal mask (capped at min(m, n) per matrix; "
+                   "the rank column reports the value used).")
+@click.option("--alpha", type=float, default=_D.alpha, show_default=True,
               help="Fraction of entries in the principal and low-magnitude masks.")
-@click.option("--eta", type=float, default=1e-3, show_default=True,
+@click.option("--eta", type=float, default=_D.eta, show_default=True,
               help="Relative tolerance of the bf16 unchanged rule.")
-@click.option("--legacy-atol", type=float, default=None,
+@click.option("--legacy-atol", type=float, default=_D.legacy_atol,
               help="Also report legacy sparsity |Δ| <= ATOL (e.g. 1e-5; off by default).")
-@click.option("--precision", type=click.Choice(["fp64", "fp32"]), default="fp64", show_default=True,
+@click.option("--precision", type=click.Choice(["fp64", "fp32"]), default=_D.precision, show_default=True,
               help="Precision of the SVDs.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
-@click.option("--workers", type=int, default=1, show_default=True, help="Tensors processed in parallel (threads).")
+@click.option("--device", default=_D.device, show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--workers", type=int, default=_D.workers, show_default=True,
+              help="Tensors processed in parallel (threads).")
 @click.option("--cache", type=click.Path(file_okay=False), default=None,
-              help="Folder caching the base's SVDs (reused by later comparisons against the same base).")
+              help="Folder caching the base's SVDs and masks (reused by later comparisons against the same base).")
 @click.option("--ignore-missing", is_flag=True, help="Skip tensors present in only one checkpoint.")
 @click.option("--allow-pickle", is_flag=True, help="Allow pytorch_model*.bin (loaded with weights_only=True).")
 @click.option("--show-matrices", is_flag=True, help="Also print the per-matrix table.")
 @click.option("--save-angles", is_flag=True, help="With --out, also write every angle vector to angles.safetensors.")
 def compare_cmd(base, tuned, out, metrics, k, rank, alpha, eta, legacy_atol, precision, device, workers, cache,
                 ignore_missing, allow_pickle, show_matrices, save_angles):
-    """Diagnose the update from BASE to TUNED (HF folders, .safetensors files or local-cache ids)."""
+    """Diagnose the update from BASE to TUNED (HF folders, .safetensors files, local-cache ids or smollm2)."""
     from pathlib import Path
 
     from opdgeo.analysis.compare import compare
     from opdgeo.analysis.parallel import dist_context
+    from opdgeo.cli.flags import flags_for_fields
     from opdgeo.errors import ConfigError
 
     if save_angles and out is None:
         raise ConfigError("--save-angles needs --out DIR")
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise ConfigError(f"--out {out}: exists and is not a folder")  # checked before any work
-
-    with dist_context(device=device) as (rank_id, world):
-        result = compare(
-            base,
-            tuned,
-            metrics=metrics,
-            k=k,
-            rank=rank,
-            alpha=alpha,
-            eta=eta,
-            legacy_atol=legacy_atol,
-            precision=precision,
-            device=device,
-            workers=workers,
-            cache=cache,
-            ignore_missing=ignore_missing,
-            allow_pickle=allow_pickle,
-            progress=True,
-            keep_angles=save_angles,
-        )
+    options = CompareOptions(metrics=metrics, k=k, rank=rank, alpha=alpha, eta=eta, legacy_atol=legacy_atol,
+                             precision=precision, device=device, workers=workers, keep_angles=save_angles,
+                             cache=cache, ignore_missing=ignore_missing, allow_pickle=allow_pickle, progress=True)
+    with flags_for_fields(_FLAGS), dist_context(device=device) as (rank_id, world):
+        result = compare(base, tuned, options)
         if rank_id == 0:
             if out is not None:
                 paths = result.write(out)
@@ -83,7 +74,8 @@ def print_result(result, *, show_matrices: bool = False) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from opdgeo.analysis.compare import SUMMARY_MEAN_KEYS, format_value, format_percent
+    from opdgeo.analysis.compare_summary import SUMMARY_MEAN_KEYS
+    from opdgeo.report.compare_files import format_percent, format_value
 
     import sys
 
@@ -110,6 +102,15 @@ def print_result(result, *, show_matrices: bool = False) -> None:
         table.add_row(t, str(d["n_tensors"]), f"{d['n_params']:,}", format_percent(d["sparsity"]),
                       *[format_value(d[key], key) for key in short])
     console.print(table)
+    if s.get("by_expert"):
+        moved = Table(title=f"experts that moved most (layer.expert; {len(s['by_expert'])} experts)", show_header=True)
+        for column in ("rank", *s["experts_moved_most"]):
+            moved.add_column(column, justify="right")
+        ranked = list(s["experts_moved_most"].items())
+        for i in range(max(len(r) for _, r in ranked)):
+            moved.add_row(str(i + 1), *[f"{r[i]['layer']}.{r[i]['expert']}  {format_value(r[i][m], m)}"
+                                        if i < len(r) else "" for m, r in ranked])
+        console.print(moved)
 
     if show_matrices:
         mt = Table(title="matrices", show_header=True)

@@ -12,6 +12,7 @@ import sys
 
 import click
 
+from opdgeo.analysis.trajectory import TrajectoryOptions
 from opdgeo.errors import ConfigError
 
 
@@ -85,6 +86,10 @@ def _parse_origins(origin_args: tuple[str, ...], runs: dict) -> dict:
     return {r: named.get(r, default) for r in runs}
 
 
+_D = TrajectoryOptions()  # the defaults, in one place
+_FLAGS = {"origins": "--origin"}  # fields whose flag is not --<field>
+
+
 @click.command("trajectory", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("run_dir", nargs=-1)
 @click.option("--origin", "origins", multiple=True, metavar="[NAME=]DIR",
@@ -94,27 +99,30 @@ def _parse_origins(origin_args: tuple[str, ...], runs: dict) -> dict:
                    "Repeatable.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Write trajectory.csv, summary.json, overlap.csv and the figures (PNG, SVG) here.")
-@click.option("--matrices", default="attention", show_default=True,
-              help="attention (q, k, v, o), all (q..down) or a regular expression on tensor names.")
-@click.option("--k-hill", type=int, default=32, show_default=True, help="Top singular values in the Hill index.")
-@click.option("--sim-k", type=int, default=16, show_default=True, help="Subspace size K of Sim_K.")
-@click.option("--threshold", type=float, default=0.8, show_default=True, help="Locking threshold of Sim_K.")
-@click.option("--workers", type=int, default=1, show_default=True, help="Matrices processed in parallel (threads).")
+@click.option("--matrices", default=_D.matrices, show_default=True,
+              help="attention (q, k, v, o), all (q..down, experts included) or a regular expression on tensor names.")
+@click.option("--k-hill", type=int, default=_D.k_hill, show_default=True, help="Top singular values in the Hill index.")
+@click.option("--sim-k", type=int, default=_D.sim_k, show_default=True, help="Subspace size K of Sim_K.")
+@click.option("--lock-threshold", "--threshold", "lock_threshold", type=float, default=_D.lock_threshold,
+              show_default=True, help="Locking threshold of Sim_K (--threshold is the older spelling).")
+@click.option("--workers", type=int, default=_D.workers, show_default=True,
+              help="Matrices processed in parallel (threads).")
 @click.option("--exact-svd", is_flag=True, help="Full float64 SVDs instead of the randomized top-k SVD (slow).")
 @click.option("--no-overlap", is_flag=True, help="Skip the cross-run overlap of runs sharing an origin.")
 @click.option("--allow-pickle", is_flag=True, help="Allow pytorch_model*.bin (loaded with weights_only=True).")
-def trajectory_cmd(run_dir, origins, runs, out, matrices, k_hill, sim_k, threshold, workers, exact_svd, no_overlap,
-                   allow_pickle):
+def trajectory_cmd(run_dir, origins, runs, out, matrices, k_hill, sim_k, lock_threshold, workers, exact_svd,
+                   no_overlap, allow_pickle):
     """Follow the update ΔW_t = W_t − W0 of RUN_DIR's step-* checkpoints (or of each --run)."""
     from opdgeo.analysis.parallel import dist_context
     from opdgeo.analysis.trajectory import trajectory
+    from opdgeo.cli.flags import flags_for_fields
 
     run_map = _parse_runs(runs, run_dir)
     origin_map = _parse_origins(origins, run_map)
-    with dist_context() as (rank_id, _):
-        result = trajectory(run_map, origin_map, matrices=matrices, k_hill=k_hill, sim_k=sim_k,
-                            lock_threshold=threshold, workers=workers, exact_svd=exact_svd,
-                            overlap=False if no_overlap else None, progress=True, allow_pickle=allow_pickle)
+    options = TrajectoryOptions(matrices=matrices, k_hill=k_hill, sim_k=sim_k, lock_threshold=lock_threshold,
+                                workers=workers, exact_svd=exact_svd, allow_pickle=allow_pickle, progress=True)
+    with flags_for_fields(_FLAGS), dist_context() as (rank_id, _):
+        result = trajectory(run_map, origin_map, options, overlap=False if no_overlap else None)
         if rank_id == 0:
             if out is not None:
                 paths = result.write(out)

@@ -2,7 +2,8 @@
 
 Pairwise diagnostics (SPEC §1): ``sparsity`` (bf16-aware update masks), ``spectrum``
 (exact singular values and subspaces, normalized spectral shift), ``angles`` (principal
-angles), ``masks`` (principal / low-magnitude masks and their overlap with the update).
+angles), ``masks`` (principal / low-magnitude masks and their overlap with the update),
+``norms`` (‖ΔW‖_F in float64 blocks).
 Trajectory diagnostics (SPEC §2): ``lowrank``, ``subspace``, ``overlap``.
 """
 
@@ -14,8 +15,10 @@ from opdgeo.geometry.sparsity import (
     bf16_unchanged_count,
     bf16_unchanged_mask,
     bf16_visible_mask,
+    legacy_unchanged_count,
     legacy_unchanged_mask,
 )
+from opdgeo.geometry.norms import update_norms
 from opdgeo.geometry.spectrum import (
     Subspaces,
     normalized_spectral_shift,
@@ -30,6 +33,7 @@ __all__ = [
     "bf16_unchanged_count",
     "bf16_unchanged_mask",
     "bf16_visible_mask",
+    "legacy_unchanged_count",
     "legacy_unchanged_mask",
     "low_magnitude_mask",
     "mask_overlap",
@@ -38,6 +42,7 @@ __all__ = [
     "principal_mask",
     "singular_values",
     "top_singular_subspaces",
+    "update_norms",
 ]
 
 from opdgeo.geometry.lowrank import __all__ as _lowrank_all

@@ -30,6 +30,7 @@ __all__ = [
     "bf16_unchanged_count",
     "bf16_unchanged_mask",
     "bf16_visible_mask",
+    "legacy_unchanged_count",
     "legacy_unchanged_mask",
 ]
 
@@ -59,6 +60,14 @@ def _check_pair(w0: torch.Tensor, w1: torch.Tensor) -> None:
         raise ValueError(f"w0 and w1 must be floating-point tensors; got {w0.dtype} and {w1.dtype}")
     if w0.device != w1.device:
         raise ValueError(f"w0 and w1 must be on the same device; got {w0.device} and {w1.device}")
+
+
+def _flat_pair(w0: torch.Tensor, w1: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both inputs checked (``_check_pair``, ``chunk >= 1``) and flattened (views when contiguous)."""
+    _check_pair(w0, w1)
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be an int >= 1; got {chunk!r}")
+    return w0.detach().reshape(-1), w1.detach().reshape(-1)
 
 
 def _check_nonneg_finite(name: str, value: float) -> float:
@@ -264,12 +273,8 @@ def bf16_unchanged_count(
 
     Source: Shen et al. 2026 §3.1; Zhu et al. 2025 §4 (bf16-aware sparsity).
     """
-    _check_pair(w0, w1)
+    f0, f1 = _flat_pair(w0, w1, chunk)  # [N] each; views when contiguous
     eta = _check_nonneg_finite("eta", eta)
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunk must be an int >= 1; got {chunk!r}")
-    f0 = w0.detach().reshape(-1)  # [N]; a view when contiguous
-    f1 = w1.detach().reshape(-1)
     numel = f0.numel()
     fused = eta < BITWISE_ETA_BOUND and f0.device.type == "cpu"
     if f0.device.type != "cpu":
@@ -394,3 +399,30 @@ def legacy_unchanged_mask(w0: torch.Tensor, w1: torch.Tensor, *, atol: float = 1
     unchanged &= torch.isfinite(a64) & torch.isfinite(b64)
     unchanged |= a64 == b64
     return unchanged
+
+
+def legacy_unchanged_count(
+    w0: torch.Tensor, w1: torch.Tensor, *, atol: float = 1e-5, chunk: int = DEFAULT_CHUNK
+) -> int:
+    """Number of entries unchanged under the legacy rule, block by block (no full mask).
+
+    Exactly ``int(legacy_unchanged_mask(w0, w1, atol=atol).sum())`` (same formula, same
+    non-finite rules), computed on blocks of ``chunk`` elements so that the float64 copies
+    the rule needs are ``O(chunk)``, not ``O(numel)``: the memory of the bf16 count.
+
+    Args:
+        w0, w1: as ``legacy_unchanged_mask``.
+        atol: absolute tolerance, finite and >= 0 (default 1e-5).
+        chunk: elements per block, >= 1 (a tuning knob; the result does not depend on it).
+
+    Raises:
+        TypeError, ValueError: as ``legacy_unchanged_mask``; ValueError for ``chunk < 1``.
+
+    Source: Mukherjee et al. 2025, as ``legacy_unchanged_mask``.
+    """
+    f0, f1 = _flat_pair(w0, w1, chunk)  # [N] each
+    atol = _check_nonneg_finite("atol", atol)
+    return sum(
+        int(torch.count_nonzero(legacy_unchanged_mask(f0[lo : lo + chunk], f1[lo : lo + chunk], atol=atol)))
+        for lo in range(0, f0.numel(), chunk)
+    )

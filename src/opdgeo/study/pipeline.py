@@ -183,18 +183,12 @@ def _build_pretrained(spec: ModelSpec, preset: StudyPreset, folder: Path, log) -
     """Build (``tiny:``), export (``smollm2``) or resolve a model; pretrain it if asked."""
     import torch
 
-    from opdgeo.models import build_model, char_tokenizer, export_smollm2, tiny_qwen3_config
+    from opdgeo.models import model_and_tokenizer
     from opdgeo.models.factory import num_parameters
+    from opdgeo.sources import ModelSource
 
-    if spec.source.startswith("tiny:"):
-        tok = char_tokenizer()
-        cfg = tiny_qwen3_config(spec.source[5:], len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        model = build_model(cfg, seed=spec.seed)
-    elif spec.source == "smollm2":
-        from opdgeo.models import load_model, load_tokenizer
-
-        src = export_smollm2()
-        model, tok = load_model(src, dtype=torch.float32), load_tokenizer(src)
+    if ModelSource.parse(spec.source).kind in ("tiny", "smollm2"):
+        model, tok = model_and_tokenizer(spec.source, seed=spec.seed, dtype=torch.float32)
     else:
         if spec.pretrain_steps:
             raise ConfigError(f"{spec.name}: pretraining is only for 'tiny:' models; got source {spec.source!r}")

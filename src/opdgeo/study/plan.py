@@ -55,13 +55,16 @@ def model_arch(spec: ModelSpec) -> dict | None:
     char vocabulary (read from `opdgeo.models`); None when unknown."""
     if spec.arch:
         return dict(spec.arch)
-    if spec.source.startswith("tiny:"):
+    from opdgeo.sources import ModelSource
+
+    source = ModelSource.parse(spec.source)
+    if source.kind == "tiny":
         try:
             from opdgeo.models.factory import PRESETS
             from opdgeo.models.tokenizer import CHAR_VOCAB, SPECIAL_TOKENS
         except ImportError:
             return None
-        p = PRESETS.get(spec.source[5:])
+        p = PRESETS.get(source.preset)
         if p is None:
             return None
         return dict(hidden_size=p.hidden_size, num_hidden_layers=p.num_hidden_layers,

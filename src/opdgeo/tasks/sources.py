@@ -253,7 +253,7 @@ def cached_dataset_folder(hub_id: str) -> Path | None:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
-    from opdgeo.checkpoints.reader import hf_hub_cache
+    from opdgeo.sources import hf_hub_cache
 
     try:
         return Path(snapshot_download(hub_id, repo_type="dataset", cache_dir=hf_hub_cache(), local_files_only=True))

@@ -21,7 +21,6 @@ import json
 import os
 import pickle
 import random
-import re
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,7 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from opdgeo.checkpoints.steps import STEP_RE, list_step_dirs, step_dir_name
 from opdgeo.errors import CheckpointError
+from opdgeo.files import TMP_PREFIX, atomic_folder, atomic_write_text
 
 __all__ = [
     "STEP_RE",
@@ -49,23 +50,12 @@ __all__ = [
     "remove_partial",
 ]
 
-STEP_RE = re.compile(r"^step-(\d{6,})$")
-TMP_PREFIX = ".tmp-"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def step_dir_name(step: int) -> str:
-    """``step-NNNNNN`` (six digits, more if needed)."""
-    return f"step-{step:06d}"
 
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     """Complete step folders of a run, ascending by step (temporary folders excluded)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return []
-    out = [(int(m.group(1)), p) for p in run_dir.iterdir() if p.is_dir() and (m := STEP_RE.match(p.name))]
-    return sorted(out)
+    return list_step_dirs(run_dir)
 
 
 def latest_resumable(run_dir: str | Path) -> Path | None:
@@ -130,27 +120,6 @@ class TrainerState:
     extra: Mapping[str, Any]
 
 
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            with open(os.path.join(dirpath, name), "rb") as fh:
-                os.fsync(fh.fileno())
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_trainer_state(folder: Path, state: TrainerState) -> None:
     from safetensors.torch import save_file
 
@@ -194,39 +163,24 @@ def save_checkpoint(
     """Write ``run_dir/step-NNNNNN/`` atomically and return its path.
 
     The HF weights are written with ``save_pretrained`` (safetensors) in ``dtype``; the
-    live model is not modified. The folder is assembled as ``run_dir/.tmp-step-NNNNNN-PID``,
-    every file and directory is fsynced, then it is renamed into place (an existing folder
-    of that step is replaced). Any exception leaves no ``step-NNNNNN`` behind.
+    live model is not modified. The folder is assembled under a temporary name
+    (``opdgeo.files.atomic_folder``: ``run_dir/.tmp-step-NNNNNN-PID-…``), every file and
+    directory is fsynced, then it is renamed into place (an existing folder of that step is
+    replaced). Any exception leaves no ``step-NNNNNN`` behind.
 
     Raises:
         CheckpointError: the folder cannot be written (disk full, permissions, ...).
     """
-    run_dir = Path(run_dir)
-    final = run_dir / step_dir_name(step)
-    tmp = run_dir / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    final = Path(run_dir) / step_dir_name(step)
     try:
-        tmp.mkdir(parents=True)
-        _save_hf_weights(model, tmp, DTYPES[dtype])
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if trainer_state is not None:
-            _write_trainer_state(tmp / "trainer_state", trainer_state)
-        _fsync_tree(tmp)
-        old = None
-        if final.exists():
-            old = run_dir / f"{TMP_PREFIX}old-{final.name}-{os.getpid()}"
-            os.replace(final, old)
-        os.replace(tmp, final)
-        _fsync_dir(run_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        with atomic_folder(final) as tmp:
+            _save_hf_weights(model, tmp, DTYPES[dtype])
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            if trainer_state is not None:
+                _write_trainer_state(tmp / "trainer_state", trainer_state)
     except OSError as err:
         raise CheckpointError(f"{final}: cannot write checkpoint: {err}") from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
@@ -286,6 +240,4 @@ def truncate_metrics(path: str | Path, last_step: int) -> None:
     if not path.is_file():
         return
     kept = [r for r in read_metrics(path) if int(r.get("step", 0)) <= last_step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))

@@ -504,15 +504,14 @@ def config_to_dict(config: TrainConfig) -> dict[str, Any]:
 
 
 def _model_source_problem(source: str, key: str, check_paths: bool) -> str | None:
-    if source.startswith("tiny:"):
-        return None if source[5:] else f"{key}: 'tiny:' needs a preset name, e.g. tiny:student"
-    if source == "smollm2" or not check_paths:
-        return None
-    if Path(source).expanduser().exists():
-        return None
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", source) and not source.startswith("."):
-        return None  # may be a model id in the local HF cache; resolved when loading
-    return f"{key}: model {source!r} not found (a folder, a local-cache id, 'smollm2' or 'tiny:PRESET')"
+    from opdgeo.errors import SourceError
+    from opdgeo.sources import ModelSource
+
+    try:
+        problem = ModelSource.parse(source).problem(check_paths=check_paths)
+    except SourceError as err:
+        problem = str(err)
+    return f"{key}: {problem}" if problem else None
 
 
 def validate(config: TrainConfig, *, check_paths: bool = True) -> list[str]:

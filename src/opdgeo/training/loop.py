@@ -334,15 +334,10 @@ def _barrier() -> None:
 
 
 def load_policy(source: str, *, init_seed: int = 0):
-    """``(model, tokenizer)`` for a model source: ``tiny:PRESET`` builds a fresh model with the
-    character tokenizer; anything else goes through ``opdgeo.models.load_model``."""
-    from opdgeo.models import build_model, char_tokenizer, load_model, load_tokenizer, tiny_qwen3_config
+    """``(model, tokenizer)`` for a model source (``opdgeo.models.model_and_tokenizer``)."""
+    from opdgeo.models import model_and_tokenizer
 
-    if source.startswith("tiny:"):
-        tok = char_tokenizer()
-        cfg = tiny_qwen3_config(source[5:], len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        return build_model(cfg, seed=init_seed), tok
-    return load_model(source), load_tokenizer(source)
+    return model_and_tokenizer(source, seed=init_seed)
 
 
 def behaviour_policy(config: TrainConfig, student, tokenizer, teacher, *, device: torch.device):

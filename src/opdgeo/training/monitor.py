@@ -15,15 +15,12 @@ consecutive probes, ``geometry/locked_at``: the probe step from which it has sta
 (``geometry.subspace.locking_step`` on the probes so far). The lock is latched: once
 reported, the step stays fixed for the rest of the run (our choice).
 
-One implementation: ``opdgeo.analysis.trajectory`` has no public per-matrix function, so
-``probe_matrix`` calls the same geometry functions in the same way, with the same
-settings (``TrajectoryOptions`` defaults) and conventions (``RANK_RTOL``): ΔW in float64
-from the stored values, ‖ΔW‖_F by ``matrix_norm``, the top max(k_hill, K) triplets by
-``randomized_top_svd``, ``stable_rank(‖ΔW‖_F², min(σ1, ‖ΔW‖_F))``, Sim_K by
-``subspace_similarity``, NaN for a zero update and for Sim_K when min(m, n) < K or
-σ_K ≤ RANK_RTOL·σ1. The live weights are first rounded to the run's checkpoint dtype (bf16
-by default, as the checkpoint's ``save_pretrained`` of a bf16 copy does), so a probe at
-step s equals ``opdgeo trajectory`` on the ``step-s`` checkpoint (tested: stable rank and
+One implementation: ``probe_matrix`` calls ``opdgeo.analysis.update.update_metrics``, the
+per-matrix function of ``opdgeo trajectory``, with the same settings (``TrajectoryOptions``
+defaults, overridable here) and conventions (NaN for a zero update, V_K only when Sim_K is
+defined). The live weights are first rounded to the run's checkpoint dtype (bf16 by
+default, as the checkpoint's ``save_pretrained`` of a bf16 copy does), so a probe at step
+s equals ``opdgeo trajectory`` on the ``step-s`` checkpoint (tested: stable rank and
 ‖ΔW‖_F per matrix, and Sim_16 against trajectory's Sim on the two-checkpoint run
 [step-(s−N), step-s]).
 
@@ -40,9 +37,9 @@ from types import MappingProxyType
 
 import torch
 
-from opdgeo.analysis.trajectory import RANK_RTOL, TrajectoryOptions
+from opdgeo.analysis.trajectory import TrajectoryOptions
+from opdgeo.analysis.update import update_metrics
 from opdgeo.checkpoints import ATTENTION_TYPES, GEOMETRY_TYPES, parse_tensor_name
-from opdgeo.geometry.lowrank import randomized_top_svd, stable_rank
 from opdgeo.geometry.sparsity import bf16_visible_mask
 from opdgeo.geometry.subspace import locking_step, subspace_similarity
 
@@ -195,10 +192,8 @@ def start_monitor(weights: Mapping[str, torch.Tensor], settings: MonitorSettings
 def probe_matrix(w0: torch.Tensor, w1: torch.Tensor, settings: MonitorSettings | None = None) -> MatrixProbe:
     """Trajectory numbers of one matrix's update ΔW = w1 − w0: stable rank, ‖ΔW‖_F, V_K, density.
 
-    Exactly the trajectory's per-matrix computation (module docstring): float64 ΔW,
-    ``randomized_top_svd`` of the top max(k_hill, K) triplets with the trajectory's
-    settings, ``stable_rank(‖ΔW‖_F², min(σ1, ‖ΔW‖_F))``; plus the bf16-visible density
-    ``mean(bf16_visible_mask(w0, w1, eta))``.
+    ``opdgeo.analysis.update.update_metrics`` (the trajectory's per-matrix function) with
+    the monitor's settings, plus the bf16-visible density ``mean(bf16_visible_mask(w0, w1, eta))``.
 
     Args:
         w0, w1: [m, n] the origin and current matrix (any floating dtype; the monitor
@@ -207,19 +202,15 @@ def probe_matrix(w0: torch.Tensor, w1: torch.Tensor, settings: MonitorSettings |
 
     Returns:
         ``MatrixProbe``; a zero update has NaN stable rank and ``V = None``; ``V`` is also
-        None when σ_K ≤ RANK_RTOL·σ1 or min(m, n) < K (Sim_K undefined).
+        None when Sim_K is undefined (σ_K ≤ RANK_RTOL·σ1 or min(m, n) < K).
     """
     s = settings or MonitorSettings()
     density = float(bf16_visible_mask(w0, w1, eta=s.eta).to(torch.float64).mean())
-    d = w1.to(torch.float64) - w0.to(torch.float64)  # [m, n], exact for bf16/fp32 inputs
-    fro = float(torch.linalg.matrix_norm(d))
-    if fro == 0.0:
-        return MatrixProbe(stable_rank=float("nan"), fro_norm=0.0, density=density, V=None)
-    kk = min(max(s.k_hill, s.k), min(d.shape))
-    _, S, V = randomized_top_svd(d, kk, oversample=s.oversample, n_iter=s.n_iter, tol=s.tol, seed=s.seed)
-    srank = stable_rank(fro**2, min(float(S[0]), fro))
-    defined = S.numel() >= s.k and float(S[s.k - 1]) > RANK_RTOL * float(S[0])
-    return MatrixProbe(stable_rank=srank, fro_norm=fro, density=density, V=V if defined else None)
+    options = TrajectoryOptions(k_hill=s.k_hill, sim_k=s.k, eta=s.eta, oversample=s.oversample, n_iter=s.n_iter,
+                                tol=s.tol, seed=s.seed)
+    um = update_metrics(w0, w1, options)
+    return MatrixProbe(stable_rank=um.stable_rank, fro_norm=um.fro_norm, density=density,
+                       V=um.V if um.defined(s.k) else None)
 
 
 def _nanmean(values: list[float]) -> float:

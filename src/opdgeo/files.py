@@ -1,0 +1,163 @@
+"""Atomic writes: the one place that puts a file or a folder on disk.
+
+A reader (another process, a resumed run, a concurrent rank) sees either the old content
+or the new one, never half of it. The recipe, for files and folders alike:
+
+1. create a temporary sibling of the target (same folder, so the rename stays on one
+   filesystem) named ``.tmp-<target name>-<pid>-<random>``: every temporary name starts
+   with ``TMP_PREFIX``, so a cleanup can find what a killed writer left behind;
+2. write into it; fsync every file (and, for a folder, every folder) in it;
+3. ``os.replace`` it over the target (atomic on POSIX), then fsync the parent folder so
+   the rename itself survives a crash.
+
+File and folder modes follow the process umask (``0o666`` / ``0o777`` masked), as an
+ordinary ``open``/``mkdir`` would give them: ``tempfile.mkstemp``/``mkdtemp`` would leave
+``0o600``/``0o700``, which other users of a shared run folder or cache cannot read.
+
+A folder that already exists is replaced: it is first renamed aside (a ``TMP_PREFIX``
+name), the new one renamed into place, then the old one removed; between the two renames
+the target is briefly absent, never partial.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+__all__ = [
+    "TMP_PREFIX",
+    "atomic_folder",
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "fsync_dir",
+    "fsync_tree",
+    "is_temporary",
+    "temporary_sibling",
+]
+
+TMP_PREFIX = ".tmp-"
+
+
+def is_temporary(path: str | os.PathLike) -> bool:
+    """True for a name made by ``temporary_sibling`` (a leftover of an interrupted write)."""
+    return Path(path).name.startswith(TMP_PREFIX)
+
+
+def temporary_sibling(path: str | os.PathLike, *, folder: bool = False) -> Path:
+    """Create and return a new, empty temporary file (or folder) beside ``path``.
+
+    The name is ``.tmp-<name>-<pid>-<8 hex>``, created exclusively (``O_EXCL``/``mkdir``)
+    with mode ``0o666``/``0o777`` under the umask. The parent folder is created if needed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            if folder:
+                os.mkdir(tmp, 0o777)
+            else:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:  # pragma: no cover - 32 random bits collided
+            continue
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """fsync a folder (its entries: names created or renamed in it); a no-op where the
+    platform has no directory file descriptors."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: str | os.PathLike) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def fsync_tree(root: str | os.PathLike) -> None:
+    """fsync every file and every folder below ``root`` (``root`` included)."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            _fsync_file(os.path.join(dirpath, name))
+        fsync_dir(dirpath)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Write a file atomically: ``write(tmp)`` fills a temporary sibling, which then replaces ``path``.
+
+    Args:
+        path: the target file.
+        write: called with the temporary path (which exists, empty); it writes the content
+            by path (``save_file(tensors, tmp)``, ``tmp.write_text(...)``).
+
+    Returns:
+        ``path``.
+
+    Raises:
+        OSError: from the write or the rename; the temporary file is removed, the target
+            is left as it was.
+    """
+    path = Path(path)
+    tmp = temporary_sibling(path)
+    try:
+        write(tmp)
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """``atomic_write`` of ``data``."""
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """``atomic_write`` of ``text`` in UTF-8."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Build a folder atomically: yield an empty temporary sibling to fill; on a clean exit
+    it is fsynced and renamed into place (an existing ``path`` is replaced, see the module
+    docstring); on an exception it is removed and ``path`` is left as it was.
+
+    Example::
+
+        with atomic_folder(run_dir / "step-000010") as tmp:
+            model.save_pretrained(tmp)
+    """
+    path = Path(path)
+    tmp = temporary_sibling(path, folder=True)
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        old = None
+        if path.exists():
+            old = temporary_sibling(path.with_name(f"old-{path.name}"), folder=True)
+            os.replace(path, old)  # a folder renamed over an empty folder
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
