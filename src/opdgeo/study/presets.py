@@ -208,12 +208,12 @@ class DiagnoseSpec:
         trajectory_matrices: ``"attention"`` (paper) or ``"all"``.
         hill_k: Hill estimator k (capped by the matrix size).
         sim_k: K of Sim_K.
-        band_ratio: **our choice** — a run "stays in a narrow stable-rank band" when
-            max/min of its mean stable rank over checkpoints is at most this (the paper's
-            OPD band ~20–30 is a ratio of 1.5).
-        band_tolerance: **our choice** — a control "keeps OPD's band" when its band lies
-            inside [lo/τ, hi·τ] of OPD's band [lo, hi].
-        lock_threshold: Sim_16 level of the locking step and the first-checkpoint claim.
+        band_ratio: the paper's OPD band ~20–30 as a max/min ratio (1.5), for reference
+            only: the band claims compare runs over seeds (docs/study.md, "Claims").
+        band_tolerance: unused by the claims since they compare trajectory distances over
+            seeds; kept so that older study folders read the same.
+        lock_threshold: Sim_16 level of the locking step, and the null of the
+            first-checkpoint claim (OPD's Sim_16 > lock_threshold over seeds).
     """
 
     k: int = 512
