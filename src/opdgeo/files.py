@@ -37,7 +37,9 @@ __all__ = [
     "fsync_dir",
     "fsync_tree",
     "is_temporary",
+    "staged_folder",
     "temporary_sibling",
+    "writable_folder_problem",
 ]
 
 TMP_PREFIX = ".tmp-"
@@ -161,3 +163,69 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+
+def writable_folder_problem(path: str | os.PathLike) -> str | None:
+    """Why files cannot be written into folder ``path`` (created if absent), or None.
+
+    Checked before a long computation so that its results are not lost at the end: the
+    path (or, when it does not exist yet, its nearest existing ancestor) must be a folder
+    in which a file can be created (a probe file, removed at once: this sees permissions,
+    read-only mounts and a full inode table) on a filesystem with free space left. Nothing
+    is left behind. A disk that fills up later is still possible; writers handle that.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        return "exists and is not a folder"
+    where = path
+    while not where.exists() and where.parent != where:
+        where = where.parent
+    if not where.is_dir():
+        return f"{where} is not a folder"
+    probe = where / f"{TMP_PREFIX}probe-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        probe.unlink()
+    except OSError as err:
+        return f"cannot write in {where} ({err.strerror or err})"
+    try:
+        st = os.statvfs(where)
+    except (OSError, AttributeError):  # pragma: no cover - platforms without statvfs
+        return None
+    if st.f_bavail == 0:
+        return f"no space left on the device of {where}"
+    return None
+
+
+@contextlib.contextmanager
+def staged_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Write a set of files into folder ``path`` all at once, or not at all.
+
+    Yields an empty staging folder (a ``TMP_PREFIX`` folder inside ``path``, so the
+    renames stay on one filesystem) to fill; on a clean exit each entry is renamed into
+    ``path`` (replacing a file of the same name) and the staging folder removed. On an
+    exception the staging folder is removed, ``path`` keeps what it held before (and is
+    itself removed if this call created it and it is empty), and the exception propagates.
+    Other files already in ``path`` are left alone.
+    """
+    path = Path(path)
+    created = [p for p in (path, *path.parents) if not p.exists()]
+    path.mkdir(parents=True, exist_ok=True)
+    stage = temporary_sibling(path / "publish", folder=True)
+    try:
+        yield stage
+        fsync_tree(stage)
+        for entry in sorted(stage.iterdir()):
+            target = path / entry.name
+            if target.is_dir() and entry.is_dir():
+                shutil.rmtree(target)
+            os.replace(entry, target)
+        fsync_dir(path)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        for folder in created:  # innermost first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    shutil.rmtree(stage, ignore_errors=True)

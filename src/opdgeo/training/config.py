@@ -504,12 +504,17 @@ def config_to_dict(config: TrainConfig) -> dict[str, Any]:
 
 
 def _model_source_problem(source: str, key: str, check_paths: bool) -> str | None:
-    from opdgeo.errors import SourceError
+    from opdgeo.errors import CheckpointError
     from opdgeo.sources import ModelSource
 
     try:
-        problem = ModelSource.parse(source).problem(check_paths=check_paths)
-    except SourceError as err:
+        parsed = ModelSource.parse(source)
+        problem = parsed.problem(check_paths=check_paths)
+        if not problem and check_paths and parsed.kind in ("folder", "file"):
+            from opdgeo.checkpoints import open_checkpoint
+
+            open_checkpoint(parsed.path)  # headers only: a truncated file is named with its tensor
+    except CheckpointError as err:  # SourceError included
         problem = str(err)
     return f"{key}: {problem}" if problem else None
 
