@@ -14,15 +14,18 @@ File and folder modes follow the process umask (``0o666`` / ``0o777`` masked), a
 ordinary ``open``/``mkdir`` would give them: ``tempfile.mkstemp``/``mkdtemp`` would leave
 ``0o600``/``0o700``, which other users of a shared run folder or cache cannot read.
 
-A folder that already exists is replaced: it is first renamed aside (a ``TMP_PREFIX``
-name), the new one renamed into place, then the old one removed; between the two renames
-the target is briefly absent, never partial.
+A folder that already exists is replaced: it is first renamed aside (``.tmp-old-<name>-…``),
+the new one renamed into place, then the old one removed. Between the two renames the
+target is briefly absent, never partial, and the previous complete folder is the aside
+copy: after a kill there, ``restore_aside`` renames it back and ``clean_temporaries``
+(which removes every other leftover) never deletes it while the target is missing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Callable, Iterator
@@ -34,6 +37,8 @@ __all__ = [
     "atomic_write",
     "atomic_write_bytes",
     "atomic_write_text",
+    "clean_temporaries",
+    "restore_aside",
     "fsync_dir",
     "fsync_tree",
     "is_temporary",
@@ -43,6 +48,8 @@ __all__ = [
 ]
 
 TMP_PREFIX = ".tmp-"
+_ASIDE = "old-"  # temporary_sibling(<folder>/old-<name>) holds a replaced folder until the swap is done
+_ASIDE_RE = re.compile(r"^\.tmp-old-(?P<name>.+)-\d+-[0-9a-f]{8}$")
 
 
 def is_temporary(path: str | os.PathLike) -> bool:
@@ -154,8 +161,10 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
         fsync_tree(tmp)
         old = None
         if path.exists():
-            old = temporary_sibling(path.with_name(f"old-{path.name}"), folder=True)
+            old = temporary_sibling(path.with_name(f"{_ASIDE}{path.name}"), folder=True)
             os.replace(path, old)  # a folder renamed over an empty folder
+            fsync_dir(path.parent)
+        # a kill here leaves the previous folder aside; restore_aside() puts it back
         os.replace(tmp, path)
         fsync_dir(path.parent)
         if old is not None:
@@ -229,3 +238,51 @@ def staged_folder(path: str | os.PathLike) -> Iterator[Path]:
                 folder.rmdir()
         raise
     shutil.rmtree(stage, ignore_errors=True)
+
+
+def restore_aside(folder: str | os.PathLike) -> list[Path]:
+    """Put back every folder that ``atomic_folder`` had renamed aside when a kill cut its
+    swap short (``.tmp-old-<name>-…`` whose ``<name>`` is missing); returns the restored
+    paths. Safe to run from several processes at once (a lost race is skipped)."""
+    folder = Path(folder)
+    restored = []
+    if not folder.is_dir():
+        return restored
+    for entry in sorted(folder.iterdir()):
+        m = _ASIDE_RE.match(entry.name)
+        if not m or not entry.is_dir():
+            continue
+        target = folder / m.group("name")
+        if target.exists():
+            continue
+        try:
+            os.rename(entry, target)  # not os.replace: never over a target that appeared meanwhile
+        except OSError:
+            continue
+        fsync_dir(folder)
+        restored.append(target)
+    return restored
+
+
+def clean_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove what killed writers left in ``folder`` (every ``TMP_PREFIX`` file or folder),
+    after ``restore_aside``: a previous complete folder whose replacement never arrived is
+    renamed back, not deleted. Returns the removed paths. Only for a folder no live writer
+    is using (a run folder under its lock)."""
+    folder = Path(folder)
+    restore_aside(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for entry in sorted(folder.iterdir()):
+        if not is_temporary(entry):
+            continue
+        m = _ASIDE_RE.match(entry.name)
+        if m and not (folder / m.group("name")).exists():  # pragma: no cover - restore_aside lost a race
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
