@@ -11,8 +11,9 @@ or the new one, never half of it. The recipe, for files and folders alike:
    the rename itself survives a crash.
 
 File and folder modes follow the process umask (``0o666`` / ``0o777`` masked), as an
-ordinary ``open``/``mkdir`` would give them: ``tempfile.mkstemp``/``mkdtemp`` would leave
-``0o600``/``0o700``, which other users of a shared run folder or cache cannot read.
+ordinary ``open``/``mkdir`` would give them, whatever the writer used (``apply_umask``:
+safetensors, and so ``save_pretrained``, create ``0o600`` files; ``tempfile.mkstemp`` /
+``mkdtemp`` would too), so other users of a shared run folder or cache can read them.
 
 A folder that already exists is replaced: it is first renamed aside (``.tmp-old-<name>-…``),
 the new one renamed into place, then the old one removed. Between the two renames the
@@ -33,6 +34,7 @@ from pathlib import Path
 
 __all__ = [
     "TMP_PREFIX",
+    "apply_umask",
     "atomic_folder",
     "atomic_write",
     "atomic_write_bytes",
@@ -75,6 +77,46 @@ def temporary_sibling(path: str | os.PathLike, *, folder: bool = False) -> Path:
             return tmp
         except FileExistsError:  # pragma: no cover - 32 random bits collided
             continue
+
+
+def _read_umask() -> int:
+    """The process umask, read without changing it (``/proc/self/status`` on Linux; else
+    the ``os.umask`` round trip, which is brief but not thread-safe, so done once)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return _IMPORT_UMASK
+
+
+def _import_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_IMPORT_UMASK = _import_umask()
+
+
+def apply_umask(root: str | os.PathLike) -> None:
+    """Give ``root`` (a file, or a folder and everything below it) the modes an ordinary
+    ``open``/``mkdir`` would: ``0o666``/``0o777`` under the umask. Writers such as
+    safetensors create their files ``0o600`` whatever the umask; shared run folders and
+    caches must stay readable by the other users the umask admits."""
+    mask = _read_umask()
+    root = Path(root)
+    if root.is_file():
+        os.chmod(root, 0o666 & ~mask)
+        return
+    for dirpath, _, files in os.walk(root):
+        os.chmod(dirpath, 0o777 & ~mask)
+        for name in files:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -124,6 +166,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
     tmp = temporary_sibling(path)
     try:
         write(tmp)
+        apply_umask(tmp)
         _fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -158,6 +201,7 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     tmp = temporary_sibling(path, folder=True)
     try:
         yield tmp
+        apply_umask(tmp)
         fsync_tree(tmp)
         old = None
         if path.exists():
