@@ -320,10 +320,21 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def apply_overrides(data: Mapping[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """Return a copy of the raw config mapping with dotted ``key=value`` overrides applied."""
+    """Return a copy of the raw config mapping with dotted ``key=value`` overrides applied.
+
+    Raises:
+        ConfigError: every malformed override at once, joined by "; ".
+    """
     out = _deep_copy(data)
+    parsed, problems = [], []
     for text in overrides:
-        key, value = parse_override(text)
+        try:
+            parsed.append(parse_override(text))
+        except ConfigError as err:
+            problems.append(str(err))
+    if problems:
+        raise ConfigError("; ".join(problems))
+    for key, value in parsed:
         parts = key.split(".")
         node = out
         for part in parts[:-1]:
@@ -432,7 +443,7 @@ def config_from_dict(data: Mapping[str, Any], *, check_paths: bool = True) -> Tr
     """Build and fully validate a ``TrainConfig`` from a raw mapping.
 
     Raises:
-        ConfigError: one message listing every problem, one per line, each with its key.
+        ConfigError: one message listing every problem on one line ("; "), each with its key.
     """
     errors: list[str] = []
     if not isinstance(data, Mapping):
@@ -449,9 +460,10 @@ def config_from_dict(data: Mapping[str, Any], *, check_paths: bool = True) -> Tr
 
 
 def _format_errors(errors: list[str]) -> str:
+    """Every problem on one line, joined by "; " (the CLI's one-line error)."""
     if len(errors) == 1:
         return f"invalid training config: {errors[0]}"
-    return f"invalid training config ({len(errors)} problems):\n  " + "\n  ".join(errors)
+    return f"invalid training config ({len(errors)} problems): " + "; ".join(errors)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), *, check_paths: bool = True) -> TrainConfig:
@@ -470,14 +482,62 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as err:
-            raise ConfigError(f"{p}: not valid YAML: {str(err).splitlines()[0]}") from None
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"{p}: expected a mapping of sections at the top level")
+        data = _read_yaml(p)
     data = apply_overrides(data, list(overrides))
     return config_from_dict(data, check_paths=check_paths)
+
+
+MAX_CONFIG_BYTES = 1_000_000
+"""A config file larger than this is refused before parsing."""
+MAX_CONFIG_NODES = 100_000
+"""Values (mappings, lists and scalars) a config may hold once every YAML alias is
+expanded; checked on the parsed data, where an alias is still one shared object, so an
+alias bomb (nested lists of aliases: 9 levels of 9 give 9**8 values) is refused in
+milliseconds instead of being copied."""
+MAX_CONFIG_DEPTH = 32
+"""Deepest nesting of mappings and lists a config may have (a self-referencing alias
+counts as infinitely deep)."""
+
+
+def _read_yaml(path: Path) -> Mapping[str, Any]:
+    """Parse a config file within ``MAX_CONFIG_BYTES``, ``MAX_CONFIG_NODES`` and ``MAX_CONFIG_DEPTH``.
+
+    Raises:
+        ConfigError: unreadable, not YAML, too large, too deep, or not a mapping.
+    """
+    try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {size} bytes; a config is at most {MAX_CONFIG_BYTES} bytes")
+        data = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply (at most {MAX_CONFIG_DEPTH} levels)") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read ({err.strerror or err})") from None
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    sizes: dict[int, int] = {}
+
+    def expanded(node: Any, depth: int) -> int:
+        if not isinstance(node, (Mapping, list)):
+            return 1
+        if depth > MAX_CONFIG_DEPTH:
+            raise ConfigError(f"{path}: nested deeper than {MAX_CONFIG_DEPTH} levels (or an alias refers to itself)")
+        if id(node) not in sizes:
+            children = list(node.values()) if isinstance(node, Mapping) else node
+            total = 1
+            for child in children:
+                total += expanded(child, depth + 1)
+                if total > MAX_CONFIG_NODES:
+                    raise ConfigError(f"{path}: more than {MAX_CONFIG_NODES} values once its YAML aliases are "
+                                      "expanded (an alias bomb?); a config is far smaller")
+            sizes[id(node)] = total
+        return sizes[id(node)]
+
+    expanded(data, 0)
+    return data
 
 
 def config_to_dict(config: TrainConfig) -> dict[str, Any]:
@@ -504,14 +564,31 @@ def config_to_dict(config: TrainConfig) -> dict[str, Any]:
 
 
 def _model_source_problem(source: str, key: str, check_paths: bool) -> str | None:
-    from opdgeo.errors import SourceError
+    from opdgeo.errors import CheckpointError
     from opdgeo.sources import ModelSource
 
     try:
-        problem = ModelSource.parse(source).problem(check_paths=check_paths)
-    except SourceError as err:
+        parsed = ModelSource.parse(source)
+        problem = parsed.problem(check_paths=check_paths)
+        if not problem and check_paths and parsed.kind in ("folder", "file"):
+            from opdgeo.checkpoints import open_checkpoint
+
+            open_checkpoint(parsed.path)  # headers only: a truncated file is named with its tensor
+    except CheckpointError as err:  # SourceError included
         problem = str(err)
     return f"{key}: {problem}" if problem else None
+
+
+def _task_problem(spec: str) -> str | None:
+    """What is wrong with a task spec (unknown option, missing file or dataset), or None;
+    tasks read their rows lazily, so this costs no data loading."""
+    from opdgeo.tasks import load_task
+
+    try:
+        load_task(spec)
+    except ConfigError as err:
+        return str(err)
+    return None
 
 
 def validate(config: TrainConfig, *, check_paths: bool = True) -> list[str]:
@@ -528,6 +605,8 @@ def validate(config: TrainConfig, *, check_paths: bool = True) -> list[str]:
         e.append(p)
     if not t.spec:
         e.append("task.spec: required")
+    elif check_paths and (p := _task_problem(t.spec)):
+        e.append(f"task.spec: {p}")
     if t.num_problems is not None and t.num_problems < 1:
         e.append(f"task.num_problems: must be >= 1; got {t.num_problems}")
     if t.demonstrations is not None:

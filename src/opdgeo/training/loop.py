@@ -59,6 +59,7 @@ from typing import Any
 import torch
 
 from opdgeo.errors import ConfigError
+from opdgeo.locking import holds_run_folder
 from opdgeo.training import checkpointing as ckpt
 from opdgeo.training.advantages import broadcast_to_tokens, combine_advantages, grpo_advantages, opd_advantages
 from opdgeo.training.config import TrainConfig, config_to_dict
@@ -728,6 +729,7 @@ def _progress(enabled: bool, total: int, start: int):
     return prog, task_id
 
 
+@holds_run_folder  # one writer per run folder (opdgeo.locking)
 def train(config: TrainConfig, *, resume: bool = False, hooks: Hooks | None = None) -> RunResult:
     """Run SFT, RLVR or OPD as configured; write the run folder; return a ``RunResult``.
 
