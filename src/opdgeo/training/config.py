@@ -116,7 +116,10 @@ class RolloutConfig:
     group_size: int = 8
     """G, samples per prompt. RLVR needs G >= 2 (group-normalized reward)."""
     temperature: float = 1.0
-    """Sampling temperature (> 0). The teacher always scores at temperature 1."""
+    """Sampling temperature. Must be 1 for rlvr/opd: the surrogate's ratio, the behaviour
+    log-probs and the OPD gap (student and teacher) are all the temperature-1 policy
+    (SPEC §3), so sampling at another temperature would silently be off-policy; the config
+    refuses it rather than train on a distribution it does not score."""
     max_new_tokens: int = 64
     """Longest response; generation stops earlier at EOS."""
     policy: str = "student"
@@ -576,6 +579,10 @@ def validate(config: TrainConfig, *, check_paths: bool = True) -> list[str]:
         e.append(f"rollout.group_size: must be >= 1; got {r.group_size}")
     if not r.temperature > 0:
         e.append(f"rollout.temperature: must be > 0; got {r.temperature}")
+    elif r.temperature != 1.0 and obj.name != "sft":
+        e.append(f"rollout.temperature: must be 1 for {obj.name} (the importance ratio, the behaviour log-probs "
+                 f"and the OPD gap are the temperature-1 policy; a tempered sampler would be off-policy); "
+                 f"got {r.temperature}")
     if r.max_new_tokens < 1:
         e.append(f"rollout.max_new_tokens: must be >= 1; got {r.max_new_tokens}")
     if r.policy == "teacher":
