@@ -61,6 +61,7 @@ SIGNALS = ("rlvr", "opd")
 SCHEDULES = ("constant", "cosine")
 SAVE_DTYPES = ("bfloat16", "float16", "float32")
 TOKEN_KEEP_MODES = ("none", "topkl", "random")
+PROJECT_MODES = ("project", "freeze")
 MONITOR_MATRICES = ("attention", "all")
 
 
@@ -230,13 +231,19 @@ class ProjectConfig:
     start: str | int | None = None
     """YAML key ``from``. None: no projection. A checkpoint folder: the student starts from
     it (its fp32 master weights when it has ``trainer_state/``, else its weights) at its
-    step, with a fresh optimizer over the projected matrices, and V_K comes from its ΔW. An
+    step, with its AdamW state for the projected matrices (from its ``trainer_state/``; fresh
+    when it has none), and V_K comes from its ΔW. An
     integer S: train normally to step S, then take V_K from the current ΔW and project
     from step S+1 on (optimizer state kept)."""
     rank: int = 16
     """K, the number of top right singular vectors of each ΔW kept (≤ min(m, n))."""
     origin: str | None = None
     """W_origin of ΔW = W_from − W_origin (e.g. the SFT anchor); default ``model.student``."""
+    mode: str = "project"
+    """``"project"``: every gradient g → g V_K V_Kᵀ and every optimizer update D → D V_K V_Kᵀ
+    of the block matrices, so W − W_from stays in span(V_K). ``"freeze"``: the control with
+    the same restart and the same frozen parameters (everything but the block matrices) and
+    no projection; it logs how far its update leaves span(V_K)."""
 
 
 @dataclass(frozen=True)
@@ -617,6 +624,8 @@ def validate(config: TrainConfig, *, check_paths: bool = True) -> list[str]:
             e.append(p)
     if pj.rank < 1:
         e.append(f"project.rank: must be >= 1; got {pj.rank}")
+    if pj.mode not in PROJECT_MODES:
+        e.append(f"project.mode: must be one of {', '.join(PROJECT_MODES)}; got {pj.mode!r}")
 
     if o.steps < 1:
         e.append(f"optim.steps: must be >= 1; got {o.steps}")

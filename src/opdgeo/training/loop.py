@@ -76,11 +76,14 @@ from opdgeo.training.precision import autocast_context, resolve_bf16_autocast
 from opdgeo.training.monitor import MonitorSettings, probe, restore_monitor, start_monitor
 from opdgeo.training.projection import (
     SUBSPACE_FILE,
+    carry_optimizer_state,
     freeze_outside,
     load_subspaces,
     project_gradients_,
+    project_updates_,
     projection_subspaces,
     save_subspaces,
+    weights_before_step,
 )
 
 __all__ = [
@@ -433,6 +436,23 @@ def start_from_checkpoint(student, source: str) -> int:
         for n, w in weights.items():
             own[n].copy_(w.to(own[n].dtype))
     return step
+
+
+def _restart_optimizer_state(optimizer, student, folder: str) -> None:
+    """A projected restart continues with the AdamW state its checkpoint saved for the
+    matrices it trains (``projection.carry_optimizer_state``); fresh without ``trainer_state/``."""
+    if not (Path(folder) / "trainer_state" / "state.json").is_file():
+        return
+    names = [n for n, p in student.named_parameters() if p.requires_grad]
+    carry_optimizer_state(optimizer, ckpt.load_trainer_state(folder).optimizer,
+                          [n for n, _ in student.named_parameters()], names)
+
+
+def _worst_of(extra: dict[str, float], values: Mapping[str, float]) -> None:
+    """Keep, per key, the largest value over the inner epochs (NaN counts as nothing)."""
+    for k, v in values.items():
+        if k not in extra or math.isnan(extra[k]) or v > extra[k]:
+            extra[k] = v
 
 
 def _save_subspaces(run_dir: Path, projection: Mapping[str, torch.Tensor], config: TrainConfig, *, step: int) -> None:
@@ -795,6 +815,8 @@ def train(config: TrainConfig, *, resume: bool = False, hooks: Hooks | None = No
 
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.adam_eps, weight_decay=o.weight_decay)
+    if isinstance(pj.start, str) and resume_from is None:
+        _restart_optimizer_state(optimizer, student, pj.start)
     lr_at = functools.partial(learning_rate, lr=o.lr, steps=o.steps, schedule=o.schedule,
                               warmup_steps=o.warmup_steps, min_lr=o.min_lr)
     first = start  # a run restarted from a checkpoint continues its schedule at that step
@@ -856,15 +878,20 @@ def train(config: TrainConfig, *, resume: bool = False, hooks: Hooks | None = No
                 if epoch == 0:
                     first_sums = sums
                 all_reduce_gradients(params)
-                if projection is not None:  # after the all-reduce, before clipping and the step
+                projecting = projection is not None and pj.mode == "project"
+                if projecting:  # after the all-reduce, before clipping and the step
                     kept = project_gradients_(named_params, projection)
                     if epoch == 0:
                         extra.update(kept.as_metrics())
                 if hooks.after_backward is not None:
                     extra.update(hooks.after_backward(HookContext(step + 1, student, config, run_dir, rank, world)) or {})
                 if global_tokens > 0:
+                    before = weights_before_step(named_params, projection) if projection is not None else None
                     norm = optimizer_step(student, optimizer, grad_clip=o.grad_clip)
                     grad_norm = norm if epoch == 0 else grad_norm
+                    if before is not None:  # AdamW's whole update D -> D V_K V_Kᵀ (freeze: measured only)
+                        _worst_of(extra, project_updates_(named_params, projection, before,
+                                                          project=projecting).as_metrics())
                 else:  # nothing to learn from (e.g. every group filtered): no update
                     optimizer.zero_grad(set_to_none=True)
             lr = optimizer.param_groups[0]["lr"]
