@@ -50,7 +50,6 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -73,6 +72,7 @@ from opdgeo.training.controls import (
 )
 from opdgeo.training.losses import masked_mean, masked_sum, policy_gradient_loss, sft_loss
 from opdgeo.training.precision import autocast_context, resolve_bf16_autocast
+from opdgeo.training.progress import StepProgress
 from opdgeo.training.monitor import MonitorSettings, probe, restore_monitor, start_monitor
 from opdgeo.training.projection import (
     SUBSPACE_FILE,
@@ -736,18 +736,6 @@ def _write_config(run_dir: Path, config: TrainConfig) -> None:
     tmp.replace(run_dir / "config.yaml")
 
 
-def _progress(enabled: bool, total: int, start: int):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    if not enabled:
-        return None
-    prog = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("{task.description}"), console=Console(stderr=True), transient=False)
-    task_id = prog.add_task("", total=total, completed=start)
-    return prog, task_id
-
-
 def train(config: TrainConfig, *, resume: bool = False, hooks: Hooks | None = None) -> RunResult:
     """Run SFT, RLVR or OPD as configured; write the run folder; return a ``RunResult``.
 
@@ -851,9 +839,8 @@ def train(config: TrainConfig, *, resume: bool = False, hooks: Hooks | None = No
     named_params = dict(student.named_parameters())
     history: list[StepStats] = []
     written: list[Path] = []
-    bar = _progress(is_main and config.run.progress, o.steps, start)
-    ctx_bar = bar[0] if bar else nullcontext()
-    with ctx_bar:
+    progress = StepProgress("train", o.steps, start=start, enabled=is_main and config.run.progress)
+    with progress:
         for step in range(start, o.steps):
             t0 = time.perf_counter()
             # rollout -> score -> advantages
@@ -912,12 +899,7 @@ def train(config: TrainConfig, *, resume: bool = False, hooks: Hooks | None = No
             history.append(stats)
             if is_main:
                 ckpt.append_metrics(run_dir / "metrics.jsonl", stats.record())
-                if bar:
-                    desc = f"loss {values['train/loss']:.4f}"
-                    if "rlvr/reward" in values:
-                        desc += f" reward {values['rlvr/reward']:.3f} acc {values['rlvr/accuracy']:.3f}"
-                    desc += f" {values['train/tokens_per_s']:.0f} tok/s{monitor_text}"
-                    bar[0].update(bar[1], completed=step + 1, description=desc)
+                progress.update(step + 1, values, f"{values['train/tokens_per_s']:.0f} tok/s{monitor_text}")
             # checkpoint
             every = config.checkpoint.every
             if (every and (step + 1) % every == 0) or step + 1 == o.steps:
