@@ -61,6 +61,7 @@ SIGNALS = ("rlvr", "opd")
 SCHEDULES = ("constant", "cosine")
 SAVE_DTYPES = ("bfloat16", "float16", "float32")
 TOKEN_KEEP_MODES = ("none", "topkl", "random")
+PROJECT_MODES = ("project", "freeze")
 MONITOR_MATRICES = ("attention", "all")
 
 
@@ -116,7 +117,10 @@ class RolloutConfig:
     group_size: int = 8
     """G, samples per prompt. RLVR needs G >= 2 (group-normalized reward)."""
     temperature: float = 1.0
-    """Sampling temperature (> 0). The teacher always scores at temperature 1."""
+    """Sampling temperature. Must be 1 for rlvr/opd: the surrogate's ratio, the behaviour
+    log-probs and the OPD gap (student and teacher) are all the temperature-1 policy
+    (SPEC §3), so sampling at another temperature would silently be off-policy; the config
+    refuses it rather than train on a distribution it does not score."""
     max_new_tokens: int = 64
     """Longest response; generation stops earlier at EOS."""
     policy: str = "student"
@@ -227,13 +231,19 @@ class ProjectConfig:
     start: str | int | None = None
     """YAML key ``from``. None: no projection. A checkpoint folder: the student starts from
     it (its fp32 master weights when it has ``trainer_state/``, else its weights) at its
-    step, with a fresh optimizer over the projected matrices, and V_K comes from its ΔW. An
+    step, with its AdamW state for the projected matrices (from its ``trainer_state/``; fresh
+    when it has none), and V_K comes from its ΔW. An
     integer S: train normally to step S, then take V_K from the current ΔW and project
     from step S+1 on (optimizer state kept)."""
     rank: int = 16
     """K, the number of top right singular vectors of each ΔW kept (≤ min(m, n))."""
     origin: str | None = None
     """W_origin of ΔW = W_from − W_origin (e.g. the SFT anchor); default ``model.student``."""
+    mode: str = "project"
+    """``"project"``: every gradient g → g V_K V_Kᵀ and every optimizer update D → D V_K V_Kᵀ
+    of the block matrices, so W − W_from stays in span(V_K). ``"freeze"``: the control with
+    the same restart and the same frozen parameters (everything but the block matrices) and
+    no projection; it logs how far its update leaves span(V_K)."""
 
 
 @dataclass(frozen=True)
@@ -655,6 +665,10 @@ def validate(config: TrainConfig, *, check_paths: bool = True) -> list[str]:
         e.append(f"rollout.group_size: must be >= 1; got {r.group_size}")
     if not r.temperature > 0:
         e.append(f"rollout.temperature: must be > 0; got {r.temperature}")
+    elif r.temperature != 1.0 and obj.name != "sft":
+        e.append(f"rollout.temperature: must be 1 for {obj.name} (the importance ratio, the behaviour log-probs "
+                 f"and the OPD gap are the temperature-1 policy; a tempered sampler would be off-policy); "
+                 f"got {r.temperature}")
     if r.max_new_tokens < 1:
         e.append(f"rollout.max_new_tokens: must be >= 1; got {r.max_new_tokens}")
     if r.policy == "teacher":
@@ -689,6 +703,8 @@ def validate(config: TrainConfig, *, check_paths: bool = True) -> list[str]:
             e.append(p)
     if pj.rank < 1:
         e.append(f"project.rank: must be >= 1; got {pj.rank}")
+    if pj.mode not in PROJECT_MODES:
+        e.append(f"project.mode: must be one of {', '.join(PROJECT_MODES)}; got {pj.mode!r}")
 
     if o.steps < 1:
         e.append(f"optim.steps: must be >= 1; got {o.steps}")
