@@ -132,6 +132,12 @@ def data_plan_row(spec: str, *, stage: str, role: str = "train", split: str = "t
     )
 
 
+def clear_cache() -> None:
+    """Forget the tasks and selections read so far in this process (the data changed)."""
+    _task.cache_clear()
+    _selection.cache_clear()
+
+
 @functools.lru_cache(maxsize=64)
 def _selection(spec: str, split: str, dedup: bool, num_problems: int | None):
     """``(info, counts, used, with_solutions)`` of one selection, computed once per process
