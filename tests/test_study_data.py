@@ -216,3 +216,43 @@ def test_a_preset_of_local_files_gets_epoch_steps(tmp_path):
     ev = next(x for x in study_data_plan(r) if x.stage == "eval")
     assert (ev.split, ev.rows, ev.used, ev.k) == ("test", 8, 6, 1)  # quick: the first 6 of 8 test problems, avg@1
     assert json.loads(json.dumps(study_info(r)))["runs"][0]["steps"] == 4
+
+
+# ------------------------------------------------------------------------ evaluation stage
+
+
+def test_eval_stage_on_a_suite_writes_the_headline(tmp_path, monkeypatch):
+    """A preset with ``eval.suite`` evaluates every checkpoint with ``evaluate_suite``:
+    ``eval.json``'s ``accuracy`` is the headline task's avg@k, ``suite`` the summary."""
+    from opdgeo.models import build_model, char_tokenizer, tiny_qwen3_config
+    from opdgeo.study.pipeline import _eval_fn
+    from opdgeo.study.presets import EvalSpec
+    from opdgeo.study.stages import StageContext
+    from opdgeo.tasks.suite import SUITES, EvalSuite, EvalTask
+
+    tok = char_tokenizer()
+    model_dir = tmp_path / "model"
+    build_model(tiny_qwen3_config("quick", len(tok)), seed=0).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    aime = write_jsonl(tmp_path / "aime.jsonl", AIME24_ROWS)
+    suite = EvalSuite(tasks=(EvalTask("sums", "arithmetic:difficulty=1,ops=+", k=2, n=3),
+                             EvalTask("aime", f"{aime}:dataset=aime-2024", k=1)),
+                      headline="sums", temperature=1.0, max_new_tokens=6)
+    monkeypatch.setitem(SUITES, "mini", suite)
+    p = dataclasses.replace(get_preset("quick"), eval=EvalSpec(suite="mini"))
+    out = tmp_path / "eval"
+    out.mkdir()
+    ctx = StageContext(out=tmp_path, dir=out, resume=False, deps={"base": {"path": str(model_dir)}}, log=lambda m: None)
+    summary = _eval_fn(p, "base", "base student", "base", "path")(ctx)
+    rec = json.loads((out / "eval.json").read_text())
+    per_problem = [json.loads(line)["accuracy"] for line in (out / "sums.jsonl").read_text().splitlines()]
+    assert len(per_problem) == 3 and rec["k"] == 2 and rec["n_problems"] == 3 and rec["headline"] == "sums"
+    assert rec["accuracy"] == summary["accuracy"] == pytest.approx(sum(per_problem) / 3)
+    assert rec["suite"]["headline"] == {"task": "sums", "metric": "avg@2", "value": rec["accuracy"]}
+    assert set(rec["suite"]["tasks"]) == {"sums", "aime"} and rec["suite"]["tasks"]["aime"]["n"] == 2
+    assert sorted(x.name for x in out.iterdir()) == ["aime.jsonl", "eval.json", "summary.json", "sums.jsonl"]
+    # the suite is refused when one of its tasks is the training data (quick trains on arithmetic difficulty 2)
+    bad = EvalSuite(tasks=(EvalTask("train-rows", "arithmetic:difficulty=2,ops=+", split="train", n=4),))
+    monkeypatch.setitem(SUITES, "mini", bad)
+    with pytest.raises(ConfigError, match="eval task 'train-rows'.*resolves to the same rows as the training task"):
+        check_study_eval(p)

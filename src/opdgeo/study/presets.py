@@ -287,41 +287,10 @@ class StudyPreset:
         return any(r.name == name for r in self.runs)
 
     def mixing_panel(self) -> list[tuple[float, str]]:
-        """``(α, run)`` of the mixing sweep, α descending: the mixtures and both ends.
+        """``(α, run)`` of the mixing sweep, α descending (`opdgeo.study.mixing.mixing_panel`)."""
+        from opdgeo.study.mixing import mixing_panel
 
-        An end is the run of group ``mixing`` without ``mix_alpha`` (objective ``opd``:
-        α = 1, ``rlvr``: α = 0) when there is one, else the main ``opd`` / ``rlvr`` run.
-        Empty without mixtures.
-        """
-        points = {r.mix_alpha: r.name for r in self.runs if r.mix_alpha is not None}
-        if not points:
-            return []
-        for r in self.runs:
-            if r.group == "mixing" and r.mix_alpha is None and r.objective in ("opd", "rlvr"):
-                points.setdefault(1.0 if r.objective == "opd" else 0.0, r.name)
-        for alpha, main in ((1.0, "opd"), (0.0, "rlvr")):
-            if alpha not in points and self.has_run(main):
-                points[alpha] = main
-        return sorted(points.items(), key=lambda p: -p[0])
-
-    def _mixing_problems(self) -> list[str]:
-        """The sweep's points must share the mixtures' steps, batch and group size."""
-        names = {r.name for r in self.runs}
-        panel = [(a, n) for a, n in self.mixing_panel() if n in names]
-        mixes = [self.run(n) for a, n in panel if self.run(n).mix_alpha is not None]
-        if not mixes:
-            return []
-        ref = mixes[0]
-        want = (ref.steps, ref.batch_size, ref.samples_per_prompt)
-        out = []
-        for alpha, name in panel:
-            r = self.run(name)
-            got = (r.steps, r.batch_size, r.samples_per_prompt)
-            if got != want:
-                out.append(f"mixing panel: the alpha={alpha:g} point {name!r} runs {got[0]} steps x batch {got[1]} x "
-                           f"{got[2]} samples, the mixtures {want[0]} x {want[1]} x {want[2]}; add a run of group "
-                           "'mixing' with the mixtures' numbers")
-        return out
+        return mixing_panel(self.runs)
 
     def problems(self) -> list[str]:
         """Every validation problem of this preset (empty when valid)."""
@@ -384,7 +353,9 @@ class StudyPreset:
             if r.name != "sft" and r.init == "anchor" and "sft" not in seen:
                 out.append(f"{key} starts from the anchor, so 'sft' must come before it")
             seen.add(r.name)
-        out.extend(self._mixing_problems())
+        from opdgeo.study.mixing import mixing_problems
+
+        out.extend(mixing_problems(self.runs))
         if self.demonstrations is not None and not self.demonstrations.strip():
             out.append("demonstrations must be None, 'teacher' or a task spec; got ''")
         if self.demonstrations == "teacher" and self.teacher.sft_steps:
