@@ -279,6 +279,12 @@ class RunConfig:
     """M: ``geometry/locked_at`` is reported once Sim_16 has stayed ≥ 0.8 for M probes."""
     monitor_per_matrix: bool = False
     """Also log ``geometry/<metric>/<tensor>`` for every monitored matrix."""
+    answer_log_every: int = 10
+    """Answer log: every N steps (0: never) the main process re-checks a seeded sample of
+    the step's rollouts and appends, per rollout, the problem, the answer the verifier read
+    and its verdict to ``answers.jsonl`` (``opdgeo.training.data.log_answers``; RL objectives)."""
+    answer_log_samples: int = 4
+    """Rollouts recorded per logged step (all when the step has fewer)."""
 
 
 @dataclass(frozen=True)
@@ -747,4 +753,34 @@ def validate(config: TrainConfig, *, check_paths: bool = True) -> list[str]:
         e.append(f"run.monitor_matrices: must be one of {', '.join(MONITOR_MATRICES)}; got {run.monitor_matrices!r}")
     if run.monitor_lock_probes < 1:
         e.append(f"run.monitor_lock_probes: must be >= 1; got {run.monitor_lock_probes}")
+    if run.answer_log_every < 0:
+        e.append(f"run.answer_log_every: must be >= 0; got {run.answer_log_every}")
+    if run.answer_log_samples < 1:
+        e.append(f"run.answer_log_samples: must be >= 1; got {run.answer_log_samples}")
     return e
+
+
+RESUME_FREE = frozenset({("optim", "steps"), ("checkpoint", "every"), ("run", "progress"), ("run", "out_dir"),
+                         ("run", "answer_log_every"), ("run", "answer_log_samples")})
+"""Keys ``--resume`` may change: they extend or report a run without changing its updates."""
+
+
+def resume_differences(saved: Mapping[str, Any], config: TrainConfig) -> list[str]:
+    """The keys (``section.field``) whose value in a run's saved ``config.yaml`` differs
+    from ``config``, outside ``RESUME_FREE``.
+
+    A key the saved file lacks (a run written before the field existed) counts as the
+    field's default, so adding a field with a default never blocks resuming older runs;
+    a saved value that differs from the config, or an absent key whose default differs, does.
+    """
+    resolved = config_to_dict(config)
+    defaults = config_to_dict(TrainConfig())
+    diffs = []
+    for section, values in resolved.items():
+        old = saved.get(section) or {}
+        for key, value in values.items():
+            if (section, key) in RESUME_FREE:
+                continue
+            if (old[key] if key in old else defaults[section][key]) != value:
+                diffs.append(f"{section}.{key}")
+    return diffs

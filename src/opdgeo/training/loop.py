@@ -61,7 +61,7 @@ from opdgeo.errors import ConfigError
 from opdgeo.locking import holds_run_folder
 from opdgeo.training import checkpointing as ckpt
 from opdgeo.training.advantages import broadcast_to_tokens, combine_advantages, grpo_advantages, opd_advantages
-from opdgeo.training.config import TrainConfig, config_to_dict
+from opdgeo.training.config import TrainConfig, config_to_dict, resume_differences
 from opdgeo.training.controls import (
     SPARSIFY_SUMS,
     mixed_keep_mask,
@@ -712,14 +712,10 @@ def _prepare_run_dir(run_dir: Path, config: TrainConfig, *, resume: bool) -> Pat
     """Create the run folder / find the checkpoint to resume from (checks before models load)."""
     import yaml
 
-    resolved = config_to_dict(config)
     existing = run_dir / "config.yaml"
     if resume:
         if existing.is_file():
-            saved = yaml.safe_load(existing.read_text()) or {}
-            free = {("optim", "steps"), ("checkpoint", "every"), ("run", "progress"), ("run", "out_dir")}
-            diffs = [f"{s}.{k}" for s, sec in resolved.items() for k, v in sec.items()
-                     if (s, k) not in free and saved.get(s, {}).get(k) != v]
+            diffs = resume_differences(yaml.safe_load(existing.read_text()) or {}, config)
             if diffs:
                 raise ConfigError(f"{existing}: --resume with a different config ({', '.join(diffs)})")
         return ckpt.latest_resumable(run_dir)
@@ -756,7 +752,7 @@ def train(config: TrainConfig, *, resume: bool = False, hooks: Hooks | None = No
     from accelerate import Accelerator
 
     from opdgeo.models import check_same_tokenizer
-    from opdgeo.training.data import training_problems
+    from opdgeo.training.data import log_answers, training_problems
 
     transformers.utils.logging.disable_progress_bar()
     hooks = hooks or Hooks()
@@ -888,6 +884,8 @@ def train(config: TrainConfig, *, resume: bool = False, hooks: Hooks | None = No
                 warnings.filterwarnings("ignore", message="Detected call of")
                 scheduler.step()
             # log
+            if is_main:
+                log_answers(config, run_dir, task, problems, batches, step=step + 1)
             values = step_metrics(batches, first_sums, config=config, lr=lr, grad_norm=grad_norm,
                                   step_time=time.perf_counter() - t0, global_tokens=global_tokens)
             if monitor is not None and (step + 1) % config.run.monitor_every == 0:
