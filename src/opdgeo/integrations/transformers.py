@@ -31,10 +31,11 @@ import torch
 from transformers import TrainerCallback
 
 from opdgeo.errors import CheckpointError, ConfigError
+from opdgeo.integrations.projection import SubspaceProjection
 from opdgeo.integrations.weights import LiveWeights, full_matrix, is_sharded, named_matrices
 from opdgeo.training.monitor import MonitorSettings, MonitorState, MatrixProbe, monitored_names, probe
 
-__all__ = ["GeometryMonitor", "calling_trainer", "log_through", "trajectory_rows"]
+__all__ = ["GeometryMonitor", "SubspaceProjection", "calling_trainer", "log_through", "trajectory_rows"]
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
