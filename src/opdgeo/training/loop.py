@@ -50,7 +50,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -73,6 +73,7 @@ from opdgeo.training.controls import (
 )
 from opdgeo.training.losses import masked_mean, masked_sum, policy_gradient_loss, sft_loss
 from opdgeo.training.precision import autocast_context, resolve_bf16_autocast
+from opdgeo.training.trackers import Trackers, open_trackers
 from opdgeo.training.monitor import MonitorSettings, probe, restore_monitor, start_monitor
 from opdgeo.training.projection import (
     SUBSPACE_FILE,
@@ -696,7 +697,8 @@ def _prepare_run_dir(run_dir: Path, config: TrainConfig, *, resume: bool) -> Pat
     if resume:
         if existing.is_file():
             saved = yaml.safe_load(existing.read_text()) or {}
-            free = {("optim", "steps"), ("checkpoint", "every"), ("run", "progress"), ("run", "out_dir")}
+            free = {("optim", "steps"), ("checkpoint", "every"), ("run", "progress"), ("run", "out_dir"),
+                    ("run", "report_to"), ("run", "report_offline")}
             diffs = [f"{s}.{k}" for s, sec in resolved.items() for k, v in sec.items()
                      if (s, k) not in free and saved.get(s, {}).get(k) != v]
             if diffs:
@@ -818,6 +820,7 @@ def train(config: TrainConfig, *, resume: bool = False, hooks: Hooks | None = No
         if projection is not None and resume_from is None:
             _save_subspaces(run_dir, projection, config, step=start)
     _barrier()
+    trackers = open_trackers(config, run_dir) if is_main else Trackers([])  # run.report_to
     monitor = None
     if config.run.monitor_every and is_main:
         monitor = start_monitor(origin, monitor_settings(config))
@@ -831,7 +834,7 @@ def train(config: TrainConfig, *, resume: bool = False, hooks: Hooks | None = No
     written: list[Path] = []
     bar = _progress(is_main and config.run.progress, o.steps, start)
     ctx_bar = bar[0] if bar else nullcontext()
-    with ctx_bar:
+    with ctx_bar, closing(trackers):
         for step in range(start, o.steps):
             t0 = time.perf_counter()
             # rollout -> score -> advantages
@@ -885,6 +888,7 @@ def train(config: TrainConfig, *, resume: bool = False, hooks: Hooks | None = No
             history.append(stats)
             if is_main:
                 ckpt.append_metrics(run_dir / "metrics.jsonl", stats.record())
+                trackers.log(stats.record())
                 if bar:
                     desc = f"loss {values['train/loss']:.4f}"
                     if "rlvr/reward" in values:
