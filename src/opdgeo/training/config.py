@@ -285,6 +285,15 @@ class RunConfig:
     and its verdict to ``answers.jsonl`` (``opdgeo.training.data.log_answers``; RL objectives)."""
     answer_log_samples: int = 4
     """Rollouts recorded per logged step (all when the step has fewer)."""
+    report_to: tuple[str, ...] = ()
+    """Experiment trackers that mirror every ``metrics.jsonl`` record, through accelerate's
+    tracker API (``training/trackers.py``): any of ``REPORT_TO`` (tensorboard, wandb,
+    trackio, mlflow, comet_ml, aim, clearml, dvclive, swanlab). Their files go under
+    ``<out_dir>/trackers/``."""
+    report_offline: bool = True
+    """Start every tracker that has an offline mode in it (wandb, comet_ml, clearml,
+    swanlab; mlflow writes a local ``file:`` store unless ``MLFLOW_TRACKING_URI`` is set);
+    false: the trackers' own defaults (their servers, their credentials)."""
 
 
 @dataclass(frozen=True)
@@ -405,6 +414,14 @@ def _coerce(value: Any, tp: Any, key: str, errors: list[str]) -> Any:
         if isinstance(value, str):
             return value
         errors.append(f"{key}: expected a string; got {value!r}")
+    elif origin is tuple and typing.get_args(tp)[1:] == (Ellipsis,):  # tuple[T, ...]: a list of any length
+        item = typing.get_args(tp)[0]
+        if isinstance(value, (list, tuple)):
+            sub = []
+            out = tuple(_coerce(v, item, f"{key}[{i}]", sub) for i, v in enumerate(value))
+            errors.extend(sub)
+            return out if not sub else None
+        errors.append(f"{key}: expected a list; got {value!r}")
     elif origin is tuple:
         args = typing.get_args(tp)
         if isinstance(value, (list, tuple)) and len(value) == len(args):
@@ -757,11 +774,22 @@ def validate(config: TrainConfig, *, check_paths: bool = True) -> list[str]:
         e.append(f"run.answer_log_every: must be >= 0; got {run.answer_log_every}")
     if run.answer_log_samples < 1:
         e.append(f"run.answer_log_samples: must be >= 1; got {run.answer_log_samples}")
+    from opdgeo.training.trackers import REPORT_TO, missing_trackers
+
+    unknown = [t for t in run.report_to if t not in REPORT_TO]
+    if unknown:
+        e.append(f"run.report_to: unknown tracker(s) {', '.join(map(repr, unknown))}; choose from {', '.join(REPORT_TO)}")
+    elif missing_trackers(run.report_to):
+        missing = missing_trackers(run.report_to)
+        e.append(f"run.report_to: {', '.join(missing)} not installed (pip install {' '.join(missing)})")
+    if len(set(run.report_to)) != len(run.report_to):
+        e.append(f"run.report_to: a tracker is listed twice; got {list(run.report_to)}")
     return e
 
 
 RESUME_FREE = frozenset({("optim", "steps"), ("checkpoint", "every"), ("run", "progress"), ("run", "out_dir"),
-                         ("run", "answer_log_every"), ("run", "answer_log_samples")})
+                         ("run", "answer_log_every"), ("run", "answer_log_samples"), ("run", "report_to"),
+                         ("run", "report_offline")})
 """Keys ``--resume`` may change: they extend or report a run without changing its updates."""
 
 

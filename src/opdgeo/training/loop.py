@@ -50,6 +50,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -74,6 +75,7 @@ from opdgeo.training.controls import (
 from opdgeo.training.losses import masked_mean, masked_sum, policy_gradient_loss, sft_loss
 from opdgeo.training.precision import autocast_context, resolve_bf16_autocast
 from opdgeo.training.progress import StepProgress
+from opdgeo.training.trackers import Trackers, open_trackers
 from opdgeo.training.monitor import MonitorSettings, probe, restore_monitor, start_monitor
 from opdgeo.training.projection import (
     SUBSPACE_FILE,
@@ -826,6 +828,7 @@ def train(config: TrainConfig, *, resume: bool = False, hooks: Hooks | None = No
         if projection is not None and resume_from is None:
             _save_subspaces(run_dir, projection, config, step=start)
     _barrier()
+    trackers = open_trackers(config, run_dir) if is_main else Trackers([])  # run.report_to
     monitor = None
     if config.run.monitor_every and is_main:
         monitor = start_monitor(origin, monitor_settings(config))
@@ -838,7 +841,7 @@ def train(config: TrainConfig, *, resume: bool = False, hooks: Hooks | None = No
     history: list[StepStats] = []
     written: list[Path] = []
     progress = StepProgress("train", o.steps, start=start, enabled=is_main and config.run.progress)
-    with progress:
+    with progress, closing(trackers):
         for step in range(start, o.steps):
             t0 = time.perf_counter()
             # rollout -> score -> advantages
@@ -900,6 +903,7 @@ def train(config: TrainConfig, *, resume: bool = False, hooks: Hooks | None = No
             if is_main:
                 ckpt.append_metrics(run_dir / "metrics.jsonl", stats.record())
                 progress.update(step + 1, values, f"{values['train/tokens_per_s']:.0f} tok/s{monitor_text}")
+                trackers.log(stats.record())
             # checkpoint
             every = config.checkpoint.every
             if (every and (step + 1) % every == 0) or step + 1 == o.steps:
