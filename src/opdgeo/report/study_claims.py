@@ -145,9 +145,10 @@ def _distance(res: StudyResults, a: str, b: str) -> float | None:
     return trajectory_distance(pa, sa, pb, sb)
 
 
-def _paired(res: StudyResults, run: str, f: Callable[[str, str, str], float | None]) -> list[float]:
-    """``f(run seed s, OPD seed s, RLVR seed s)`` for every seed s that all three have."""
-    opd, rlvr = res.by_seed("opd"), res.by_seed("rlvr")
+def _paired(res: StudyResults, run: str, f: Callable[[str, str, str], float | None], rlvr: str = "rlvr") -> list[float]:
+    """``f(run seed s, OPD seed s, RLVR seed s)`` for every seed s that all three have
+    (``rlvr``: the RLVR-side reference run)."""
+    opd, rlvr = res.by_seed("opd"), res.by_seed(rlvr)
     out = []
     for s, r in res.by_seed(run).items():
         if s in opd and s in rlvr:
@@ -268,11 +269,13 @@ def _diff(a, b):
 def _small_alpha(res: StudyResults) -> dict:
     small = [r["name"] for r in res.info.get("runs", []) if not r.get("seed_of") and r.get("mix_alpha") is not None
              and r["mix_alpha"] <= 0.05]
+    # the alpha = 0 end of the sweep (mix_0 where the main RLVR run differs from the mixtures)
+    end = {p["alpha"]: p["run"] for p in res.info.get("mixing_panel", [])}.get(0.0, "rlvr")
     cs = []
     for r in small:
-        v = _paired(res, r, lambda c, o, rl: _diff(_distance(res, c, o), _distance(res, c, rl)))
+        v = _paired(res, r, lambda c, o, rl: _diff(_distance(res, c, o), _distance(res, c, rl)), rlvr=end)
         if v:
-            cs.append(Comparison(f"D({r}, OPD) − D({r}, RLVR)", t_interval(v)))
+            cs.append(Comparison(f"D({r}, OPD) − D({r}, {end})", t_interval(v)))
     if not small or len(cs) < len(small):
         return _entry([], "missing trajectories of the small-alpha mixtures, OPD or RLVR")
     return _entry(cs)

@@ -19,7 +19,7 @@ from pathlib import Path
 from opdgeo.report import plots
 from opdgeo.report.study_claims import CLAIM_RULES, CLAIMS, evaluate_claims
 from opdgeo.report.study_results import StudyResults, load_results, trajectory_means
-from opdgeo.report.study_tables import PAPER_TABLE1, acc_se, build_tables
+from opdgeo.report.study_tables import PAPER_TABLE1, acc_se, build_tables, panel_runs
 from opdgeo.report.tables import Table, write_table
 from opdgeo.study.statistics import LEVEL
 
@@ -73,7 +73,7 @@ def build_figures(res: StudyResults) -> list[tuple[str, str, bytes]]:
                          plots.figure_png(fig)))
     opd_band = _band(res, "opd")
     for group, title in (("sparsification", "Token sparsification"), ("offpolicy", "Off-policy OPD"), ("mixing", "OPD/RLVR mixing")):
-        runs = ["opd"] + res.runs(group) + (["rlvr"] if group == "mixing" else [])
+        runs = panel_runs(res, group)
         if not any(r in res.traj_means for r in res.runs(group)):
             continue
         fig = plots.control_panel(_series(res, runs, "stable_rank"), {r: res.acc(r) for r in runs}, title=title, band=opd_band)

@@ -244,8 +244,18 @@ def _projection(res: StudyResults) -> Table:
     )
 
 
+def panel_runs(res: StudyResults, group: str) -> list[str]:
+    """The runs of a control panel: OPD and the group's runs; for mixing, the sweep's points
+    by descending alpha (``study.json``'s ``mixing_panel``: its ends run at the mixtures'
+    steps, batch and group size), else OPD, the mixtures and RLVR."""
+    if group == "mixing" and res.info.get("mixing_panel"):
+        return [p["run"] for p in res.info["mixing_panel"]]
+    return ["opd"] + res.runs(group) + (["rlvr"] if group == "mixing" else [])
+
+
 def _control(res: StudyResults, group: str, title: str) -> Table:
-    runs = ["opd"] + res.runs(group) + (["rlvr"] if group == "mixing" else [])
+    runs = panel_runs(res, group)
+    alphas = {p["run"]: p["alpha"] for p in res.info.get("mixing_panel", [])} if group == "mixing" else {}
     per_seed = {(row[0], row[1]): row for row in srank_rows(res)}
     rows = []
     for r in runs:
@@ -254,7 +264,8 @@ def _control(res: StudyResults, group: str, title: str) -> Table:
         hi = [max(res.trajectory(i)[1]) for i in seeds.values() if res.trajectory(i)[1]]
         d_o = [per_seed[(r, s)][7] for s in seeds if (r, s) in per_seed and per_seed[(r, s)][7] is not None]
         d_r = [per_seed[(r, s)][8] for s in seeds if (r, s) in per_seed and per_seed[(r, s)][8] is not None]
-        rows.append((r, setting_text(res.run_info(r)), mean_sd(lo)[0], mean_sd(hi)[0], mean_sd(res.values(r, seed_value("accuracy")))[0],
+        setting = f"alpha={alphas[r]:g}" if r in alphas else setting_text(res.run_info(r))
+        rows.append((r, setting, mean_sd(lo)[0], mean_sd(hi)[0], mean_sd(res.values(r, seed_value("accuracy")))[0],
                      mean_sd(d_o)[0], mean_sd(d_o)[1], mean_sd(d_r)[0], mean_sd(d_r)[1], len(lo)))
     return Table(
         id=f"control_{group}",
