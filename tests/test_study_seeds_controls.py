@@ -10,7 +10,8 @@ import pytest
 
 import opdgeo.study.presets as presets_module
 from opdgeo.errors import ConfigError
-from opdgeo.study.presets import get_preset, with_seeds
+from opdgeo.study.presets import get_preset
+from opdgeo.study.seeds import with_seeds
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "study.md"
 
@@ -59,7 +60,7 @@ def test_tiny_learning_rates_are_the_documented_ones():
     for r in p.runs:  # SFT and its projected continuation at the SFT rate; every run from the anchor at the RL rate
         assert r.optim.lr == (sft if r.init == "base" or r.init.startswith("sft@") else rl), r.name
     doc = presets_module.__doc__
-    assert "RL (OPD, RLVR and every control) at lr 2e-5" in doc and "SFT at 2e-4" in doc
+    assert "(OPD, RLVR and every control) at lr 2e-5" in doc and "SFT at 2e-4" in doc
 
 
 def test_smollm2_learning_rates_are_the_documented_ones():

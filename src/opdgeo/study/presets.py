@@ -10,23 +10,17 @@ field of these dataclasses):
 
 - ``quick``: the CI smoke test of the whole pipeline — a few optimizer steps per run on a
   very small model. Its numbers are meaningless; its artifacts are complete.
-- ``tiny`` (default): the study at small scale on a 2-core CPU. bf16 checkpoints, Adam;
-  RL (OPD, RLVR and every control) at lr 2e-5, below the median bf16 half-ULP of the tiny
-  block weights (~3e-5), so a single RL step is visible only where its sign is consistent;
-  SFT at 2e-4, the paper's SFT:RL ratio of 10x (1e-5 : 1e-6).
-
-Seeds: every run of ``tiny`` and ``smollm2`` runs with seeds 0, 1, 2 (``quick``: 0, 1). Seed
-0 keeps the run's name; seed s > 0 is the run ``<name>_seed<s>`` (``seed_of`` = the name).
-Every seed starts from the same checkpoint (the base for SFT, the seed-0 SFT anchor for the
-RL runs and ``sft_matched``, the seed-0 source run's checkpoint for a projected run); the
-seed (the training core's ``run.seed``) varies the prompt order, the rollout samples and the
-random token-keep draw.
+- ``tiny`` (default): the study at small scale on a 2-core CPU. bf16 checkpoints, Adam; RL
+  (OPD, RLVR and every control) at lr 2e-5, below the median bf16 half-ULP of the tiny block
+  weights (~3e-5); SFT at 2e-4, the paper's SFT:RL ratio of 10x (1e-5 : 1e-6).
 - ``smollm2``: the real SmolLM2-135M-Instruct as student; the teacher is a copy of it
   SFT-trained to high accuracy on the arithmetic task (same tokenizer).
 - ``paper``: Qwen3-8B student, Qwen3-32B teacher, dapo-math-17k deduplicated for RL and
   OPD, OpenR1-Math demonstrations for SFT, the paper's evaluation suite, the paper's
   hyperparameters and checkpoint steps. Shown and validated by ``--dry-run``; runs on GPUs
   with ``--launcher "accelerate launch --num_processes N"``.
+
+Every run of a preset runs once per seed (`opdgeo.study.seeds`: what a seed varies).
 """
 
 from __future__ import annotations
@@ -34,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from opdgeo.errors import ConfigError
+from opdgeo.study.seeds import with_seeds
 
 __all__ = [
     "ModelSpec",
@@ -44,7 +39,6 @@ __all__ = [
     "StudyPreset",
     "PRESETS",
     "get_preset",
-    "with_seeds",
 ]
 
 @dataclass(frozen=True)
@@ -146,8 +140,7 @@ class RunSpec:
             read (`opdgeo.study.data.resolve_steps`; n = the distinct problems drawn, for
             SFT those with a demonstration), and ``steps`` is the estimate shown when the
             data cannot be read.
-        seed_of: ``None`` for a run's seed-0 instance, else the name of that run: this run
-            is the same configuration with another ``seed``.
+        seed_of: ``None``, or the run this one repeats with another ``seed`` (`opdgeo.study.seeds`).
     """
 
     name: str
@@ -221,12 +214,9 @@ class DiagnoseSpec:
         trajectory_matrices: ``"attention"`` (paper) or ``"all"``.
         hill_k: Hill estimator k (capped by the matrix size).
         sim_k: K of Sim_K.
-        band_ratio: the paper's OPD band ~20–30 as a max/min ratio (1.5), for reference
-            only: the band claims compare runs over seeds (docs/study.md, "Claims").
-        band_tolerance: unused by the claims since they compare trajectory distances over
-            seeds; kept so that older study folders read the same.
-        lock_threshold: Sim_16 level of the locking step, and the null of the
-            first-checkpoint claim (OPD's Sim_16 > lock_threshold over seeds).
+        band_ratio, band_tolerance: reference only (the paper's OPD band ~20–30 is a ratio of
+            1.5); the band claims compare runs over seeds (docs/study.md, "Claims").
+        lock_threshold: Sim_16 of the locking step; the null of the first-checkpoint claim.
     """
 
     k: int = 512
@@ -413,8 +403,7 @@ def _study_runs(
     controls: bool = True,
     seeds: tuple[int, ...] = (0, 1, 2),
 ) -> tuple[RunSpec, ...]:
-    """The paper's run list: SFT, OPD, RLVR and every control, from one set of numbers;
-    every run once per seed of ``seeds`` (`with_seeds`)."""
+    """The paper's run list: SFT, OPD, RLVR and every control, each once per seed of ``seeds``."""
     rl = OptimSpec(lr=rl_lr)
     common = dict(
         init="anchor",
@@ -436,11 +425,8 @@ def _study_runs(
             **{**common, "batch_size": rlvr_batch or batch},
         ),
     ]
-    # Learning-rate- and origin-matched SFT: from the anchor, at OPD's learning rate, steps
-    # and prompts per step, on the task's demonstrations (separates the objective from the
-    # step size and the origin in the SFT/OPD/RLVR orderings).
-    runs.append(RunSpec(name="sft_matched", objective="sft", steps=rl_steps, group="matched",
-                        **{**common, "samples_per_prompt": 1}))
+    runs.append(  # sft_matched: SFT from the anchor at OPD's lr, steps and prompts per step
+        RunSpec(name="sft_matched", objective="sft", steps=rl_steps, group="matched", **{**common, "samples_per_prompt": 1}))
     if not controls:
         return with_seeds(runs, seeds)
     for mode, tag in (("topkl", "topkl"), ("random", "rand")):
@@ -486,16 +472,6 @@ def _study_runs(
     return with_seeds(runs, seeds)
 
 
-def with_seeds(runs, seeds: tuple[int, ...]) -> tuple[RunSpec, ...]:
-    """Every run once per seed: seed ``seeds[0]`` keeps the run's name, seed ``s`` is
-    ``<name>_seed<s>`` with ``seed_of = <name>`` (same init: the same starting checkpoint)."""
-    base = list(runs)
-    out = [replace(r, seed=seeds[0]) for r in base]
-    for r in base:
-        out += [replace(r, name=f"{r.name}_seed{s}", seed=s, seed_of=r.name) for s in seeds[1:]]
-    return tuple(out)
-
-
 # Architecture numbers for --dry-run parameter counts (public model cards / config.json).
 _QWEN3_8B = dict(
     hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
@@ -535,9 +511,8 @@ def _tiny() -> StudyPreset:
     # Budgeted from step times measured on the shared 2-core machine with 1 torch thread
     # (load ~6-10): pretrain ~0.25 s/step (32 blocks x 128 tokens), SFT ~0.18 s/step
     # (32 prompts), OPD/RLVR ~0.5 s/step (8 prompts x G=4, <= 40 new tokens), eval ~2 s.
-    # Accuracy calibration (same machine): teacher SFT 300 steps -> 58 % (T=1); the anchor
-    # reached ~25 % (T=1) after 120 SFT steps at lr 1e-3, a 50x SFT:RL ratio. The SFT lr is now
-    # 2e-4 (10x the RL lr, the paper's ratio), whose anchor accuracy has not been measured.
+    # Accuracy calibration (same machine): teacher SFT 300 steps -> 58 % (T=1); anchor ~25 % after 120
+    # SFT steps at lr 1e-3 (50x the RL lr); at the paper's 10x ratio (2e-4) it is not measured yet.
     sft = RunSpec(
         name="sft", objective="sft", init="base", steps=120, batch_size=32,
         optim=OptimSpec(lr=2e-4), max_new_tokens=40,  # 10x the RL lr below (the paper's 1e-5 : 1e-6)
@@ -572,9 +547,9 @@ def _smollm2() -> StudyPreset:
         runs=_study_runs(sft=sft, rl_steps=100, batch=16, group=8, rl_lr=1e-6, max_new_tokens=96),
         eval=EvalSpec(n_problems=200, k=4, temperature=1.0, max_new_tokens=96),
         diagnose=DiagnoseSpec(),
-        # estimates (not measured): ~1500 RL/SFT steps of a 135M model with 16 x 8 rollouts
-        # of <= 96 tokens: ~45 s/step on 2 CPU cores, ~4 s/step on one H100
-        expected_minutes={"cpu-2core (estimate)": 20 * 60, "1xH100 (estimate)": 120},
+        # estimates (not measured), one seed: ~1500 RL/SFT steps of 135M with 16 x 8 rollouts of <= 96
+        # tokens, ~45 s/step on 2 CPU cores, ~4 s/step on one H100; three seeds triple them
+        expected_minutes={"cpu-2core (estimate)": 3 * 20 * 60, "1xH100 (estimate)": 3 * 120},
     )
 
 
@@ -590,8 +565,7 @@ def _paper() -> StudyPreset:
     )
     runs = list(
         _study_runs(
-            sft=sft, rl_steps=299, batch=64, group=8, rl_lr=1e-6, max_new_tokens=8192, micro_batch_size=1,
-            seeds=(0,),  # one seed, as in the paper (GPU cost); its claims are then inconclusive
+            sft=sft, rl_steps=299, batch=64, group=8, rl_lr=1e-6, max_new_tokens=8192, micro_batch_size=1, seeds=(0,),
             rlvr_steps=1023, rlvr_batch=512,
             # every 64 steps and the last: 64/128/192/256/299, i.e. the paper's 0-indexed
             # 63/127/191/255/299 (SPEC §3)
