@@ -519,7 +519,7 @@ def _tiny() -> StudyPreset:
     )
     return StudyPreset(
         name="tiny",
-        description="the study at small scale on a 2-core CPU (~15 min): tiny Qwen3 student/teacher, 2-digit addition",
+        description="the study at small scale on a 2-core CPU: tiny Qwen3 student/teacher, 2-digit addition, 3 seeds",
         task="arithmetic:difficulty=2,ops=+",
         base=ModelSpec(name="base", source="tiny:student", pretrain_steps=150, pretrain_lr=2e-3, pretrain_batch=32,
                        corpus_size=4000),
