@@ -146,3 +146,30 @@ def test_missing_inputs_and_one_seed_are_inconclusive():
     one = synthetic()
     one.info = {**one.info, "runs": [r for r in one.info["runs"] if not r.get("seed_of")]}
     assert set(holds(one).values()) == {None}
+
+
+def _set_slopes(res, run, slopes):
+    """Seed s of ``run`` gets the trajectory 20·exp(slope_s · p)."""
+    for s, k in zip(SEEDS, slopes):
+        res.traj_means[_inst(run, s)] = [{"step": i + 1, "progress": 20.0 * (i + 1), "stable_rank": 20 * math.exp(k * 0.2 * (i + 1)),
+                                          "sim_to_final": 0.9 if i == 0 else 1.0} for i in range(5)]
+
+
+def test_expand_contract_inconclusive_when_seeds_disagree():
+    res = synthetic()
+    _set_slopes(res, "sft", (1.0, -1.0, 0.3))
+    _set_slopes(res, "rlvr", (-1.0, 1.0, -0.3))
+    h = holds(res)
+    assert h["sft_srank_expands"] is None and h["rlvr_srank_contracts"] is None
+
+
+def test_control_claims_inconclusive_when_seeds_disagree():
+    # seed 0 of the run follows OPD, seed 1 follows RLVR, seed 2 between: the distance difference changes sign
+    res = synthetic()
+    for run in ("opd_rand25", "mix_0p01"):
+        for s, ref in zip(SEEDS, ("opd", "rlvr", "opd")):
+            res.traj_means[_inst(run, s)] = res.traj_means[_inst(ref, s)]
+        res.traj_means[_inst(run, 2)] = [dict(m, stable_rank=m["stable_rank"] * 0.85)
+                                         for m in res.traj_means[_inst("opd", 2)]]
+    h = holds(res)
+    assert h["sparsification_keeps_band"] is None and h["small_alpha_departs"] is None
