@@ -173,3 +173,11 @@ def test_control_claims_inconclusive_when_seeds_disagree():
                                          for m in res.traj_means[_inst("opd", 2)]]
     h = holds(res)
     assert h["sparsification_keeps_band"] is None and h["small_alpha_departs"] is None
+
+
+def test_statistic_text_states_the_claimed_side():
+    c = {c["id"]: c for c in evaluate_claims(synthetic())}
+    assert c["sparsity_order"]["statistic"].endswith("each claimed > 0")
+    assert c["update_density_order"]["statistic"].endswith("each claimed < 0")
+    assert c["sparsity_order"]["comparisons"][0]["direction"] == ">"
+    assert c["nss_order_matched"]["comparisons"][1]["direction"] == "<"

@@ -213,7 +213,7 @@ def _ordering(cid: str, sft: str) -> Claim:
             return _entry([], ev + " — a run is not measured")
         return _entry(cs, ev, force_null=f"degenerate: {', '.join(frozen)} made no bf16-visible update" if frozen else None)
 
-    side = "<" if inc else ">"
+    side = ">" if inc else "<"
     return Claim(cid if sft == "sft" else f"{cid}_matched", text,
                  f"{label}: difference of seed means, OPD − {name} and RLVR − OPD, each claimed {side} 0", decide)
 
