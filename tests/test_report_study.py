@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from opdgeo.report.study_report import CLAIM_RULES, load_results, trajectory_means, write_report
+from opdgeo.report.study_report import CLAIM_RULES, trajectory_means, write_report
 from opdgeo.study.pipeline import study_info
 from opdgeo.study.presets import get_preset
 
