@@ -502,7 +502,7 @@ def _quick() -> StudyPreset:
         runs=_study_runs(sft=sft, rl_steps=5, batch=2, group=2, rl_lr=1e-4, max_new_tokens=12, seeds=(0, 1)),
         eval=EvalSpec(n_problems=6, k=1, temperature=1.0, max_new_tokens=12),
         diagnose=DiagnoseSpec(k=16, rank=4, hill_k=8, sim_k=4),
-        expected_minutes={"cpu-2core": 3},
+        expected_minutes={"cpu-2core (measured under load, 2 seeds)": 9},
         torch_threads=1,
     )
 
@@ -528,7 +528,7 @@ def _tiny() -> StudyPreset:
         runs=_study_runs(sft=sft, rl_steps=40, batch=8, group=4, rl_lr=2e-5, max_new_tokens=40, seeds=(0, 1, 2)),
         eval=EvalSpec(n_problems=128, k=2, temperature=1.0, max_new_tokens=40),
         diagnose=DiagnoseSpec(k=64, rank=16, hill_k=16, sim_k=16),
-        expected_minutes={"cpu-2core": 15},
+        expected_minutes={"cpu-2core (estimate: 3x the 1-seed ~15, not measured)": 45},
         torch_threads=1,
     )
 
