@@ -16,8 +16,8 @@ documented schemas into the run folder::
 
 Stage order: base, teacher, eval_base, eval_teacher, then per run ``<run>`` (train),
 ``eval_<run>``, ``compare_<run>``; ``trajectory_main`` (SFT, OPD, RLVR, with the OPD/RLVR
-cross-run overlap), ``trajectory_<run>`` for the other runs (a seed repeat together with
-its seed-0 run and their overlap, the noise floor of the OPD/RLVR overlap); ``report`` last.
+cross-run overlap), ``trajectory_<run>`` for the other runs (another seed of OPD or RLVR together
+with its seed-0 run and their overlap, the noise floor of the OPD/RLVR overlap); ``report`` last.
 
 Soft stages (every evaluation and diagnostic, and the control runs) do not stop the
 study when they fail: they are recorded as failed with their error and the report lists
@@ -67,6 +67,7 @@ def study_info(preset: StudyPreset) -> dict:
                 "batch_size": r.batch_size, "samples_per_prompt": r.samples_per_prompt, "lr": r.optim.lr,
                 "token_keep": list(r.token_keep) if r.token_keep else None, "rollout_policy": r.rollout_policy,
                 "mix_alpha": r.mix_alpha, "project_rank": r.project_rank, "checkpoint_steps": r.checkpoint_steps(),
+                "seed": r.seed, "seed_of": r.seed_of,
             }
             for r in preset.runs
         ],
@@ -461,9 +462,8 @@ def build_stages(preset: StudyPreset, *, launcher: str | None = None) -> list[St
         if run.name in main:
             continue
         runs, pairs = [run.name], []
-        if run.group == "seeds":  # the same method with another seed: its overlap is the noise floor of OPD-vs-RLVR
-            src = run.name.rsplit("_seed", 1)[0]
-            runs, pairs = [src, run.name], [(src, run.name)]
+        if run.seed_of in ("opd", "rlvr"):  # the same method with another seed: the noise floor of the OPD-RLVR overlap
+            runs, pairs = [run.seed_of, run.name], [(run.seed_of, run.name)]
         stages.append(Stage(f"trajectory_{run.name}", "trajectory", f"diagnose/trajectory/{run.name}",
                             {**tcfg, "runs": runs, "overlap": pairs}, _trajectory_fn(preset, runs, pairs),
                             deps=tuple(runs), soft=True))

@@ -157,6 +157,8 @@ def _run_text(r: RunSpec) -> str:
     if r.project_rank:
         parts.append(f"projected K={r.project_rank}")
     parts.append("ckpts " + "/".join(map(str, r.checkpoint_steps())))
+    if r.seed_of is not None:
+        parts.append(f"seed {r.seed} of {r.seed_of}")
     return ", ".join(parts)
 
 
