@@ -261,7 +261,26 @@ CASES = [
                                             "--project-from", str(t / "nowhere"), "--rank", "0"],
          "project.rank: must be >= 1; got 0"),
     Case("train-folder-locked", _locked_run, "run folder in use by pid"),
+    Case("train-out-read-only", lambda t: ["train", _config(t, "model: {student: 'tiny:quick'}\n"), "--out",
+                                           str(t / "ro" / "run")], "--out", fault=_read_only("ro"), absent=("ro/run",)),
+    Case("eval-out-dir-read-only", lambda t: ["eval", "tiny-model-never-loaded", "--out-dir", str(t / "ro")],
+         "--out-dir", fault=_read_only("ro")),
+    Case("study-out-read-only", lambda t: ["study", "--preset", "quick", "--out", str(t / "ro" / "s")],
+         "--out", fault=_read_only("ro"), absent=("ro/s",)),
+    Case("study-folder-locked", lambda t: _locked(t / "s", ["study", "--preset", "quick", "--out", str(t / "s")]),
+         "study folder in use by pid"),
 ]
+
+
+def _locked(folder: Path, argv: list[str]) -> list[str]:
+    import contextlib
+
+    from opdgeo.locking import hold_folder
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(hold_folder(folder, what="study folder"))
+    _LOCKS.append(stack)
+    return argv
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
