@@ -516,8 +516,29 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found")
         data = _read_yaml(p)
-    data = apply_overrides(data, list(overrides))
-    return config_from_dict(data, check_paths=check_paths)
+    good = [o for o in overrides if _parses(o)]
+    bad = [o for o in overrides if o not in good]
+    data = apply_overrides(data, good)
+    if not bad:
+        return config_from_dict(data, check_paths=check_paths)
+    problems = str(_error_of(lambda: apply_overrides({}, bad)))
+    try:  # every mistake at once: the malformed --set values and what is wrong with the rest
+        config_from_dict(data, check_paths=check_paths)
+    except ConfigError as err:
+        problems += "; " + str(err)
+    raise ConfigError(problems)
+
+
+def _parses(override: str) -> bool:
+    return _error_of(lambda: parse_override(override)) is None
+
+
+def _error_of(fn) -> ConfigError | None:
+    try:
+        fn()
+    except ConfigError as err:
+        return err
+    return None
 
 
 MAX_CONFIG_BYTES = 1_000_000
