@@ -255,7 +255,7 @@ def test_bad_input_one_line_errors(runs, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert _cli(["trajectory", "--origin", str(root / "origin"), str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("opdgeo: error:") and "no step-* checkpoints" in err and "\n" not in err
+    assert err.startswith("opdgeo: error:") and "has no checkpoints (step-N" in err and "\n" not in err
     # steps that cannot be ordered: duplicates and unparsable names
     dup = tmp_path / "dup"
     (dup / "step-10").mkdir(parents=True)

@@ -124,7 +124,9 @@ def train_config_dict(run: RunSpec, preset: StudyPreset, *, student: str, teache
         },
         "objective": objective,
         "checkpoint": {"every": every, "dtype": preset.dtype},
-        "run": {"out_dir": str(out_dir), "seed": run.seed, "progress": False},
+        # progress on: a live bar in a terminal, a plain line every <= 30 s in a log; how it
+        # is shown is not part of the stage's cache key (the key is the RunSpec)
+        "run": {"out_dir": str(out_dir), "seed": run.seed, "progress": True},
     }
     if run.rollout_policy != "student":
         cfg["rollout"]["policy"] = run.rollout_policy  # the core's off-policy clip default (1.0) applies
