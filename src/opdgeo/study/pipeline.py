@@ -315,12 +315,13 @@ def _eval_fn(preset: StudyPreset, name: str, role: str, dep: str, key: str):
 
 
 def _suite_eval(model, tok, preset: StudyPreset, ctx: StageContext, *, name: str, role: str, path) -> dict:
-    """Evaluate on the preset's suite (``evaluate_suite``, refusing training data); write
-    ``<task>.jsonl``, ``summary.json`` and ``eval.json`` (``accuracy`` = the headline)."""
-    from opdgeo.study.data import eval_suite, training_sets
+    """Evaluate on the preset's suite (``evaluate_suite``); write ``<task>.jsonl``,
+    ``summary.json`` and ``eval.json`` (``accuracy`` = the headline). The refusal of
+    training rows ran once, before any stage (``run_study``: ``check_study_eval``)."""
+    from opdgeo.study.data import eval_suite
     from opdgeo.training.evaluate import evaluate_suite
 
-    res = evaluate_suite(model, tok, eval_suite(preset), seed=0, out_dir=ctx.dir, train=training_sets(preset))
+    res = evaluate_suite(model, tok, eval_suite(preset), seed=0, out_dir=ctx.dir)
     head = res.results[res.headline]
     rec = {"name": name, "role": role, "checkpoint": str(path), "accuracy": float(res.headline_value),
            "n_problems": head.n, "k": head.k, "temperature": head.temperature, "n_samples": head.n * head.k,
