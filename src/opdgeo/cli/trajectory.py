@@ -123,6 +123,9 @@ def trajectory_cmd(run_dir, origins, runs, out, matrices, k_hill, sim_k, lock_th
     from opdgeo.analysis.trajectory import trajectory
     from opdgeo.cli.flags import flags_for_fields
 
+    from opdgeo.cli.output import check_folder, publish
+
+    check_folder("--out", out)  # before any work
     run_map = _parse_runs(runs, run_dir)
     origin_map = _parse_origins(origins, run_map)
     options = TrajectoryOptions(matrices=matrices, k_hill=k_hill, sim_k=sim_k, lock_threshold=lock_threshold,
@@ -130,10 +133,10 @@ def trajectory_cmd(run_dir, origins, runs, out, matrices, k_hill, sim_k, lock_th
     with flags_for_fields(_FLAGS), dist_context() as (rank_id, _):
         result = trajectory(run_map, origin_map, options, overlap=False if no_overlap else None)
         if rank_id == 0:
-            if out is not None:
-                paths = result.write(out)
-                click.echo(f"wrote {len(paths)} files to {out}", err=True)
             print_result(result)
+            if out is not None:
+                paths = publish(result.write, out, flag="--out", command="trajectory")
+                click.echo(f"wrote {len(paths)} files to {out}", err=True)
 
 
 def _fmt(x, spec=".4g") -> str:
