@@ -53,7 +53,8 @@ def main(argv=None) -> None:
                       max_completion_length=12, learning_rate=1e-3, logging_steps=1, save_strategy="steps",
                       save_steps=2, save_only_model=True, report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
                       temperature=1.0, beta=0.0)
-    trainer = GRPOTrainer(model=model, reward_funcs=[correct, digits], args=args, train_dataset=data, processing_class=tok,
+    trainer = GRPOTrainer(model=model, reward_funcs=[correct, digits], args=args, train_dataset=data,
+                          processing_class=tok,
                           callbacks=[GeometryMonitor(every=2, dtype="float32"), SubspaceProjection(rank=8, start=4)])
     trainer.train()
     print(f"done: {a.out} (checkpoint-N folders, geometry/trajectory.csv); next: "

@@ -17,6 +17,10 @@ peft = pytest.importorskip("peft")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+
+def _num(cell: str) -> float:
+    return float(cell) if cell else float("nan")  # trajectory.csv writes NaN as an empty cell
+
 def _adapter(base, out, *, seed, scale, dtype=torch.bfloat16, autocast=True, **lora):
     """A random LoRA adapter of ``base`` (B scaled by ``scale``), saved; and its merged copy in ``out/merged``."""
     from transformers import AutoModelForCausalLM
@@ -97,3 +101,33 @@ def test_unsupported_adapters_are_one_line_errors(base, tmp_path):
     save_tiny_qwen3(other, num_hidden_layers=1)
     with pytest.raises(CheckpointError, match="adapter target model.layers.1.* is not a tensor of the base"):
         open_checkpoint(adapter, base=other)
+
+
+def test_monitor_of_a_lora_run_equals_trajectory_of_its_adapter_checkpoints(tmp_path):
+    """A Trainer on a peft model: the monitor sees W + s·B·A; its checkpoint-N folders are adapters, which
+    the trajectory reads as merged models over the origin: the two tables agree."""
+    import csv
+    import math
+
+    from transformers import Trainer
+
+    from integrations_tiny import tiny_model, token_rows, training_args
+    from opdgeo.integrations.transformers import GeometryMonitor
+
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "origin")
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    mon = GeometryMonitor(every=2, dtype="float32", matrices="all")
+    Trainer(model=pm, args=training_args(tmp_path / "run", steps=4, save_steps=2), train_dataset=token_rows(),
+            callbacks=[mon]).train()
+    assert (tmp_path / "run" / "checkpoint-4" / "adapter_config.json").is_file()
+    ref = trajectory(tmp_path / "run", tmp_path / "origin", matrices="all", overlap=False)
+    with open(tmp_path / "run" / "geometry" / "trajectory.csv") as f:
+        mine = {(int(r["step"]), r["name"]): r for r in csv.DictReader(f)}
+    assert len(mine) == len(ref.rows) == 2 * 14
+    for r in ref.rows:
+        got = mine[(r["step"], r["name"])]
+        for m in ("stable_rank", "fro_norm", "sim_to_final"):
+            a, b = _num(got[m]), r[m]
+            assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=1e-6), (r["step"], r["name"], m)
+    assert all(r["fro_norm"] > 0 for r in ref.rows)

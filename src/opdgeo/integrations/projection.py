@@ -54,6 +54,10 @@ def _local(p: torch.Tensor) -> torch.Tensor:
     """The rows this rank holds of a parameter (all of them unless FSDP2 shards it)."""
     from torch.distributed.tensor import DTensor, Shard
 
+    from opdgeo.integrations.weights import LoraMatrix
+
+    if isinstance(p, LoraMatrix):
+        raise ConfigError("SubspaceProjection constrains full matrices; this model trains LoRA adapters")
     if isinstance(p, DTensor):
         if any(not isinstance(pl, Shard) or pl.dim != 0 for pl in p.placements):
             raise ConfigError(f"SubspaceProjection needs row-sharded (Shard(0)) parameters; got {p.placements}")
