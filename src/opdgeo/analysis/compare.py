@@ -283,7 +283,8 @@ def compare(base, tuned, options: CompareOptions | None = None, **fields_) -> Co
 
     t0 = time.perf_counter()
     base_ckpt = base if hasattr(base, "load") else open_checkpoint(base, allow_pickle=opts.allow_pickle)
-    tuned_ckpt = tuned if hasattr(tuned, "load") else open_checkpoint(tuned, allow_pickle=opts.allow_pickle)
+    tuned_ckpt = tuned if hasattr(tuned, "load") else open_checkpoint(tuned, allow_pickle=opts.allow_pickle,
+                                                                       base=base_ckpt)  # base of a LoRA adapter
     plan = _plan(base_ckpt, tuned_ckpt, opts)
     counters = _Counters()
     worker = _Worker(base_ckpt, tuned_ckpt, opts, svd_cache, counters)
