@@ -438,6 +438,15 @@ def start_from_checkpoint(student, source: str) -> int:
     return step
 
 
+def adamw(params, o) -> torch.optim.AdamW:
+    """AdamW of ``optim`` over ``params``, fused (one kernel per parameter) on CPU and CUDA:
+    the multi-tensor (foreach) update of a 135M-parameter model took 5-8x longer on CPU."""
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                for p in params)
+    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.adam_eps, weight_decay=o.weight_decay,
+                             fused=fused or None)
+
+
 def _restart_optimizer_state(optimizer, student, folder: str) -> None:
     """A projected restart continues with the AdamW state its checkpoint saved for the
     matrices it trains (``projection.carry_optimizer_state``); fresh without ``trainer_state/``."""
@@ -612,6 +621,10 @@ def backward_micro_batches(model, batches: Sequence[MicroBatch], *, config: Trai
     eps_low, eps_high = clip_range(config)
     sums = {"loss": 0.0, "clipped": 0.0, "ratio": 0.0, "ratio_max": 0.0}
     for mb in batches:
+        if not mb.loss_mask.any():
+            # no token counts (e.g. every group filtered): its loss and gradient are exactly 0,
+            # so no forward; ``all_reduce_gradients`` treats a missing gradient as 0
+            continue
         with _autocast(config.optim.bf16_autocast, device):
             lp = _logprobs(model, mb).float()  # [n, T]
         if obj.name == "sft":
@@ -802,7 +815,7 @@ def train(config: TrainConfig, *, resume: bool = False, hooks: Hooks | None = No
         freeze_outside(student, projection)
 
     params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.adam_eps, weight_decay=o.weight_decay)
+    optimizer = adamw(params, o)
     if isinstance(pj.start, str) and resume_from is None:
         _restart_optimizer_state(optimizer, student, pj.start)
     lr_at = functools.partial(learning_rate, lr=o.lr, steps=o.steps, schedule=o.schedule,
