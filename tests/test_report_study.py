@@ -58,9 +58,10 @@ SRANK = {
     "mix_0p01": [3, 3, 4, 4, 4],
 }
 SIM_FIRST = {"opd": 0.85, "sft": 0.40, "rlvr": 0.70}
-ACC = {"base": (0.05, 100), "teacher": (0.95, 100), "sft": (0.60, 100), "sft_proj16": (0.30, 100),
+ACC = {"base": (0.05, 100), "teacher": (0.95, 100), "sft": (0.60, 100), "sft_proj16": (0.20, 100),
        "opd": (0.50, 100), "opd_proj16": (0.48, 100), "rlvr": (0.55, 100), "opd_seed1": (0.52, 100),
-       "rlvr_seed1": (0.57, 100)}
+       "rlvr_seed1": (0.57, 100), "opd_proj16_start": (0.05, 100), "sft_proj16_start": (0.05, 100),
+       "opd_freeze16": (0.45, 100), "sft_freeze16": (0.40, 100)}
 
 
 def make_fake_study(out: Path, *, drop_trajectory=()) -> Path:
@@ -156,8 +157,8 @@ def test_claims_schema_and_verdicts(report):
         "sft_srank_expands": True,  # 60 / 10 = 6
         "rlvr_srank_contracts": False,  # 25 / 30 = 0.833 > 1 / 1.5
         "opd_sim16_first": True,  # 0.85 >= 0.8
-        "projection_keeps_opd": True,  # 0.48 >= 0.50 - 2 * 0.0707
-        "projection_hurts_sft": True,  # 0.30 < 0.60 - 2 * 0.0678
+        "projection_keeps_opd": True,  # f = 0.43 / 0.45 = 0.956, CI [0.655, 1.257] >= 0.5
+        "projection_hurts_sft": True,  # f = 0.15 / 0.55 = 0.273, CI [0.112, 0.433] < 0.5
         "sparsification_keeps_band": True,  # all within [16.8, 36.25]
         "offpolicy_keeps_band": False,  # [40, 50] leaves it
         "small_alpha_departs": True,  # [5, 8] and [3, 4] leave it
@@ -331,7 +332,7 @@ def test_trajectory_and_control_tables(report):
     ctl = {r[0]: r for r in _csv_rows(out / "tables" / "control_offpolicy.csv")[1:]}
     assert ctl["opd_offpolicy"][4] == "False" and float(ctl["opd_offpolicy"][2]) == 40.0
     proj = {r[0]: r for r in _csv_rows(out / "tables" / "projection.csv")[1:]}
-    assert float(proj["sft"][3]) == pytest.approx(-0.30)
+    assert float(proj["sft"][3]) == pytest.approx(-0.40)
     assert float(proj["opd"][4]) == pytest.approx(math.sqrt(0.25 / 100 + 0.48 * 0.52 / 100))
 
 
@@ -360,3 +361,35 @@ def test_ordering_within_seed_noise_is_inconclusive(tmp_path):
     c = {c["id"]: c for c in json.loads((out / "claims.json").read_text())}
     assert c["angle_order"]["holds"] is None and c["angle_order"]["evidence"].startswith("inconclusive")
     assert c["sparsity_order"]["holds"] is True
+
+
+def test_recovered_fraction_by_hand_and_both_directions(tmp_path):
+    """f = (p − s)/(o − s) with its delta-method CI; the claim can be true, false or null."""
+    from opdgeo.report.study_report import recovered_fraction
+
+    out = make_fake_study(tmp_path / "s")
+    res = load_results(out)
+    f, lo, hi = recovered_fraction(res, "opd", "opd_proj16")
+    se = {n: math.sqrt(p * (1 - p) / 100) for n, p in (("s", 0.05), ("o", 0.50), ("p", 0.48))}
+    want_f = (0.48 - 0.05) / (0.50 - 0.05)
+    want_se = math.sqrt(se["p"] ** 2 + want_f**2 * se["o"] ** 2 + (1 - want_f) ** 2 * se["s"] ** 2) / 0.45
+    assert f == pytest.approx(want_f) and lo == pytest.approx(want_f - 1.96 * want_se)
+    assert hi == pytest.approx(want_f + 1.96 * want_se)
+    write_report(out)
+    proj = {r[0]: r for r in _csv_rows(out / "tables" / "projection.csv")[1:]}
+    assert float(proj["opd"][5]) == 0.05 and float(proj["opd"][6]) == 0.45 and float(proj["opd"][7]) == pytest.approx(want_f)
+
+    def verdicts(accs):
+        for name, p in accs.items():
+            (out / "eval" / name / "eval.json").write_text(json.dumps(
+                {"name": name, "accuracy": p, "n_problems": 100, "k": 1, "n_samples": 100}))
+        write_report(out)
+        return {c["id"]: c["holds"] for c in json.loads((out / "claims.json").read_text())}
+
+    # the projected SFT run recovers all of SFT's gain: "hurts SFT" is false
+    assert verdicts({"sft_proj16": 0.60})["projection_hurts_sft"] is False
+    # the projected OPD run recovers nothing: "keeps OPD" is false; halfway: inside the CI, null
+    assert verdicts({"opd_proj16": 0.05})["projection_keeps_opd"] is False
+    assert verdicts({"opd_proj16": 0.275})["projection_keeps_opd"] is None
+    # no gain of OPD over its start beyond 2 SE: f undefined, null
+    assert verdicts({"opd_proj16_start": 0.48, "opd_proj16": 0.48})["projection_keeps_opd"] is None

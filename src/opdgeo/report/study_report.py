@@ -57,8 +57,8 @@ CLAIM_RULES = {
     "sft_srank_expands": "SFT's mean stable rank at the last checkpoint >= band_ratio x the first",
     "rlvr_srank_contracts": "RLVR's mean stable rank at the last checkpoint <= the first / band_ratio",
     "opd_sim16_first": "OPD's mean Sim_16 to the final update at the first checkpoint >= lock_threshold",
-    "projection_keeps_opd": "acc(rank-16 projected OPD) >= acc(OPD) - 2 SE",
-    "projection_hurts_sft": "acc(rank-16 projected SFT) < acc(SFT) - 2 SE",
+    "projection_keeps_opd": "f = (acc(projected) - acc(start)) / (acc(OPD) - acc(start)); 95 % CI (delta method) >= 0.5: true, < 0.5: false",
+    "projection_hurts_sft": "f = (acc(projected) - acc(start)) / (acc(SFT) - acc(start)); 95 % CI (delta method) < 0.5: true, >= 0.5: false",
     "sparsification_keeps_band": "every top-KL/random run's stable-rank range lies within [lo/tol, hi*tol] of OPD's range [lo, hi]",
     "offpolicy_keeps_band": "the off-policy OPD run's stable-rank range lies within [lo/tol, hi*tol] of OPD's",
     "small_alpha_departs": "the alpha = 0.05 and 0.01 mixtures' stable-rank ranges leave [lo/tol, hi*tol] of OPD's",
@@ -78,8 +78,8 @@ CLAIM_TEXT = {
     "sft_srank_expands": "SFT's stable rank expands over training.",
     "rlvr_srank_contracts": "RLVR's stable rank contracts over training.",
     "opd_sim16_first": "OPD's Sim_16 is >= 0.8 already at the first checkpoint (early subspace locking).",
-    "projection_keeps_opd": "Rank-16 subspace projection keeps OPD's accuracy.",
-    "projection_hurts_sft": "Rank-16 subspace projection hurts SFT's accuracy.",
+    "projection_keeps_opd": "The rank-16 projected OPD run recovers most (fraction f >= 0.5) of OPD's gain from the start checkpoint.",
+    "projection_hurts_sft": "The rank-16 projected SFT run recovers less than half (f < 0.5) of SFT's gain from the start checkpoint.",
     "sparsification_keeps_band": "Token sparsification (top-KL and random, 50 % and 25 %) keeps OPD's stable-rank band.",
     "offpolicy_keeps_band": "Off-policy OPD (teacher rollouts) keeps OPD's stable-rank band.",
     "small_alpha_departs": "Small OPD weight in the OPD/RLVR mixture (alpha 0.05, 0.01) departs from OPD's band.",
@@ -390,14 +390,26 @@ def build_tables(res: StudyResults) -> list[Table]:
             continue
         a, b = res.acc(full), res.acc(proj)
         se = _diff_se(res, full, proj)
-        rows.append((full, a, b, (b - a) if (a is not None and b is not None) else None, se))
+        rf = recovered_fraction(res, full, proj)
+        rows.append((full, a, b, (b - a) if (a is not None and b is not None) else None, se,
+                     res.acc(f"{proj}_start"), res.acc(proj.replace("_proj", "_freeze")),
+                     rf[0] if rf else None, rf[1] if rf else None, rf[2] if rf else None))
     tables.append(Table(
         id="projection",
         title="Functional sufficiency: accuracy with and without rank-16 subspace projection",
-        columns=("run", "accuracy (full)", "accuracy (projected, K=16)", "difference", "SE of difference"),
+        columns=("run", "accuracy (full)", "accuracy (projected, K=16)", "difference", "SE of difference",
+                 "accuracy (start checkpoint)", "accuracy (freeze-only, no projection)", "recovered fraction f",
+                 "f 95 % CI low", "f 95 % CI high"),
         rows=tuple(rows),
-        formats=("", ".4f", ".4f", "+.4f", ".4f"),
-        note="Projected runs restart from the run's ~20 % checkpoint and train only inside span(V_16) of that checkpoint's update.",
+        formats=("", ".4f", ".4f", "+.4f", ".4f", ".4f", ".4f", ".3f", ".3f", ".3f"),
+        note=("Projected runs restart from the run's ~20 % checkpoint (its fp32 weights and AdamW state) and "
+              "project every gradient and every AdamW update of the block matrices on span(V_16) of that "
+              "checkpoint's update, so each block matrix's change after the restart lies in span(V_16) (to "
+              "float32 rounding; project/out_of_subspace_fraction in the run's metrics); embeddings, norms and "
+              "lm_head are frozen. The freeze-only control restarts the same way with the same frozen parameters "
+              "and no projection. f = (acc(projected) - acc(start)) / (acc(full) - acc(start)), 95 % CI by the "
+              "delta method from the three accuracies' standard errors treated as independent (conservative: "
+              "the evaluations share their problems), one training seed."),
     ))
     # Control panels ------------------------------------------------------------------
     opd_band = res.band("opd")
@@ -550,6 +562,33 @@ def _acc_se(res: StudyResults, name: str) -> float | None:
     return se if se is not None else _stderr(res.acc(name), res.acc_n(name))
 
 
+RECOVERY_THRESHOLD = 0.5
+"""f at which a projected run counts as recovering "most" of the full run's gain (our choice)."""
+
+
+def recovered_fraction(res: StudyResults, full: str, proj: str) -> tuple[float, float, float] | None:
+    """Fraction of the full run's gain from the start checkpoint that the projected run recovers.
+
+    f = (p − s) / (o − s) with s = acc(``<proj>_start``), o = acc(full), p = acc(proj). 95 %
+    normal interval by the delta method with independent standard errors
+    Var f ≈ (se_p² + f²·se_o² + (1 − f)²·se_s²) / (o − s)² (conservative: the evaluations share
+    their problems, which correlates them positively). None when an accuracy or SE is
+    missing or the gain o − s is within 2 SE of 0 (f is then undefined).
+    """
+    start = f"{proj}_start"
+    s, o, p = res.acc(start), res.acc(full), res.acc(proj)
+    ses = [_acc_se(res, n) for n in (start, full, proj)]
+    if None in (s, o, p) or None in ses:
+        return None
+    se_s, se_o, se_p = ses
+    gain = o - s
+    if abs(gain) <= 2 * math.hypot(se_o, se_s):
+        return None
+    f = (p - s) / gain
+    se_f = math.sqrt(se_p**2 + f**2 * se_o**2 + (1 - f) ** 2 * se_s**2) / abs(gain)
+    return f, f - 1.96 * se_f, f + 1.96 * se_f
+
+
 def _diff_se(res: StudyResults, a: str, b: str) -> float | None:
     sa, sb = _acc_se(res, a), _acc_se(res, b)
     if sa is None or sb is None:
@@ -636,12 +675,16 @@ def evaluate_claims(res: StudyResults) -> list[dict]:
     else:
         add("opd_sim16_first", None, "no OPD trajectory")
     for cid, full, proj, keeps in (("projection_keeps_opd", "opd", "opd_proj16", True), ("projection_hurts_sft", "sft", "sft_proj16", False)):
-        a, p, se = res.acc(full), res.acc(proj), _diff_se(res, full, proj)
-        if a is None or p is None or se is None:
-            add(cid, None, f"accuracy of {full} or {proj} not measured")
+        rf = recovered_fraction(res, full, proj)
+        if rf is None:
+            add(cid, None, f"accuracy of {full}, {proj} or its start checkpoint not measured, or no gain "
+                           f"of {full} over the start beyond 2 SE (f undefined)")
             continue
-        holds = (p >= a - 2 * se) if keeps else (p < a - 2 * se)
-        add(cid, holds, f"acc {full} {a:.4f} vs projected {p:.4f} (difference {p - a:+.4f}, 2 SE = {2 * se:.4f})")
+        f, lo, hi = rf
+        above = True if lo >= RECOVERY_THRESHOLD else False if hi < RECOVERY_THRESHOLD else None
+        holds = above if keeps or above is None else not above
+        add(cid, holds, f"f = {f:.3f}, 95 % CI [{lo:.3f}, {hi:.3f}] (delta method, threshold {RECOVERY_THRESHOLD}): "
+                        f"start {res.acc(proj + '_start'):.4f}, {full} {res.acc(full):.4f}, projected {res.acc(proj):.4f}")
     opd_band = res.band("opd")
     for cid, group in (("sparsification_keeps_band", "sparsification"), ("offpolicy_keeps_band", "offpolicy")):
         runs = res.runs(group)
@@ -699,7 +742,8 @@ def build_figures(res: StudyResults) -> list[tuple[str, str, bytes]]:
             continue
         fig = plots.control_panel(_series(res, runs, "stable_rank"), {r: res.acc(r) for r in runs}, title=title, band=opd_band)
         figs.append((f"control_{group}", f"{title}: stable rank vs progress (OPD band shaded) and accuracy.", plots.figure_png(fig)))
-    proj = [n for n in ("sft", "sft_proj16", "opd", "opd_proj16") if n in res.evals]
+    proj = [n for n in ("sft_proj16_start", "sft", "sft_proj16", "sft_freeze16", "opd_proj16_start", "opd", "opd_proj16",
+                        "opd_freeze16") if n in res.evals]
     if proj:
         fig = plots.accuracy_bars({n: res.acc(n) for n in proj}, title="accuracy with and without projection",
                                   errors={n: _acc_se(res, n) for n in proj})
