@@ -79,6 +79,7 @@ def test_right_subspace_matches_numpy_svd():
     _, _, vt = np.linalg.svd(np.asarray(torch.tensor(d, dtype=torch.float32), dtype=np.float64))
     ref = vt[:3].T
     # same subspace: projector equality (signs are arbitrary)
+    # the gap after the third singular value of d is O(1), so the float64 projectors agree to ~eps/gap
     np.testing.assert_allclose(v.numpy() @ v.numpy().T, ref @ ref.T, atol=1e-10)
     with pytest.raises(ConfigError, match=r"<= min\(m, n\) = 12 for layers.0.q; got 13"):
         right_subspace(torch.zeros(20, 12), 13, name="layers.0.q")
@@ -244,6 +245,7 @@ def test_carry_optimizer_state_by_name():
 def test_out_of_subspace_fraction_known_values():
     v = torch.eye(4, dtype=torch.float64)[:, :2]  # span(e1, e2)
     d = torch.tensor([[3.0, 0.0, 4.0, 0.0]])
+    # integers in float64: 16/25 is one rounding
     assert out_of_subspace_fraction(d, v) == pytest.approx(16 / 25, abs=1e-15)
     assert out_of_subspace_fraction(torch.tensor([[1.0, 2.0, 0, 0]]), v) == 0.0
     assert math.isnan(out_of_subspace_fraction(torch.zeros(1, 4), v))

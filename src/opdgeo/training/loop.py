@@ -50,6 +50,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -58,9 +59,10 @@ from typing import Any
 import torch
 
 from opdgeo.errors import ConfigError
+from opdgeo.locking import holds_run_folder
 from opdgeo.training import checkpointing as ckpt
 from opdgeo.training.advantages import broadcast_to_tokens, combine_advantages, grpo_advantages, opd_advantages
-from opdgeo.training.config import TrainConfig, config_to_dict
+from opdgeo.training.config import TrainConfig, config_to_dict, resume_differences
 from opdgeo.training.controls import (
     SPARSIFY_SUMS,
     mixed_keep_mask,
@@ -73,6 +75,7 @@ from opdgeo.training.controls import (
 from opdgeo.training.losses import masked_mean, masked_sum, policy_gradient_loss, sft_loss
 from opdgeo.training.precision import autocast_context, resolve_bf16_autocast
 from opdgeo.training.progress import StepProgress
+from opdgeo.training.trackers import Trackers, open_trackers
 from opdgeo.training.monitor import MonitorSettings, probe, restore_monitor, start_monitor
 from opdgeo.training.projection import (
     SUBSPACE_FILE,
@@ -724,14 +727,10 @@ def _prepare_run_dir(run_dir: Path, config: TrainConfig, *, resume: bool) -> Pat
     """Create the run folder / find the checkpoint to resume from (checks before models load)."""
     import yaml
 
-    resolved = config_to_dict(config)
     existing = run_dir / "config.yaml"
     if resume:
         if existing.is_file():
-            saved = yaml.safe_load(existing.read_text()) or {}
-            free = {("optim", "steps"), ("checkpoint", "every"), ("run", "progress"), ("run", "out_dir")}
-            diffs = [f"{s}.{k}" for s, sec in resolved.items() for k, v in sec.items()
-                     if (s, k) not in free and saved.get(s, {}).get(k) != v]
+            diffs = resume_differences(yaml.safe_load(existing.read_text()) or {}, config)
             if diffs:
                 raise ConfigError(f"{existing}: --resume with a different config ({', '.join(diffs)})")
         return ckpt.latest_resumable(run_dir)
@@ -749,6 +748,7 @@ def _write_config(run_dir: Path, config: TrainConfig) -> None:
     tmp.replace(run_dir / "config.yaml")
 
 
+@holds_run_folder  # one writer per run folder (opdgeo.locking)
 def train(config: TrainConfig, *, resume: bool = False, hooks: Hooks | None = None) -> RunResult:
     """Run SFT, RLVR or OPD as configured; write the run folder; return a ``RunResult``.
 
@@ -767,7 +767,7 @@ def train(config: TrainConfig, *, resume: bool = False, hooks: Hooks | None = No
     from accelerate import Accelerator
 
     from opdgeo.models import check_same_tokenizer
-    from opdgeo.training.data import training_problems
+    from opdgeo.training.data import log_answers, training_problems
 
     transformers.utils.logging.disable_progress_bar()
     hooks = hooks or Hooks()
@@ -841,6 +841,7 @@ def train(config: TrainConfig, *, resume: bool = False, hooks: Hooks | None = No
         if projection is not None and resume_from is None:
             _save_subspaces(run_dir, projection, config, step=start)
     _barrier()
+    trackers = open_trackers(config, run_dir) if is_main else Trackers([])  # run.report_to
     monitor = None
     if config.run.monitor_every and is_main:
         monitor = start_monitor(origin, monitor_settings(config))
@@ -853,7 +854,7 @@ def train(config: TrainConfig, *, resume: bool = False, hooks: Hooks | None = No
     history: list[StepStats] = []
     written: list[Path] = []
     progress = StepProgress("train", o.steps, start=start, enabled=is_main and config.run.progress)
-    with progress:
+    with progress, closing(trackers):
         for step in range(start, o.steps):
             t0 = time.perf_counter()
             # rollout -> score -> advantages
@@ -899,6 +900,8 @@ def train(config: TrainConfig, *, resume: bool = False, hooks: Hooks | None = No
                 warnings.filterwarnings("ignore", message="Detected call of")
                 scheduler.step()
             # log
+            if is_main:
+                log_answers(config, run_dir, task, problems, batches, step=step + 1)
             values = step_metrics(batches, first_sums, config=config, lr=lr, grad_norm=grad_norm,
                                   step_time=time.perf_counter() - t0, global_tokens=global_tokens)
             if monitor is not None and (step + 1) % config.run.monitor_every == 0:
@@ -913,6 +916,7 @@ def train(config: TrainConfig, *, resume: bool = False, hooks: Hooks | None = No
             if is_main:
                 ckpt.append_metrics(run_dir / "metrics.jsonl", stats.record())
                 progress.update(step + 1, values, f"{values['train/tokens_per_s']:.0f} tok/s{monitor_text}")
+                trackers.log(stats.record())
             # checkpoint
             every = config.checkpoint.every
             if (every and (step + 1) % every == 0) or step + 1 == o.steps:
