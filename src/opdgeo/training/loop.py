@@ -510,11 +510,20 @@ def sample_micro_batch(model, tokenizer, task, problems, indices: Sequence[int],
     r = config.rollout
     with torch.no_grad(), _autocast(config.optim.bf16_autocast, device):
         ro = generate(model, tokenizer, prompts, num_samples=r.group_size, temperature=r.temperature,
-                      max_new_tokens=r.max_new_tokens, seed=seed, batch_size=len(prompts) * r.group_size)
+                      max_new_tokens=r.max_new_tokens, seed=seed, batch_size=len(prompts) * r.group_size,
+                      score=_needs_behaviour_logprobs(config))
     idx = torch.tensor(list(indices), dtype=torch.long)[ro.prompt_index.cpu().long()]  # [n]
     return MicroBatch(input_ids=ro.input_ids.to(device), attention_mask=ro.attention_mask.to(device),
                       response_mask=ro.response_mask.to(device).bool(), problem_index=idx, texts=tuple(ro.texts),
-                      behaviour_logprobs=ro.behaviour_logprobs.to(device))
+                      behaviour_logprobs=None if ro.behaviour_logprobs is None else ro.behaviour_logprobs.to(device))
+
+
+def _needs_behaviour_logprobs(config: TrainConfig) -> bool:
+    """Whether the rollout must score its samples. Not for on-policy RLVR with one inner
+    pass: its old log-probs are then the loss forward's own, detached (``backward_micro_batches``),
+    bit-identical to a separate no-grad forward of the same weights and batch, which is saved."""
+    return (config.rollout.off_policy or config.optim.ppo_epochs > 1
+            or config.objective.weights().get("opd", 0.0) != 0.0)
 
 
 def _logprobs(model, mb: MicroBatch) -> torch.Tensor:
@@ -633,7 +642,9 @@ def backward_micro_batches(model, batches: Sequence[MicroBatch], *, config: Trai
         if obj.name == "sft":
             per_token = sft_loss(lp, mb.loss_mask)
         else:
-            old = mb.old_logprobs  # the student before this step's updates, no gradient
+            # the student before this step's updates, no gradient (on-policy RLVR with one inner
+            # pass: this very forward, detached; ratio exactly 1 as with a separate forward)
+            old = mb.old_logprobs if mb.old_logprobs is not None else lp.detach()
             out = policy_gradient_loss(lp, old, mb.advantages, mb.loss_mask, eps_low=eps_low, eps_high=eps_high)
             per_token = out.loss
             sums["clipped"] += float(out.clipped.sum())
