@@ -56,7 +56,8 @@ SRANK = {
     "mix_0p01": [3, 3, 4, 4, 4],
 }
 SIM_FIRST = {"opd": 0.85, "sft": 0.40, "rlvr": 0.70}
-ACC = {"base": 0.05, "teacher": 0.95, "sft": 0.60, "sft_proj16": 0.30, "opd": 0.50, "opd_proj16": 0.48, "rlvr": 0.55}
+ACC = {"base": 0.05, "teacher": 0.95, "sft": 0.60, "sft_proj16": 0.20, "opd": 0.50, "opd_proj16": 0.48, "rlvr": 0.55,
+       "opd_proj16_start": 0.05, "sft_proj16_start": 0.05, "opd_freeze16": 0.45, "sft_freeze16": 0.40}
 
 
 def _instances(info):
@@ -112,7 +113,8 @@ def make_fake_study(out: Path, *, drop_trajectory=()) -> Path:
         d = out / "diagnose" / "trajectory" / inst
         _write_csv(d / "trajectory.csv", header, traj_rows(inst, run, seed))
         (d / "summary.json").write_text(json.dumps({"runs": {inst: {"locking_step": 2}}}))
-    evals = [("base", "base", 0), ("teacher", "teacher", 0)] + _instances(info)
+    evals = [("base", "base", 0), ("teacher", "teacher", 0), ("opd_proj16_start", "opd_proj16_start", 0),
+             ("sft_proj16_start", "sft_proj16_start", 0)] + _instances(info)
     for inst, run, seed in evals:
         if run not in ACC:
             continue
@@ -167,8 +169,8 @@ def test_claims_schema_and_verdicts(report):
         "sft_srank_expands": True,
         "rlvr_srank_contracts": True,
         "opd_sim16_first": True,  # 0.85, 0.86, 0.87: t interval [0.835, 0.885] > 0.8
-        "projection_keeps_opd": True,  # drops -0.02 (OPD) vs -0.30 (SFT) at every seed
-        "projection_hurts_sft": True,
+        "projection_keeps_opd": True,  # f = 0.44 / 0.46 = 0.957, 95 % CI [0.922, 0.991] > 0.5
+        "projection_hurts_sft": True,  # f = 0.16 / 0.56 = 0.286, 95 % CI [0.228, 0.344] < 0.5
         "sparsification_keeps_band": True,  # each within ~10 % of OPD, ~30 % from RLVR
         "offpolicy_keeps_band": False,  # [40, 50]: nearer RLVR's [25, 30] than OPD's [21, 29] in ln
         "small_alpha_departs": False,  # [5, 8] and [3, 4] fall below both, nearer OPD's than RLVR's
@@ -352,7 +354,9 @@ def test_trajectory_and_control_tables(report):
     ctl = {r[0]: r for r in _csv_rows(out / "tables" / "control_offpolicy.csv")[1:]}
     assert float(ctl["opd_offpolicy"][2]) == pytest.approx(41.0) and ctl["opd_offpolicy"][9] == "3"
     proj = {r[0]: r for r in _csv_rows(out / "tables" / "projection.csv")[1:]}
-    assert float(proj["sft"][3]) == pytest.approx(-0.30)
+    assert float(proj["sft"][3]) == pytest.approx(-0.40)
+    assert float(proj["sft"][6]) == 0.05 and float(proj["sft"][7]) == pytest.approx(0.41)  # start; freeze mean
+    assert float(proj["sft"][8]) == pytest.approx((0.21 - 0.05) / (0.61 - 0.05))
     t1 = {r[0]: r for r in _csv_rows(out / "tables" / "table1_sparsity.csv")[1:]}
     sp = [10 * f for f in SEED_SCALE.values()]
     msp = sum(sp) / 3

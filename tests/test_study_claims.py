@@ -38,7 +38,7 @@ def _srank(kind, j):
     raise ValueError(kind)
 
 
-def synthetic(compare=None, srank=None, sim=None, acc=None, noise=None) -> StudyResults:
+def synthetic(compare=None, srank=None, sim=None, acc=None, noise=None, start=None) -> StudyResults:
     """Every run of the tiny preset with 3 seeds. ``compare``: {run: {key: base}} overrides;
     ``srank``: {run: kind}; ``noise``: {run: spread of every compare value}."""
     info = study_info(get_preset("tiny"))
@@ -61,6 +61,8 @@ def synthetic(compare=None, srank=None, sim=None, acc=None, noise=None) -> Study
             {"step": i + 1, "progress": 20.0 * (i + 1), "stable_rank": v, "sim_to_final": (sim.get(run, 0.7) + 0.01 * j) if i == 0 else 1.0}
             for i, v in enumerate(series)]
         res.evals[r["name"]] = {"accuracy": acc.get(run, 0.5) + 0.005 * j, "n_samples": 100}
+    for proj, a in {"opd_proj16": 0.1, "sft_proj16": 0.1, **(start or {})}.items():  # the restart checkpoints
+        res.evals[f"{proj}_start"] = {"accuracy": a, "n_samples": 100}
     return res
 
 
@@ -130,10 +132,25 @@ def test_keeps_band_and_small_alpha():
 
 
 def test_projection_claims():
-    h = holds(synthetic(acc={"sft_proj16": 0.7}))
+    """f = (P̄ − s)/(Ō − s) with its delta-method interval, by hand, and each verdict both ways."""
+    from opdgeo.report.study_claims import recovered_fraction
+
+    res = synthetic()
+    iv = recovered_fraction(res, "opd", "opd_proj16")
+    se_mean = 0.005 / math.sqrt(3)  # seed sd of 0.5 ± 0.005 jitter, over 3 seeds
+    se_s = math.sqrt(0.1 * 0.9 / 100)
+    f = (0.49 - 0.1) / (0.5 - 0.1)
+    se_f = math.sqrt(se_mean**2 + f**2 * se_mean**2 + (1 - f) ** 2 * se_s**2) / 0.4
+    assert iv.estimate == pytest.approx(f) and iv.n == 3
+    assert (iv.low, iv.high) == (pytest.approx(f - 1.96 * se_f), pytest.approx(f + 1.96 * se_f))
+    h = holds(res)
+    assert h["projection_keeps_opd"] is True and h["projection_hurts_sft"] is True  # f 0.975 and 0.4
+    h = holds(synthetic(acc={"sft_proj16": 0.7, "opd_proj16": 0.1}))  # f 1.2 for SFT, 0 for OPD
     assert h["projection_hurts_sft"] is False and h["projection_keeps_opd"] is False
-    h = holds(synthetic(acc={"sft_proj16": 0.6}))  # equal up to identical seed jitter: zero spread, zero estimate
-    assert h["projection_hurts_sft"] is None
+    h = holds(synthetic(acc={"sft_proj16": 0.35, "opd_proj16": 0.3}))  # f = 0.5 exactly: inside both intervals
+    assert h["projection_hurts_sft"] is None and h["projection_keeps_opd"] is None
+    h = holds(synthetic(start={"opd_proj16": 0.5}))  # no gain of OPD over the start: f undefined
+    assert h["projection_keeps_opd"] is None
 
 
 def test_missing_inputs_and_one_seed_are_inconclusive():

@@ -17,6 +17,8 @@ seed noise; "small α departs" when D(mix, OPD) − D(mix, RLVR) > 0 likewise.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Callable
 
@@ -33,7 +35,8 @@ from opdgeo.study.statistics import (
     welch_interval,
 )
 
-__all__ = ["Claim", "CLAIMS", "CLAIM_RULES", "evaluate_claims", "srank_rows", "seed_value"]
+__all__ = ["Claim", "CLAIMS", "CLAIM_RULES", "RECOVERY_THRESHOLD", "evaluate_claims", "recovered_fraction",
+           "srank_rows", "seed_value"]
 
 
 @dataclass(frozen=True)
@@ -281,30 +284,52 @@ def _small_alpha(res: StudyResults) -> dict:
     return _entry(cs)
 
 
-def _projection_drop(res: StudyResults, full: str, proj: str) -> list[float]:
-    """acc(proj seed s) − acc(full seed s) over the seeds both have."""
-    a, p = res.by_seed(full), res.by_seed(proj)
-    out = []
-    for s in sorted(set(a) & set(p)):
-        x, y = res.acc(a[s]), res.acc(p[s])
-        if x is not None and y is not None:
-            out.append(y - x)
-    return out
+RECOVERY_THRESHOLD = 0.5
+"""f above which a projected run counts as recovering "most" of the full run's gain (our choice)."""
 
 
-def _projection_hurts_sft(res: StudyResults) -> dict:
-    d = _projection_drop(res, "sft", "sft_proj16")
-    if not d:
-        return _entry([], "accuracy of sft or sft_proj16 not measured")
-    return _entry([Comparison("acc(sft_proj16) − acc(SFT)", t_interval(d), 0.0, -1)])
+def recovered_fraction(res: StudyResults, full: str, proj: str) -> Interval | None:
+    """The fraction of the full run's gain from the restart checkpoint that the projected run keeps.
+
+    f = (P̄ − s) / (Ō − s): P̄, Ō the mean accuracies over seeds of ``proj`` and ``full``, s the
+    accuracy of ``<proj>_start`` (the checkpoint every seed of ``proj`` restarts from). 95 %
+    normal interval by the delta method, Var f ≈ (se_P² + f²·se_O² + (1 − f)²·se_s²)/(Ō − s)²,
+    se_P and se_O the standard errors of the seed means, se_s the start's evaluation standard
+    error over its samples. None when an accuracy is missing; an interval-less Interval when a
+    side has fewer than 2 seeds or the gain Ō − s is within 2 SE of zero (f undefined).
+    """
+    s, ns = res.acc(f"{proj}_start"), res.acc_n(f"{proj}_start")
+    o = mean_sd([res.acc(r) for r in res.by_seed(full).values()])
+    p = mean_sd([res.acc(r) for r in res.by_seed(proj).values()])
+    if s is None or o[0] is None or p[0] is None:
+        return None
+    method = "delta method on the seed means and the start checkpoint's evaluation SE (normal 95 %)"
+    n = min(o[2], p[2])
+    if n < 2 or not ns:
+        return Interval(None, None, None, n, method + "; fewer than 2 seeds on a side or no sample count: no interval")
+    se_o, se_p = o[1] / math.sqrt(o[2]), p[1] / math.sqrt(p[2])
+    se_s = math.sqrt(s * (1 - s) / ns)
+    gain = o[0] - s
+    if abs(gain) <= 2 * math.hypot(se_o, se_s):
+        return Interval(None, None, None, n, method + f"; gain {gain:+.4f} within 2 SE of 0: f undefined")
+    f = (p[0] - s) / gain
+    se_f = math.sqrt(se_p**2 + f**2 * se_o**2 + (1 - f) ** 2 * se_s**2) / abs(gain)
+    return Interval(f, f - 1.96 * se_f, f + 1.96 * se_f, n, method)
 
 
-def _projection_keeps_opd(res: StudyResults) -> dict:
-    do, ds = _projection_drop(res, "opd", "opd_proj16"), _projection_drop(res, "sft", "sft_proj16")
-    if not do or not ds:
-        return _entry([], "accuracy of opd, opd_proj16, sft or sft_proj16 not measured")
-    ev = f"acc(opd_proj16) − acc(OPD) {_spread(do)}; acc(sft_proj16) − acc(SFT) {_spread(ds)}"
-    return _entry([Comparison("(acc(opd_proj16) − acc(OPD)) − (acc(sft_proj16) − acc(SFT))", welch_interval(do, ds))], ev)
+def _projection_claim(full: str, proj: str, direction: int) -> Callable[[StudyResults], dict]:
+    def decide(res: StudyResults) -> dict:
+        iv = recovered_fraction(res, full, proj)
+        if iv is None:
+            return _entry([], f"accuracy of {full}, {proj} or {proj}_start not measured")
+        ev = f"start {res.acc(proj + '_start'):.4f}; {full} {_spread(_accs(res, full))}; {proj} {_spread(_accs(res, proj))}"
+        return _entry([Comparison(f"f({proj})", iv, RECOVERY_THRESHOLD, direction)], ev)
+
+    return decide
+
+
+def _accs(res: StudyResults, name: str) -> list[float]:
+    return [a for a in (res.acc(r) for r in res.by_seed(name).values()) if a is not None]
 
 
 CLAIMS: tuple[Claim, ...] = (
@@ -317,10 +342,14 @@ CLAIMS: tuple[Claim, ...] = (
           "least-squares slope of ln(mean stable rank) over progress, per seed, claimed < 0", _srank_trend("rlvr", -1)),
     Claim("opd_sim16_first", "OPD's Sim_16 is >= 0.8 already at the first checkpoint (early subspace locking).",
           "OPD's mean Sim_16 to the final update at the first checkpoint, per seed, claimed > lock_threshold", _sim_first),
-    Claim("projection_keeps_opd", "Rank-16 subspace projection keeps OPD's accuracy better than SFT's.",
-          "per-seed accuracy change from projection, acc(proj) − acc(full), OPD − SFT, claimed > 0", _projection_keeps_opd),
-    Claim("projection_hurts_sft", "Rank-16 subspace projection hurts SFT's accuracy.",
-          "per-seed acc(sft_proj16) − acc(sft), claimed < 0", _projection_hurts_sft),
+    Claim("projection_keeps_opd",
+          "The rank-16 projected OPD run recovers most (f > 0.5) of OPD's gain from the checkpoint it restarts from.",
+          "recovered fraction f = (acc(opd_proj16) − acc(start)) / (acc(OPD) − acc(start)), seed means, claimed > 0.5",
+          _projection_claim("opd", "opd_proj16", 1)),
+    Claim("projection_hurts_sft",
+          "The rank-16 projected SFT run recovers less than half (f < 0.5) of SFT's gain from the checkpoint it restarts from.",
+          "recovered fraction f = (acc(sft_proj16) − acc(start)) / (acc(SFT) − acc(start)), seed means, claimed < 0.5",
+          _projection_claim("sft", "sft_proj16", -1)),
     Claim("sparsification_keeps_band", "Token sparsification (top-KL and random, 50 % and 25 %) keeps OPD's stable-rank band.",
           "per seed s: D(run_s, RLVR_s) − D(run_s, OPD_s), every sparsified run claimed > 0", _keeps_band("sparsification")),
     Claim("offpolicy_keeps_band", "Off-policy OPD (teacher rollouts) keeps OPD's stable-rank band.",

@@ -223,6 +223,8 @@ def _accuracy_seeds(res: StudyResults) -> Table:
 
 
 def _projection(res: StudyResults) -> Table:
+    from opdgeo.report.study_claims import recovered_fraction
+
     rows = []
     for full, proj in (("opd", "opd_proj16"), ("sft", "sft_proj16")):
         a, b = _ms(res, full, "accuracy"), _ms(res, proj, "accuracy")
@@ -232,15 +234,25 @@ def _projection(res: StudyResults) -> Table:
         se = None
         if a[1] is not None and b[1] is not None:
             se = math.sqrt(a[1] ** 2 / a[2] + b[1] ** 2 / b[2])
-        rows.append((full, a[0], b[0], diff, se, f"{a[2]}/{b[2]}"))
+        f = recovered_fraction(res, full, proj)
+        rows.append((full, a[0], b[0], diff, se, f"{a[2]}/{b[2]}", res.acc(f"{proj}_start"),
+                     _ms(res, proj.replace("_proj", "_freeze"), "accuracy")[0],
+                     f.estimate if f else None, f.low if f else None, f.high if f else None))
     return Table(
         id="projection",
         title="Functional sufficiency: accuracy with and without rank-16 subspace projection",
-        columns=("run", "accuracy (full)", "accuracy (projected, K=16)", "difference", "SE of difference", "seeds (full/projected)"),
+        columns=("run", "accuracy (full)", "accuracy (projected, K=16)", "difference", "SE of difference",
+                 "seeds (full/projected)", "accuracy (start checkpoint)", "accuracy (freeze-only, no projection)",
+                 "recovered fraction f", "f 95 % CI low", "f 95 % CI high"),
         rows=tuple(rows),
-        formats=("", ".4f", ".4f", "+.4f", ".4f", ""),
+        formats=("", ".4f", ".4f", "+.4f", ".4f", "", ".4f", ".4f", ".3f", ".3f", ".3f"),
         note=("Means over seeds; SE of the difference from the seed standard deviations. Projected runs restart from the "
-              "seed-0 run's ~20 % checkpoint with the update restricted to span(V_16) of that checkpoint's update."),
+              "seed-0 run's ~20 % checkpoint (fp32 weights, step and AdamW state) and project every gradient and AdamW "
+              "update of the block matrices on span(V_16) of that checkpoint's update, so each block matrix's change "
+              "after the restart lies in span(V_16) to float32 rounding (project/out_of_subspace_fraction in the run's "
+              "metrics); embeddings, norms and lm_head are frozen. The freeze-only control restarts the same way with "
+              "the same frozen parameters and no projection. f = (acc(projected) - acc(start)) / (acc(full) - acc(start)), "
+              "interval by the delta method (docs/study.md)."),
     )
 
 

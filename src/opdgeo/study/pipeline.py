@@ -134,7 +134,8 @@ def train_config_dict(run: RunSpec, preset: StudyPreset, *, student: str, teache
     if run.token_keep is not None:
         cfg["token_keep"] = {"mode": run.token_keep[0], "fraction": run.token_keep[1]}
     if run.project_rank is not None:
-        cfg["project"] = {"from": project_from, "rank": run.project_rank, "origin": project_origin}
+        cfg["project"] = {"from": project_from, "rank": run.project_rank, "origin": project_origin,
+                          "mode": run.project_mode}
     return cfg
 
 
@@ -446,9 +447,16 @@ def build_stages(preset: StudyPreset, *, launcher: str | None = None) -> list[St
         control = run.name not in ("sft", "opd", "rlvr")
         stages.append(Stage(run.name, "train", f"runs/{run.name}", {**v, "run": _asdict(run)},
                             _run_fn(run, preset, launcher), deps=deps, resumable=True, soft=control))
-        role = "SFT anchor" if run.name == "sft" else ("projected" if run.project_rank else run.group)
+        role = "SFT anchor" if run.name == "sft" else (
+            ("projected" if run.project_mode == "project" else "freeze-only") if run.project_rank else run.group)
         stages.append(Stage(f"eval_{run.name}", "eval", f"eval/{run.name}", {**v, "eval": ev},
                             _eval_fn(preset, run.name, role, run.name, "final"), deps=(run.name,), soft=True))
+        if run.project_rank and run.project_mode == "project" and run.seed_of is None:
+            # the checkpoint every seed of the projected run restarts from (the seed-0 source run's)
+            start = f"{run.name}_start"
+            stages.append(Stage(f"eval_{start}", "eval", f"eval/{start}", {**v, "eval": ev},
+                                _eval_fn(preset, start, "projection start", run.name, "init"), deps=(run.name,),
+                                soft=True))
         d = preset.diagnose
         stages.append(Stage(f"compare_{run.name}", "compare", f"diagnose/compare/{run.name}",
                             {**v, "k": d.k, "rank": d.rank, "alpha": d.alpha, "eta": d.eta},

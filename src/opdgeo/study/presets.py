@@ -131,6 +131,9 @@ class RunSpec:
         mix_alpha: ``None`` or α of A = α·A_OPD + (1 − α)·A_GRPO.
         project_rank: ``None`` or K of the subspace projection (V_K of the ΔW of ``init``'s
             checkpoint relative to the source run's origin).
+        project_mode: the core's ``project.mode``: ``"project"`` (gradients and AdamW's
+            updates projected on span(V_K)) or ``"freeze"`` (the control: the same restart
+            and frozen parameters, no projection).
         seed: run seed.
         group: report panel the run belongs to (``main``, ``matched``, ``sparsification``,
             ``offpolicy``, ``mixing``, ``projection``). A run of group ``mixing`` without
@@ -162,6 +165,7 @@ class RunSpec:
     group: str = "main"
     epochs: float | None = None
     seed_of: str | None = None
+    project_mode: str = "project"
 
     def every(self) -> int:
         """The training core's ``checkpoint.every`` (0 = only the final step)."""
@@ -334,6 +338,8 @@ class StudyPreset:
                 out.append(f"{key}.mix_alpha must be in [0, 1]; got {r.mix_alpha}")
             if r.project_rank is not None and r.project_rank < 1:
                 out.append(f"{key}.project_rank must be >= 1; got {r.project_rank}")
+            if r.project_mode not in ("project", "freeze"):
+                out.append(f"{key}.project_mode must be project|freeze; got {r.project_mode!r}")
             if r.project_rank is not None and "@" not in r.init:
                 out.append(f"{key}.init must be '<run>@<fraction>' for a projected run; got {r.init!r}")
             if r.init in ("base", "anchor"):
@@ -464,11 +470,17 @@ def _study_runs(
     proj_frac = 0.2  # the paper's ~20 % checkpoint (nearest saved one is used)
     opd = runs[1]
     # A projected run is its source run restarted from the source's ~20 % checkpoint (the
-    # core's ``project.from``: weights, optimizer and step of that checkpoint), trained to
-    # the same final step with every block-matrix gradient projected on V_16 of the
-    # checkpoint's update (other parameters frozen).
+    # core's ``project.from``: fp32 weights, AdamW state and step of that checkpoint),
+    # trained to the same final step with every block-matrix gradient and AdamW update
+    # projected on V_16 of the checkpoint's update (other parameters frozen), so its change
+    # after the restart lies in span(V_16). The freeze-only control restarts the same way
+    # and freezes the same parameters, without projection.
     runs.append(replace(opd, name="opd_proj16", init=f"opd@{proj_frac}", project_rank=16, group="projection"))
     runs.append(replace(sft, name="sft_proj16", init=f"sft@{proj_frac}", project_rank=16, group="projection"))
+    runs.append(replace(opd, name="opd_freeze16", init=f"opd@{proj_frac}", project_rank=16, project_mode="freeze",
+                        group="projection"))
+    runs.append(replace(sft, name="sft_freeze16", init=f"sft@{proj_frac}", project_rank=16, project_mode="freeze",
+                        group="projection"))
     return with_seeds(runs, seeds)
 
 
