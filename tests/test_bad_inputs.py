@@ -230,7 +230,9 @@ CASES = [
     # click's usage errors, in the one-line form
     Case("compare-bad-choice", lambda t: ["compare", *_floats(t), "--precision", "fp8"],
          "'fp8' is not one of 'fp64', 'fp32'"),
-    Case("compare-bad-type", lambda t: ["compare", *_floats(t), "--k", "abc"], "'abc' is not a valid integer"),
+    Case("compare-bad-type", lambda t: ["compare", *_floats(t), "--rank", "abc"], "'abc' is not a valid integer"),
+    Case("compare-bad-k", lambda t: ["compare", *_floats(t), "--k", "abc"],
+         "--k must be an integer >= 1 or a fraction a/b in (0, 1]; got 'abc'"),
     Case("compare-unknown-option", lambda t: ["compare", "--bogus"], "No such option '--bogus'"),
     Case("compare-missing-argument", lambda t: ["compare", "only-one"], "Missing argument 'TUNED'"),
     Case("study-bad-preset", lambda t: ["study", "--preset", "huge"], "'huge' is not one of"),
