@@ -106,3 +106,37 @@ def test_two_ddp_processes_take_the_same_step_as_one(tmp_path, teacher, one_proc
     assert yaml.safe_load((tmp_path / "two" / "config.yaml").read_text())["distributed"]["strategy"] == "ddp"
     # fp32 sums over 2 ranks instead of 1 process's accumulation: rounding-level differences
     _assert_same_step(one_process(objective), tmp_path / "two", objective, rtol=1e-5, atol=1e-6)
+
+
+def test_two_fsdp_processes_take_the_same_step_as_one(tmp_path, teacher, one_process):
+    """FSDP2 over 2 ranks (each holds half of every parameter, gradient and AdamW moment)
+    takes one process's step. Tolerance: the only differences are the order of fp32 sums
+    (the reduce-scatter over ranks, the gradient norm over shards), ~1e-7 relative per
+    step; AdamW's first update is ±lr per entry whatever the rounding, so after two steps
+    rtol 1e-5 / atol 1e-6 holds, while the steps move the weights by > 1e-4 (checked)."""
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(CONFIG.format(objective="opd", teacher=teacher))
+    _launch("torchrun", cfg, tmp_path / "two", "--set", "distributed.strategy=fsdp")
+    one = one_process("opd")
+    _assert_same_step(one, tmp_path / "two", "opd", rtol=1e-5, atol=1e-6)
+    b = ckpt.load_trainer_state(tmp_path / "two" / "step-000002")
+    assert b.extra["strategy"] == "fsdp" and sorted((tmp_path / "two" / "step-000002" / "trainer_state").glob("rng-rank*"))
+    # the exported HF folder loads with plain transformers and holds the trained weights in the checkpoint dtype
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "step-000002")
+    w = hf.state_dict()["model.layers.1.mlp.down_proj.weight"]
+    assert torch.equal(w, b.master["model.layers.1.mlp.down_proj.weight"])
+
+    # resume under fsdp equals the uninterrupted fsdp run: stop after step 1 (same constant schedule), resume to 2
+    const = ["--set", "distributed.strategy=fsdp", "--set", "optim.schedule=constant", "--set", "optim.warmup_steps=0"]
+    _launch("torchrun", cfg, tmp_path / "full", *const)
+    _launch("torchrun", cfg, tmp_path / "cut", *const, "--set", "optim.steps=1")
+    _launch("torchrun", cfg, tmp_path / "cut", *const, "--resume")
+    full = ckpt.load_trainer_state(tmp_path / "full" / "step-000002")
+    cut = ckpt.load_trainer_state(tmp_path / "cut" / "step-000002")
+    for k, v in full.master.items():
+        assert torch.equal(cut.master[k], v), k  # bit for bit (gloo on CPU is deterministic)
+    for pid, entry in full.optimizer["state"].items():
+        for key, v in entry.items():
+            assert torch.equal(cut.optimizer["state"][pid][key], v), (pid, key)

@@ -74,7 +74,7 @@ from opdgeo.training.controls import (
     topkl_keep_mask,
 )
 from opdgeo.training.losses import masked_mean, masked_sum, policy_gradient_loss, sft_loss
-from opdgeo.training.precision import autocast_context, resolve_bf16_autocast
+from opdgeo.training.precision import autocast_context, native_bf16, resolve_bf16_autocast
 from opdgeo.training.monitor import MonitorSettings, probe, restore_monitor, start_monitor
 from opdgeo.training.projection import (
     SUBSPACE_FILE,
@@ -99,6 +99,9 @@ __all__ = [
     "demonstration_batch",
     "backward_micro_batches",
     "load_policy",
+    "inference_model",
+    "teacher_dtype",
+    "activation_checkpointing_",
     "sample_micro_batch",
     "score_micro_batch",
     "with_advantages",
@@ -313,7 +316,38 @@ def behaviour_policy(config: TrainConfig, student, tokenizer, teacher, *, device
         return teacher
     model, tok = load_policy(policy, init_seed=config.model.init_seed)
     check_same_tokenizer(tokenizer, tok, names=("student", "rollout.policy"))
-    return model.to(device).eval().requires_grad_(False)
+    return inference_model(model, config, device)
+
+
+def teacher_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """``model.teacher_dtype``: ``auto`` is bf16 where ``device`` computes bf16 natively, else fp32."""
+    if setting == "auto":
+        return torch.bfloat16 if native_bf16(device) else torch.float32
+    return ckpt.DTYPES[setting]
+
+
+def inference_model(model, config: TrainConfig, device: torch.device):
+    """A scoring-only model: on ``device`` in ``model.teacher_dtype``, eval mode, no gradients
+    (its log-probs enter the loss as constants, under ``torch.no_grad``)."""
+    return model.to(device=device, dtype=teacher_dtype(config.model.teacher_dtype, device)).eval().requires_grad_(False)
+
+
+def activation_checkpointing_(model: torch.nn.Module) -> None:
+    """Recompute every decoder layer's activations in backward (``torch.utils.checkpoint``,
+    non-reentrant) instead of saving them: a layer keeps only its input for backward.
+    In place; forwards without gradient (generation, scoring) run the layer as is. The
+    recomputation is the same computation, so gradients are unchanged (tested)."""
+    from torch.utils.checkpoint import checkpoint
+
+    for layer in distributed.decoder_layers(model):
+        inner = layer.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            if not torch.is_grad_enabled():
+                return _inner(*args, **kwargs)
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        layer.forward = forward
 
 
 def _checkpoint_dtype(config: TrainConfig) -> torch.dtype:
@@ -739,11 +773,13 @@ def _train(config: TrainConfig, strategy: str, ctx: distributed.Context, *, resu
     torch.manual_seed(config.run.seed)
     student, tokenizer = load_policy(config.model.student, init_seed=config.model.init_seed)
     student = student.to(device=device, dtype=torch.float32).eval()  # fp32 master weights
+    if config.model.activation_checkpointing:
+        activation_checkpointing_(student)
     teacher = None
     if obj.name != "sft" and (obj.weights().get("opd", 0.0) != 0.0 or config.rollout.policy == "teacher"):
         teacher, teacher_tok = load_policy(config.model.teacher, init_seed=config.model.init_seed)
         check_same_tokenizer(tokenizer, teacher_tok)
-        teacher = teacher.to(device).eval().requires_grad_(False)
+        teacher = inference_model(teacher, config, device)
     behaviour = behaviour_policy(config, student, tokenizer, teacher, device=device)
     # the run's origin W0 (the monitor's and the projection's ΔW = W − W0), in the checkpoint dtype
     needs_origin = bool(config.run.monitor_every) or config.project.start is not None
@@ -762,7 +798,7 @@ def _train(config: TrainConfig, strategy: str, ctx: distributed.Context, *, resu
                                                           rank=pj.rank), device)
         freeze_outside(student, projection)
 
-    model = distributed.wrap_model(student, strategy, ctx)  # what the loss runs through
+    model = _wrap(student, strategy, ctx, config)  # what the loss runs through
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.adam_eps, weight_decay=o.weight_decay)
     lr_at = functools.partial(learning_rate, lr=o.lr, steps=o.steps, schedule=o.schedule,
@@ -776,7 +812,7 @@ def _train(config: TrainConfig, strategy: str, ctx: distributed.Context, *, resu
     if isinstance(pj.start, int) and start >= pj.start:  # resumed after projection began
         projection = _on_device(load_subspaces(run_dir / SUBSPACE_FILE)[0], device)
         freeze_outside(student, projection)
-        model = distributed.wrap_model(student, strategy, ctx)
+        model = _wrap(student, strategy, ctx, config)
     if is_main:
         ckpt.remove_partial(run_dir)
         ckpt.truncate_metrics(run_dir / "metrics.jsonl", start)
@@ -865,11 +901,17 @@ def _train(config: TrainConfig, strategy: str, ctx: distributed.Context, *, resu
                 projection = _on_device(projection_subspaces(origin, _rounded(named_params, origin, config),
                                                              rank=pj.rank), device)
                 freeze_outside(student, projection)
-                model = distributed.wrap_model(student, strategy, ctx)  # DDP reduces the trainable set it was built with
+                model = _wrap(student, strategy, ctx, config)  # DDP reduces the trainable set it was built with
                 if is_main:
                     _save_subspaces(run_dir, projection, config, step=step + 1)
     return RunResult(out_dir=run_dir, final_step=max(start, o.steps),
                      checkpoints=tuple(written), history=tuple(history), resumed_from=resume_from)
+
+
+def _wrap(student, strategy: str, ctx: distributed.Context, config: TrainConfig):
+    """The student as the loss runs it: DDP, FSDP2 (bf16 compute exactly when autocast is on) or itself."""
+    return distributed.wrap_model(student, strategy, ctx, bf16_compute=bool(config.optim.bf16_autocast),
+                                  cpu_offload=config.distributed.cpu_offload)
 
 
 def _save(run_dir: Path, step: int, student, tokenizer, optimizer, scheduler, config: TrainConfig, world: int) -> Path:
