@@ -320,7 +320,8 @@ def wrap_model(model: torch.nn.Module, strategy: str, ctx: Context, *, bf16_comp
         fully_shard(model, **kw)
         for m in model.modules():
             if hasattr(m, "set_gradient_divide_factor"):
-                m.set_gradient_divide_factor(1.0)
+                m.set_gradient_divide_factor(1.0)  # a sum over ranks, not a mean
+                m.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
         return model
     raise ConfigError(f"distributed.strategy: must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
 
