@@ -145,8 +145,10 @@ def _device(use_cuda: bool, local: int) -> torch.device:
 
 
 def destroy(ctx: Context) -> None:
-    """End the process group if ``init`` created it."""
+    """End the process group if ``init`` created it (after a barrier: no rank tears its
+    end down while another still talks to it)."""
     if ctx.owned and _dist() is not None:
+        barrier()
         _dist().destroy_process_group()
 
 
