@@ -4,25 +4,35 @@ Qwen3-1.7B layer (default): q, o 2048x2048; k, v 1024x2048; gate, up 6144x2048;
 down 2048x6144. ``--qwen3-8b``: q, o 4096x4096; k, v 1024x4096; gate, up 12288x4096;
 down 4096x12288. Stored in bf16 as two HF-layout folders in a temporary directory; the
 tuned copy differs by a sparse perturbation biased towards low-magnitude entries (the
-OPD/RLVR picture of SPEC §1).
+OPD/RLVR picture of SPEC §1). ``--per-shape`` keeps one matrix per distinct cost (q, k,
+gate) and extrapolates to the layer: o costs as q, v as k, up and down as gate (down is
+gate's transpose: the same Gram size and GEMM flops); the extrapolation is printed as such.
 
-Measured in one run (the opdgeo side in a child process, so its peak RSS is its own):
+Measured in one run (the opdgeo side in a child process; peak memory is that process's
+own ``VmHWM``, not ``ru_maxrss``, which can carry a parent's peak):
 
 1. sparsity-only compare time / time to merely read both checkpoints (target <= 1.5);
-2. full-metrics compare time (cold cache) / the naive method: two float64 full SVDs with
-   vectors per matrix in numpy (``np.linalg.svd``, its default ``full_matrices=True``;
-   ``--naive-thin`` for thin), then each metric from them (target <= 0.5);
-3. a second full compare against the same base with a warm cache / the first (<= 0.5);
-4. peak RSS of the opdgeo process (MiB);
+2. full-metrics compare time (cold cache) / the naive method: two thin float64 SVDs per
+   matrix in numpy (``np.linalg.svd(w, full_matrices=False)``: what a careful user
+   writes), then each metric from them (target <= 0.5); ``--naive-full`` also times the
+   ``full_matrices=True`` variant (numpy's default, which builds an m x m U no metric
+   needs) as a labelled extra line;
+3. the same full compare against the same base with a warm cache / the naive method
+   (target <= 0.2), and warm / cold;
+4. peak memory of the opdgeo process (MiB);
 5. the largest difference from the naive method: NSS relative error (<= 1e-6) and
    principal-angle error in degrees over all k angles of both sides (<= 1e-5).
 
+``--sweep`` instead times one cold compare per ``--metrics`` choice and ``--precision``
+(each in its own child process: wall seconds and ``VmHWM``), per layer.
+
 The last lines are ``name: value`` pairs for scripts. Usage::
 
-    python bench/compare.py [--qwen3-8b] [--workers N] [--repeat 7] [--svd-repeat 2] [--naive-thin]
+    python bench/compare.py [--qwen3-8b] [--per-shape] [--workers N] [--repeat 7] [--svd-repeat 2] [--naive-full]
+    python bench/compare.py --qwen3-8b --per-shape --sweep
 
-Fairness: every ratio compares two timings taken in the same process, with the same
-thread count, on page-cached files, as the minimum over interleaved repeats (read and
+Fairness: every ratio compares two timings taken in the same run, with the same thread
+count, on page-cached files, as the minimum over interleaved repeats (read and
 sparsity-only ``--repeat`` times; cold/warm full compares ``--svd-repeat`` times, each
 cold run on an empty cache folder).
 """
@@ -35,7 +45,6 @@ import math
 import multiprocessing as mp
 import os
 import platform
-import resource
 import shutil
 import tempfile
 import time
@@ -49,6 +58,8 @@ SHAPES = {
     "qwen3-8b": {"q": (4096, 4096), "k": (1024, 4096), "v": (1024, 4096), "o": (4096, 4096),
                  "gate": (12288, 4096), "up": (12288, 4096), "down": (4096, 12288)},
 }
+#: per-shape mode: the matrices measured and how many of the layer's matrices each stands for
+PER_SHAPE = {"q": 2, "k": 2, "gate": 3}
 MODULE = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
           "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
 
@@ -85,9 +96,10 @@ def synthetic_pair(root: Path, shapes: dict, *, seed: int = 0, density: float = 
         base[name] = w0.to(torch.bfloat16).contiguous()
         tuned[name] = w1.to(torch.bfloat16).contiguous()
         del w0, w1, mag, p, hit, step
-    m_q, hidden = shapes["q"]
+    hidden = next(iter(shapes.values()))[1]
     config = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": hidden,
-              "intermediate_size": shapes["gate"][0], "num_hidden_layers": 1, "torch_dtype": "bfloat16"}
+              "intermediate_size": shapes.get("gate", (4 * hidden,))[0], "num_hidden_layers": 1,
+              "torch_dtype": "bfloat16"}
     folders = []
     for label, tensors in (("base", base), ("tuned", tuned)):
         folder = root / label
@@ -101,8 +113,9 @@ def synthetic_pair(root: Path, shapes: dict, *, seed: int = 0, density: float = 
 # --------------------------------------------------------------------------- naive reference
 
 
-def naive(base: Path, tuned: Path, *, k: int, rank: int, alpha: float, eta: float, thin: bool) -> dict:
-    """Every metric from two float64 full SVDs with vectors per matrix, in numpy/scipy."""
+def naive(base: Path, tuned: Path, *, k: int, rank: int, alpha: float, eta: float, thin: bool = True) -> dict:
+    """Every metric from two float64 SVDs with vectors per matrix, in numpy/scipy: thin
+    (``full_matrices=False``, the honest baseline) unless ``thin=False``."""
     import scipy.linalg
     from safetensors.torch import load_file
 
@@ -140,6 +153,14 @@ def naive(base: Path, tuned: Path, *, k: int, rank: int, alpha: float, eta: floa
 # --------------------------------------------------------------------------- opdgeo side
 
 
+def peak_mib() -> float:
+    """This process's own peak resident memory (``VmHWM``), MiB."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def _read_both(base: Path, tuned: Path) -> float:
     """Read every tensor of both checkpoints into memory with the opdgeo reader.
 
@@ -159,7 +180,7 @@ def _read_both(base: Path, tuned: Path) -> float:
 def _opdgeo_side(
     base: str, tuned: str, cache: str, k: int, rank: int, workers: int, repeat: int, svd_repeat: int, queue
 ) -> None:
-    """Runs in a child process: all opdgeo timings, the rows, and this process's peak RSS."""
+    """Runs in a child process: all opdgeo timings, the rows, and this process's peak memory."""
     import opdgeo
 
     base, tuned = Path(base), Path(tuned)
@@ -179,12 +200,11 @@ def _opdgeo_side(
         t0 = time.perf_counter()
         warm = opdgeo.compare(base, tuned, k=k, rank=rank, workers=workers, cache=f"{cache}-{i}", keep_angles=True)
         warm_times.append(time.perf_counter() - t0)
-    cold_time, warm_time = min(cold_times), min(warm_times)
     queue.put({
         "read": min(read_times),
         "sparsity": min(sparsity_times),
-        "cold": cold_time,
-        "warm": warm_time,
+        "cold": min(cold_times),
+        "warm": min(warm_times),
         "cold_all": cold_times,
         "warm_all": warm_times,
         "read_all": read_times,
@@ -193,20 +213,159 @@ def _opdgeo_side(
         "warm_rows": warm.matrices,
         "angles": {n: {s: v.tolist() for s, v in a.items()} for n, a in cold.angles.items()},
         "stats": [cold.stats, warm.stats],
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": peak_mib(),
     })
+
+
+def _sweep_child(base: str, tuned: str, metrics: str, precision: str, k: int, rank: int, workers: int, queue) -> None:
+    """One cold compare in a fresh process: wall seconds and this process's peak memory."""
+    import opdgeo
+
+    _read_both(Path(base), Path(tuned))  # page cache and imports, not timed
+    before = peak_mib()
+    t0 = time.perf_counter()
+    res = opdgeo.compare(base, tuned, metrics=metrics, precision=precision, k=k, rank=rank, workers=workers)
+    seconds = time.perf_counter() - t0
+    queue.put({"seconds": seconds, "peak_mib": peak_mib(), "peak_before_mib": before,
+               "per_matrix": {r["name"]: r for r in res.matrices}})
+
+
+def _child(target, args):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(*args, queue))
+    proc.start()
+    out = queue.get()
+    proc.join()
+    return out
+
+
+SWEEP = [("sparsity", "fp64"), ("sparsity,nss", "fp64"), ("sparsity,angles", "fp64"), ("sparsity,overlap", "fp64"),
+         ("sparsity,angles,nss,overlap", "fp64"), ("sparsity,nss", "fp32"), ("sparsity,angles", "fp32"),
+         ("sparsity,overlap", "fp32"), ("sparsity,angles,nss,overlap", "fp32")]
+
+
+def _cpu_model() -> str:
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _pairs(root: Path, preset: str, args) -> dict[str, tuple[Path, Path, int]]:
+    """``{label: (base, tuned, layer factor)}``: the whole layer, or one pair per distinct cost."""
+    shapes = {t: (m // args.shrink, n // args.shrink) for t, (m, n) in SHAPES[preset].items()}
+    groups = {t: {t: shapes[t]} for t in PER_SHAPE} if args.per_shape else {"layer": shapes}
+    out = {}
+    for label, group in groups.items():
+        t0 = time.perf_counter()
+        base, tuned = synthetic_pair(root / label, group, seed=args.seed)
+        size = sum(f.stat().st_size for f in (base / "model.safetensors", tuned / "model.safetensors"))
+        factor = PER_SHAPE[label] if args.per_shape else 1
+        print(f"synthetic {preset} {label} pair ({', '.join(f'{t} {m}x{n}' for t, (m, n) in group.items())}): "
+              f"{size / 2**20:.0f} MiB of bf16 in {time.perf_counter() - t0:.1f} s; stands for {factor} matrices")
+        out[label] = (base, tuned, factor)
+    return out
+
+
+def sweep(pairs: dict, args) -> dict[str, float]:
+    """``--sweep``: one cold compare per metrics choice and precision, each in a fresh child;
+    seconds per layer (summed over the pairs with their factors) and the largest peak."""
+    out = {}
+    for metrics, precision in SWEEP:
+        layer_s, peak = 0.0, 0.0
+        for label, (base, tuned, factor) in pairs.items():
+            r = _child(_sweep_child, (str(base), str(tuned), metrics, precision, args.k, args.rank, args.workers))
+            layer_s += factor * r["seconds"]
+            peak = max(peak, r["peak_mib"])
+            print(f"  {label:6s} --metrics {metrics:28s} --precision {precision}: {r['seconds']:8.2f} s, "
+                  f"peak {r['peak_mib']:7.0f} MiB", flush=True)
+        print(f"  layer  --metrics {metrics:28s} --precision {precision}: {layer_s:8.2f} s per layer, "
+              f"peak {peak:7.0f} MiB", flush=True)
+        out[f"sweep/{metrics}/{precision}/layer_s"] = layer_s
+        out[f"sweep/{metrics}/{precision}/peak_mib"] = peak
+    return out
+
+
+def _errors(ours: dict, ref: dict) -> tuple[float, float, float]:
+    """Largest NSS relative error, angle error (degrees) and overlap difference vs the naive rows."""
+    nss_err = angle_err = overlap_err = 0.0
+    for row in ours["rows"]:
+        r = ref[row["name"]]
+        assert abs(row["sparsity"] - r["sparsity"]) < 1e-12, row["name"]
+        nss_err = max(nss_err, abs(row["nss"] - r["nss"]) / r["nss"])
+        a = ours["angles"][row["name"]]
+        angle_err = max(angle_err, float(np.max(np.abs(np.array(a["left"]) - r["left"]))) if len(a["left"]) else 0.0,
+                        float(np.max(np.abs(np.array(a["right"]) - r["right"]))) if len(a["right"]) else 0.0)
+        overlap_err = max(overlap_err, abs(row["principal_overlap"] - r["principal_overlap"]),
+                          abs(row["low_magnitude_overlap"] - r["low_magnitude_overlap"]))
+        left, right = row["angle_left_max_deg"], row["angle_right_max_deg"]
+        print(f"  {row['name']:40s} sparsity {row['sparsity']:.4f}  nss {row['nss']:.3e}  max angle L/R "
+              f"{'n/a' if left is None else f'{left:.4f}'}/{'n/a' if right is None else f'{right:.4f}'} deg  "
+              f"gap {row.get('rel_gap', float('nan')):.2e}  "
+              f"overlap P/L {row['principal_overlap']:.4f}/{row['low_magnitude_overlap']:.4f}")
+    return nss_err, angle_err, overlap_err
+
+
+def _ratios(pairs: dict, root: Path, args) -> dict[str, float]:
+    """The issue's ratios, each from timings of one run, summed over the pairs with their factors."""
+    tot = dict(read=0.0, sparsity=0.0, cold=0.0, warm=0.0, naive=0.0, naive_full=0.0)
+    peak, errs, warm_same = 0.0, (0.0, 0.0, 0.0), True
+    for label, (base, tuned, factor) in pairs.items():
+        ours = _child(_opdgeo_side, (str(base), str(tuned), str(root / label / "cache"), args.k, args.rank,
+                                     args.workers, args.repeat, args.svd_repeat))
+        print(f"[{label}] read both checkpoints:      {ours['read']:8.3f} s   (min of {ours['read_all']})")
+        print(f"[{label}] compare --metrics sparsity: {ours['sparsity']:8.3f} s   (min of {ours['sparsity_all']})")
+        print(f"[{label}] compare full, cold cache:   {ours['cold']:8.2f} s   (runs {ours['cold_all']}; {ours['stats'][0]})")
+        print(f"[{label}] compare full, warm cache:   {ours['warm']:8.2f} s   (runs {ours['warm_all']}; {ours['stats'][1]})")
+        t0 = time.perf_counter()
+        ref = naive(base, tuned, k=args.k, rank=args.rank, alpha=0.3, eta=1e-3, thin=True)
+        naive_s = time.perf_counter() - t0
+        print(f"[{label}] naive numpy float64 SVDs, thin (full_matrices=False): {naive_s:8.2f} s", flush=True)
+        if args.naive_full:
+            t0 = time.perf_counter()
+            naive(base, tuned, k=args.k, rank=args.rank, alpha=0.3, eta=1e-3, thin=False)
+            tot["naive_full"] += factor * (time.perf_counter() - t0)
+            print(f"[{label}] extra: naive with full_matrices=True: {time.perf_counter() - t0:8.2f} s", flush=True)
+        errs = tuple(max(a, b) for a, b in zip(errs, _errors(ours, ref)))
+        warm_same &= all(a == b for a, b in zip(ours["rows"], ours["warm_rows"]))
+        for key in ("read", "sparsity", "cold", "warm"):
+            tot[key] += factor * ours[key]
+        tot["naive"] += factor * naive_s
+        peak = max(peak, ours["peak_rss_mib"])
+    print(f"per layer: read {tot['read']:.3f} s, sparsity {tot['sparsity']:.3f} s, cold {tot['cold']:.2f} s, "
+          f"warm {tot['warm']:.2f} s, naive thin {tot['naive']:.2f} s"
+          + (f", naive full_matrices=True {tot['naive_full']:.2f} s" if args.naive_full else "")
+          + (" (extrapolated from one matrix per shape)" if args.per_shape else ""))
+    print(f"warm rows identical to cold: {warm_same}; max overlap difference vs naive: {errs[2]:.2e}")
+    results = {
+        "sparsity_vs_read": tot["sparsity"] / tot["read"],
+        "full_vs_naive": tot["cold"] / tot["naive"],
+        "warm_vs_naive": tot["warm"] / tot["naive"],
+        "warm_vs_cold": tot["warm"] / tot["cold"],
+        "peak_rss_mib": peak,
+        "nss_rel_err": errs[0],
+        "angle_err_deg": errs[1],
+    }
+    if args.naive_full:
+        results["full_vs_naive_full_matrices"] = tot["cold"] / tot["naive_full"]
+    return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--qwen3-8b", action="store_true", help="Qwen3-8B layer shapes instead of Qwen3-1.7B")
+    parser.add_argument("--per-shape", action="store_true",
+                        help="one matrix per distinct cost (q, k, gate), extrapolated to the layer")
+    parser.add_argument("--sweep", action="store_true", help="time each --metrics choice and --precision instead")
     parser.add_argument("--k", type=int, default=512)
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=7, help="repeats of the (cheap) read and sparsity timings (min of N)")
     parser.add_argument("--svd-repeat", type=int, default=2,
                         help="interleaved cold/warm full-compare pairs (min of N each; a shared box is noisy)")
-    parser.add_argument("--naive-thin", action="store_true", help="naive SVDs with full_matrices=False")
+    parser.add_argument("--naive-full", action="store_true",
+                        help="also time the naive method with full_matrices=True (an extra, labelled line)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shrink", type=int, default=1, help="divide every dimension by this (quick smoke runs)")
     args = parser.parse_args()
@@ -214,58 +373,12 @@ def main() -> None:
     preset = "qwen3-8b" if args.qwen3_8b else "qwen3-1.7b"
     import torch
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads), numpy {np.__version__}")
+    print(f"machine: {_cpu_model()}, {os.cpu_count()} CPUs, capability {torch.backends.cpu.get_cpu_capability()}, "
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads), numpy {np.__version__}", flush=True)
     root = Path(tempfile.mkdtemp(prefix="opdgeo-bench-"))
     try:
-        t0 = time.perf_counter()
-        shapes = {t: (m // args.shrink, n // args.shrink) for t, (m, n) in SHAPES[preset].items()}
-        base, tuned = synthetic_pair(root, shapes, seed=args.seed)
-        size = sum(f.stat().st_size for f in (base / "model.safetensors", tuned / "model.safetensors"))
-        print(f"synthetic {preset} layer pair: {size / 2**20:.0f} MiB of bf16 in {time.perf_counter() - t0:.1f} s")
-
-        ctx = mp.get_context("spawn")
-        queue = ctx.Queue()
-        proc = ctx.Process(target=_opdgeo_side, args=(str(base), str(tuned), str(root / "cache"), args.k, args.rank,
-                                                      args.workers, args.repeat, args.svd_repeat, queue))
-        proc.start()
-        ours = queue.get()
-        proc.join()
-        print(f"read both checkpoints:   {ours['read']:8.3f} s   (min of {ours['read_all']})")
-        print(f"compare --metrics sparsity: {ours['sparsity']:8.3f} s   (min of {ours['sparsity_all']})")
-        print(f"cold runs {ours['cold_all']}, warm runs {ours['warm_all']} (min of each used)")
-        print(f"compare full, cold cache:   {ours['cold']:8.2f} s   (last run: {ours['stats'][0]})")
-        print(f"compare full, warm cache:   {ours['warm']:8.2f} s   (last run: {ours['stats'][1]})")
-
-        t0 = time.perf_counter()
-        ref = naive(base, tuned, k=args.k, rank=args.rank, alpha=0.3, eta=1e-3, thin=args.naive_thin)
-        naive_time = time.perf_counter() - t0
-        kind = "thin" if args.naive_thin else "full_matrices=True"
-        print(f"naive numpy float64 SVDs ({kind}): {naive_time:8.2f} s")
-
-        nss_err = angle_err = overlap_err = 0.0
-        for row in ours["rows"]:
-            r = ref[row["name"]]
-            assert abs(row["sparsity"] - r["sparsity"]) < 1e-12, row["name"]
-            nss_err = max(nss_err, abs(row["nss"] - r["nss"]) / r["nss"])
-            a = ours["angles"][row["name"]]
-            angle_err = max(angle_err, float(np.max(np.abs(np.array(a["left"]) - r["left"]))),
-                            float(np.max(np.abs(np.array(a["right"]) - r["right"]))))
-            overlap_err = max(overlap_err, abs(row["principal_overlap"] - r["principal_overlap"]),
-                              abs(row["low_magnitude_overlap"] - r["low_magnitude_overlap"]))
-            print(f"  {row['name']:40s} sparsity {row['sparsity']:.4f}  nss {row['nss']:.3e}  "
-                  f"max angle L/R {row['angle_left_max_deg']:.4f}/{row['angle_right_max_deg']:.4f} deg  "
-                  f"overlap P/L {row['principal_overlap']:.4f}/{row['low_magnitude_overlap']:.4f}")
-        warm_same = all(a == b for a, b in zip(ours["rows"], ours["warm_rows"]))
-        print(f"warm rows identical to cold: {warm_same}; max overlap difference vs naive: {overlap_err:.2e}")
-        results = {
-            "sparsity_vs_read": ours["sparsity"] / ours["read"],
-            "full_vs_naive": ours["cold"] / naive_time,
-            "warm_vs_cold": ours["warm"] / ours["cold"],
-            "peak_rss_mib": ours["peak_rss_mib"],
-            "nss_rel_err": nss_err,
-            "angle_err_deg": angle_err,
-        }
+        pairs = _pairs(root, preset, args)
+        results = sweep(pairs, args) if args.sweep else _ratios(pairs, root, args)
         for name, value in results.items():
             print(f"{name}: {value:.4g}")
     finally:

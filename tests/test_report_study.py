@@ -133,6 +133,7 @@ def test_trajectory_means_against_hand_values():
     m = trajectory_means(rows)["a"]
     assert [r["step"] for r in m] == [1, 2]
     assert m[0]["stable_rank"] == 6 and m[0]["fro_norm"] == 3 and m[0]["rel_fro_norm"] == 0.5
+    # the mean of the parsed strings is one float64 division: exact up to one rounding
     assert m[0]["sim_to_final"] == pytest.approx(0.6, abs=1e-15)
     assert m[1]["hill_alpha"] is None and m[1]["rel_fro_norm"] is None
 
@@ -360,3 +361,32 @@ def test_ordering_within_seed_noise_is_inconclusive(tmp_path):
     c = {c["id"]: c for c in json.loads((out / "claims.json").read_text())}
     assert c["angle_order"]["holds"] is None and c["angle_order"]["evidence"].startswith("inconclusive")
     assert c["sparsity_order"]["holds"] is True
+
+
+def test_the_mixing_panel_uses_the_matched_ends(tmp_path):
+    """A study whose RLVR run differs from the mixtures (the paper's) plots its own alpha = 0
+    end, ``mix_0``, in the mixing panel, not the main RLVR run."""
+    import dataclasses
+
+    from opdgeo.study.presets import RunSpec
+
+    out = make_fake_study(tmp_path / "s")
+    p = get_preset("quick")
+    mix = p.run("mix_0p5")
+    runs = tuple(dataclasses.replace(r, steps=10) if r.name == "rlvr" else r for r in p.runs if r.group != "seeds")
+    runs += (RunSpec(name="mix_0", objective="rlvr", init="anchor", steps=mix.steps, batch_size=mix.batch_size,
+                     samples_per_prompt=mix.samples_per_prompt, optim=mix.optim, group="mixing"),)
+    q = dataclasses.replace(p, runs=runs)
+    assert dict(q.mixing_panel())[0.0] == "mix_0"
+    (out / "study.json").write_text(json.dumps(study_info(q)))
+    header = ["run", "step", "progress", "name", "type", "stable_rank", "fro_norm", "rel_fro_norm", "hill_alpha",
+              "sim_to_final"]
+    _write_csv(out / "diagnose" / "trajectory" / "mix_0" / "trajectory.csv", header,
+               [["mix_0", s, 20.0 * s, MATS[0], "q", 40 - s, 1e-3 * s, 1e-2 * s, 2.0, 1.0 if s == 5 else 0.9]
+                for s in range(1, 6)])
+    write_report(out, timings={"total_seconds": 1.0, "stages": {}})
+    rows = _csv_rows(out / "tables" / "control_mixing.csv")[1:]
+    assert [r[0] for r in rows] == ["opd", "mix_0p75", "mix_0p5", "mix_0p25", "mix_0p05", "mix_0p01", "mix_0"]
+    assert [r[1] for r in rows] == ["alpha=1", "alpha=0.75", "alpha=0.5", "alpha=0.25", "alpha=0.05", "alpha=0.01",
+                                    "alpha=0"]
+    assert float(rows[-1][2]) == 35.0 and float(rows[-1][3]) == 39.0  # mix_0's band: stable rank 39 .. 35

@@ -189,7 +189,7 @@ class TrajectoryResult:
         (``opdgeo.report.trajectory_files.write_trajectory``).
 
         Raises:
-            FieldError: (field ``out``) ``out_dir`` cannot be created or written.
+            OutputError: ``out_dir`` cannot be created or written.
         """
         from opdgeo.report.trajectory_files import write_trajectory
 

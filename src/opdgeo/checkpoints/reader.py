@@ -173,7 +173,22 @@ def _read_index(path: Path) -> dict[str, str]:
         raise CheckpointError(f"{path}: not a valid index file ({type(e).__name__}: {e})") from None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{path}: 'weight_map' must map tensor names to shard file names")
+    for name, shard in weight_map.items():
+        if not _inside_folder(shard):
+            raise CheckpointError(f"{path}: shard {shard!r} (holding {name}) is not a file name inside the "
+                                  "checkpoint folder (absolute paths and '..' are refused)")
     return weight_map
+
+
+def _inside_folder(shard: str) -> bool:
+    """A shard name of an index must stay in the index's folder: relative, no ``..``, no
+    drive or backslash tricks (as huggingface_hub requires of the files it fetches)."""
+    from pathlib import PurePosixPath, PureWindowsPath
+
+    if not shard or "\\" in shard or "\x00" in shard or PureWindowsPath(shard).drive:
+        return False
+    p = PurePosixPath(shard)
+    return not p.is_absolute() and ".." not in p.parts
 
 
 def _safetensors_sources(files: list[Path], weight_map: dict[str, str] | None, index: Path | None) -> dict[str, Source]:

@@ -404,11 +404,13 @@ def build_tables(res: StudyResults) -> list[Table]:
     tol = res.setting("band_tolerance", 1.25)
     for group, title in (("sparsification", "Control: token sparsification"), ("offpolicy", "Control: off-policy OPD"),
                          ("mixing", "Control: OPD/RLVR advantage mixing")):
-        runs = ["opd"] + res.runs(group) + (["rlvr"] if group == "mixing" else [])
+        runs = _panel_runs(res, group)
+        alphas = {p["run"]: p["alpha"] for p in res.info.get("mixing_panel", [])} if group == "mixing" else {}
         rows = []
         for r in runs:
             b = res.band(r)
-            rows.append((r, _setting_text(res.run_info(r)), b[0] if b else None, b[1] if b else None,
+            setting = f"alpha={alphas[r]:g}" if r in alphas else _setting_text(res.run_info(r))
+            rows.append((r, setting, b[0] if b else None, b[1] if b else None,
                          _within(b, opd_band, tol) if r != "opd" else None, res.acc(r)))
         tables.append(Table(
             id=f"control_{group}",
@@ -522,6 +524,15 @@ def seed_spread(res: StudyResults) -> list[tuple]:
 
 def _join(vals) -> str:
     return " / ".join("n/a" if v is None else format(v, ".4g") for v in vals)
+
+
+def _panel_runs(res: StudyResults, group: str) -> list[str]:
+    """The runs of a control panel: OPD and the group's runs; for mixing, the sweep's points
+    by descending alpha (``study.json``'s ``mixing_panel``: its ends run at the mixtures'
+    steps, batch and group size), else OPD, the mixtures and RLVR."""
+    if group == "mixing" and res.info.get("mixing_panel"):
+        return [p["run"] for p in res.info["mixing_panel"]]
+    return ["opd"] + res.runs(group) + (["rlvr"] if group == "mixing" else [])
 
 
 def _setting_text(info: dict) -> str:
@@ -694,7 +705,7 @@ def build_figures(res: StudyResults) -> list[tuple[str, str, bytes]]:
                          plots.figure_png(fig)))
     opd_band = res.band("opd")
     for group, title in (("sparsification", "Token sparsification"), ("offpolicy", "Off-policy OPD"), ("mixing", "OPD/RLVR mixing")):
-        runs = ["opd"] + res.runs(group) + (["rlvr"] if group == "mixing" else [])
+        runs = _panel_runs(res, group)
         if not any(r in res.traj_means for r in res.runs(group)):
             continue
         fig = plots.control_panel(_series(res, runs, "stable_rank"), {r: res.acc(r) for r in runs}, title=title, band=opd_band)

@@ -16,7 +16,8 @@ field of these dataclasses):
   below it unless their sign is consistent), SFT at 10x the RL rate as in the paper.
 - ``smollm2``: the real SmolLM2-135M-Instruct as student; the teacher is a copy of it
   SFT-trained to high accuracy on the arithmetic task (same tokenizer).
-- ``paper``: Qwen3-8B student, Qwen3-32B teacher, dapo-math-17k, the paper's
+- ``paper``: Qwen3-8B student, Qwen3-32B teacher, dapo-math-17k deduplicated for RL and
+  OPD, OpenR1-Math demonstrations for SFT, the paper's evaluation suite, the paper's
   hyperparameters and checkpoint steps. Shown and validated by ``--dry-run``; runs on GPUs
   with ``--launcher "accelerate launch --num_processes N"``.
 """
@@ -130,7 +131,13 @@ class RunSpec:
             checkpoint relative to the source run's origin).
         seed: run seed.
         group: report panel the run belongs to (``main``, ``seeds``, ``sparsification``,
-            ``offpolicy``, ``mixing``, ``projection``).
+            ``offpolicy``, ``mixing``, ``projection``). A run of group ``mixing`` without
+            ``mix_alpha`` is an end of the mixing sweep: ``opd`` is α = 1, ``rlvr`` α = 0.
+        epochs: ``None``, or passes over the run's data: the study then sets ``steps`` to
+            ``opdgeo.tasks.plan.steps_for_epochs(n, batch_size, epochs)`` once the data is
+            read (`opdgeo.study.data.resolve_steps`; n = the distinct problems drawn, for
+            SFT those with a demonstration), and ``steps`` is the estimate shown when the
+            data cannot be read.
     """
 
     name: str
@@ -150,6 +157,7 @@ class RunSpec:
     project_rank: int | None = None
     seed: int = 0
     group: str = "main"
+    epochs: float | None = None
 
     def every(self) -> int:
         """The training core's ``checkpoint.every`` (0 = only the final step)."""
@@ -176,6 +184,10 @@ class EvalSpec:
         k: samples per problem (avg@k = mean reward over the k·n samples).
         temperature: sampling temperature (0 = greedy, then k is forced to 1).
         max_new_tokens: response length limit.
+        suite: ``None``, or the name of an evaluation suite (``opdgeo.tasks.suite.SUITES``,
+            e.g. ``"paper"``): every checkpoint is then evaluated on the suite's tasks, each
+            with its own k, temperature and token cap (the fields above are unused), and
+            ``eval.json``'s ``accuracy`` is the suite's headline.
     """
 
     split: str = "test"
@@ -183,6 +195,7 @@ class EvalSpec:
     k: int = 4
     temperature: float = 1.0
     max_new_tokens: int = 64
+    suite: str | None = None
 
 
 @dataclass(frozen=True)
@@ -225,7 +238,8 @@ class StudyPreset:
         name: preset name.
         description: one line for the plan and the report.
         task: task spec for `opdgeo.tasks.load_task` (``"arithmetic"``,
-            ``"arithmetic:difficulty=2"``, a JSONL/parquet path or a local-cache dataset).
+            ``"arithmetic:difficulty=2"``, a JSONL/parquet path, a known dataset's name or a
+            local-cache dataset): the RL and OPD prompts (the training config's ``task.spec``).
         base: the student's base model.
         teacher: the teacher.
         runs: training runs, in dependency order.
@@ -237,6 +251,10 @@ class StudyPreset:
         torch_threads: intra-op threads for this process (None: torch's default). The CPU
             presets use 1: with tiny matrices, OpenMP spin-waiting on 2 shared cores makes
             2 threads many times slower than 1.
+        dedup: every run's ``task.dedup`` (deduplicate the prompts by normalized text).
+        demonstrations: the SFT runs' ``task.demonstrations``: None (the task's own
+            solutions), ``"teacher"`` (the teacher's verified samples) or a task spec with
+            solutions (``"openr1-math"``).
     """
 
     name: str
@@ -251,6 +269,8 @@ class StudyPreset:
     device: str = "cpu"
     expected_minutes: dict = field(default_factory=dict)
     torch_threads: int | None = None
+    dedup: bool = True
+    demonstrations: str | None = None
 
     def __post_init__(self):
         problems = self.problems()
@@ -265,6 +285,12 @@ class StudyPreset:
 
     def has_run(self, name: str) -> bool:
         return any(r.name == name for r in self.runs)
+
+    def mixing_panel(self) -> list[tuple[float, str]]:
+        """``(α, run)`` of the mixing sweep, α descending (`opdgeo.study.mixing.mixing_panel`)."""
+        from opdgeo.study.mixing import mixing_panel
+
+        return mixing_panel(self.runs)
 
     def problems(self) -> list[str]:
         """Every validation problem of this preset (empty when valid)."""
@@ -327,7 +353,22 @@ class StudyPreset:
             if r.name != "sft" and r.init == "anchor" and "sft" not in seen:
                 out.append(f"{key} starts from the anchor, so 'sft' must come before it")
             seen.add(r.name)
+        from opdgeo.study.mixing import mixing_problems
+
+        out.extend(mixing_problems(self.runs))
+        if self.demonstrations is not None and not self.demonstrations.strip():
+            out.append("demonstrations must be None, 'teacher' or a task spec; got ''")
+        if self.demonstrations == "teacher" and self.teacher.sft_steps:
+            out.append("demonstrations 'teacher' cannot train the teacher's own SFT (teacher.sft_steps > 0)")
+        for r in self.runs:
+            if r.epochs is not None and not r.epochs > 0:
+                out.append(f"runs.{r.name}.epochs must be > 0; got {r.epochs}")
         e = self.eval
+        if e.suite is not None:
+            from opdgeo.tasks.suite import SUITES
+
+            if e.suite not in SUITES:
+                out.append(f"eval.suite must be one of {', '.join(SUITES)}; got {e.suite!r}")
         if e.n_problems < 1 or e.k < 1:
             out.append(f"eval.n_problems and eval.k must be >= 1; got {e.n_problems}, {e.k}")
         d = self.diagnose
@@ -414,6 +455,12 @@ def _study_runs(
                 **common,
             )
         )
+    # The sweep's ends at exactly the mixtures' steps, batch and group size: the main OPD /
+    # RLVR run where it has them, else a run of its own (the paper's RLVR runs 1023 steps at
+    # batch 512, the mixtures 299 at 64).
+    for name, main in (("mix_1", runs[1]), ("mix_0", runs[2])):
+        if (main.steps, main.batch_size, main.samples_per_prompt) != (rl_steps, batch, group):
+            runs.append(RunSpec(name=name, objective=main.objective, steps=rl_steps, group="mixing", **common))
     proj_frac = 0.2  # the paper's ~20 % checkpoint (nearest saved one is used)
     opd = runs[1]
     # A projected run is its source run restarted from the source's ~20 % checkpoint (the
@@ -507,10 +554,13 @@ def _smollm2() -> StudyPreset:
 
 
 def _paper() -> StudyPreset:
-    # SPEC §3: SFT lr 1e-5 cosine -> 1e-6, warmup 10 %, batch 256, 5 epochs. The epoch
-    # length depends on the SFT set; 17,398 dapo-math prompts / 256 = 68 steps/epoch.
+    # SPEC §3: SFT lr 1e-5 cosine -> 1e-6, warmup 10 %, batch 256, 5 epochs. The SFT data is
+    # OpenR1-Math (**our choice**: dapo-math-17k has no solutions; a set with verified
+    # solutions is counted before training, unlike teacher samples), so the steps follow
+    # its distinct problems with a solution: ceil(5 n / 256). 1831 is the estimate shown when
+    # the data cannot be read (~93.7k problems of its default config).
     sft = RunSpec(
-        name="sft", objective="sft", init="base", steps=5 * 68, batch_size=256, micro_batch_size=8,
+        name="sft", objective="sft", init="base", steps=1831, epochs=5, batch_size=256, micro_batch_size=8,
         optim=OptimSpec(lr=1e-5, schedule="cosine", min_lr=1e-6, warmup_fraction=0.1), max_new_tokens=8192,
     )
     runs = list(
@@ -525,16 +575,18 @@ def _paper() -> StudyPreset:
     return StudyPreset(
         name="paper",
         description="the paper's recipe: Qwen3-8B student, Qwen3-32B teacher, dapo-math-17k (GPUs)",
-        task="BytedTsinghua-SIA/DAPO-Math-17k",
+        task="dapo-math-17k",
         base=ModelSpec(name="base", source="Qwen/Qwen3-8B-Base", arch=_QWEN3_8B),
         teacher=ModelSpec(name="teacher", source="Qwen/Qwen3-32B", arch=_QWEN3_32B),
         runs=tuple(runs),
-        eval=EvalSpec(split="test", n_problems=30, k=8, temperature=1.0, max_new_tokens=8192),
+        eval=EvalSpec(split="test", n_problems=30, k=8, temperature=1.0, max_new_tokens=8192, suite="paper"),
         diagnose=DiagnoseSpec(),
         device="cuda",
-        # rough estimate, not measured: ~5,200 optimizer steps of an 8B student with 8k-token
+        # rough estimate, not measured: ~7,000 optimizer steps of an 8B student with 8k-token
         # rollouts and a 32B teacher
         expected_minutes={"8xH100 (rough estimate)": 60 * 60},
+        dedup=True,
+        demonstrations="openr1-math",
     )
 
 

@@ -58,14 +58,9 @@ class EvalResult:
         The summary is not mixed into the per-problem lines; callers that want it store
         ``summary()`` separately (the CLI writes ``<out>.summary.json``).
         """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("w", encoding="utf-8") as f:
-            for rec in self.records:
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        tmp.replace(path)
-        return path
+        from opdgeo.files import atomic_write_text
+
+        return atomic_write_text(path, "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in self.records))
 
 
 def avg_at_k(rewards: list[list[float]]) -> float:
@@ -185,9 +180,9 @@ class SuiteResult:
         out_dir = Path(out_dir)
         for name, r in self.results.items():
             r.write(out_dir / f"{name}.jsonl")
-        tmp = out_dir / "summary.json.tmp"
-        tmp.write_text(json.dumps(self.summary(), indent=2) + "\n")
-        tmp.replace(out_dir / "summary.json")
+        from opdgeo.files import atomic_write_text
+
+        atomic_write_text(out_dir / "summary.json", json.dumps(self.summary(), indent=2) + "\n")
         return out_dir
 
 

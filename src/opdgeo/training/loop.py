@@ -51,7 +51,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import nullcontext
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -61,9 +61,10 @@ import torch
 
 from opdgeo import distributed
 from opdgeo.errors import ConfigError
+from opdgeo.locking import holds_run_folder
 from opdgeo.training import checkpointing as ckpt
 from opdgeo.training.advantages import broadcast_to_tokens, combine_advantages, grpo_advantages, opd_advantages
-from opdgeo.training.config import TrainConfig, config_to_dict
+from opdgeo.training.config import TrainConfig, config_to_dict, resume_differences
 from opdgeo.training.controls import (
     SPARSIFY_SUMS,
     mixed_keep_mask,
@@ -75,14 +76,19 @@ from opdgeo.training.controls import (
 )
 from opdgeo.training.losses import masked_mean, masked_sum, policy_gradient_loss, sft_loss
 from opdgeo.training.precision import autocast_context, native_bf16, resolve_bf16_autocast
+from opdgeo.training.progress import StepProgress
+from opdgeo.training.trackers import Trackers, open_trackers
 from opdgeo.training.monitor import MonitorSettings, probe, restore_monitor, start_monitor
 from opdgeo.training.projection import (
     SUBSPACE_FILE,
+    carry_optimizer_state,
     freeze_outside,
     load_subspaces,
     project_gradients_,
+    project_updates_,
     projection_subspaces,
     save_subspaces,
+    weights_before_step,
 )
 
 __all__ = [
@@ -421,6 +427,23 @@ def start_from_checkpoint(student, source: str) -> int:
     return step
 
 
+def _restart_optimizer_state(optimizer, student, folder: str) -> None:
+    """A projected restart continues with the AdamW state its checkpoint saved for the
+    matrices it trains (``projection.carry_optimizer_state``); fresh without ``trainer_state/``."""
+    if not (Path(folder) / "trainer_state" / "state.json").is_file():
+        return
+    names = [n for n, p in student.named_parameters() if p.requires_grad]
+    carry_optimizer_state(optimizer, ckpt.load_trainer_state(folder).optimizer,
+                          [n for n, _ in student.named_parameters()], names)
+
+
+def _worst_of(extra: dict[str, float], values: Mapping[str, float]) -> None:
+    """Keep, per key, the largest value over the inner epochs (NaN counts as nothing)."""
+    for k, v in values.items():
+        if k not in extra or math.isnan(extra[k]) or v > extra[k]:
+            extra[k] = v
+
+
 def _save_subspaces(run_dir: Path, projection: Mapping[str, torch.Tensor], config: TrainConfig, *, step: int) -> None:
     pj = config.project
     save_subspaces(run_dir / SUBSPACE_FILE, projection,
@@ -683,15 +706,10 @@ def _prepare_run_dir(run_dir: Path, config: TrainConfig, *, resume: bool) -> Pat
     """Create the run folder / find the checkpoint to resume from (checks before models load)."""
     import yaml
 
-    resolved = config_to_dict(config)
     existing = run_dir / "config.yaml"
     if resume:
         if existing.is_file():
-            saved = yaml.safe_load(existing.read_text()) or {}
-            free = {("optim", "steps"), ("checkpoint", "every"), ("run", "progress"), ("run", "out_dir"),
-                    ("distributed", "strategy")}
-            diffs = [f"{s}.{k}" for s, sec in resolved.items() for k, v in sec.items()
-                     if (s, k) not in free and saved.get(s, {}).get(k) != v]
+            diffs = resume_differences(yaml.safe_load(existing.read_text()) or {}, config)
             if diffs:
                 raise ConfigError(f"{existing}: --resume with a different config ({', '.join(diffs)})")
         return ckpt.latest_resumable(run_dir)
@@ -709,18 +727,7 @@ def _write_config(run_dir: Path, config: TrainConfig) -> None:
     tmp.replace(run_dir / "config.yaml")
 
 
-def _progress(enabled: bool, total: int, start: int):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    if not enabled:
-        return None
-    prog = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("{task.description}"), console=Console(stderr=True), transient=False)
-    task_id = prog.add_task("", total=total, completed=start)
-    return prog, task_id
-
-
+@holds_run_folder  # one writer per run folder (opdgeo.locking)
 def train(config: TrainConfig, *, resume: bool = False, hooks: Hooks | None = None) -> RunResult:
     """Run SFT, RLVR or OPD as configured; write the run folder; return a ``RunResult``.
 
@@ -753,7 +760,7 @@ def train(config: TrainConfig, *, resume: bool = False, hooks: Hooks | None = No
 
 def _train(config: TrainConfig, strategy: str, ctx: distributed.Context, *, resume: bool, hooks: Hooks) -> RunResult:
     from opdgeo.models import check_same_tokenizer
-    from opdgeo.training.data import training_problems
+    from opdgeo.training.data import log_answers, training_problems
 
     rank, world, device, is_main = ctx.rank, ctx.world, ctx.device, ctx.is_main
     # "auto" becomes what this device computes natively / this launch uses; config.yaml records the result
@@ -801,6 +808,8 @@ def _train(config: TrainConfig, strategy: str, ctx: distributed.Context, *, resu
     model = _wrap(student, strategy, ctx, config)  # what the loss runs through
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.adam_eps, weight_decay=o.weight_decay)
+    if isinstance(pj.start, str) and resume_from is None:
+        _restart_optimizer_state(optimizer, student, pj.start)
     lr_at = functools.partial(learning_rate, lr=o.lr, steps=o.steps, schedule=o.schedule,
                               warmup_steps=o.warmup_steps, min_lr=o.min_lr)
     first = start  # a run restarted from a checkpoint continues its schedule at that step
@@ -820,6 +829,7 @@ def _train(config: TrainConfig, strategy: str, ctx: distributed.Context, *, resu
         if projection is not None and resume_from is None:
             _save_subspaces(run_dir, projection, config, step=start)
     _barrier()
+    trackers = open_trackers(config, run_dir) if is_main else Trackers([])  # run.report_to
     monitor = None
     if config.run.monitor_every and is_main:
         monitor = start_monitor(origin, monitor_settings(config))
@@ -831,9 +841,8 @@ def _train(config: TrainConfig, strategy: str, ctx: distributed.Context, *, resu
     named_params = dict(student.named_parameters())
     history: list[StepStats] = []
     written: list[Path] = []
-    bar = _progress(is_main and config.run.progress, o.steps, start)
-    ctx_bar = bar[0] if bar else nullcontext()
-    with ctx_bar:
+    progress = StepProgress("train", o.steps, start=start, enabled=is_main and config.run.progress)
+    with progress, closing(trackers):
         for step in range(start, o.steps):
             t0 = time.perf_counter()
             # rollout -> score -> advantages
@@ -857,15 +866,20 @@ def _train(config: TrainConfig, strategy: str, ctx: distributed.Context, *, resu
                                               device=device)
                 if epoch == 0:
                     first_sums = sums
-                if projection is not None:  # after the reduction over ranks, before clipping and the step
+                projecting = projection is not None and pj.mode == "project"
+                if projecting:  # after the reduction over ranks, before clipping and the step
                     kept = project_gradients_(named_params, projection)
                     if epoch == 0:
                         extra.update(kept.as_metrics())
                 if hooks.after_backward is not None:
                     extra.update(hooks.after_backward(HookContext(step + 1, student, config, run_dir, rank, world)) or {})
                 if global_tokens > 0:
+                    before = weights_before_step(named_params, projection) if projection is not None else None
                     norm = optimizer_step(model, optimizer, grad_clip=o.grad_clip)
                     grad_norm = norm if epoch == 0 else grad_norm
+                    if before is not None:  # AdamW's whole update D -> D V_K V_Kᵀ (freeze: measured only)
+                        _worst_of(extra, project_updates_(named_params, projection, before,
+                                                          project=projecting).as_metrics())
                 else:  # nothing to learn from (e.g. every group filtered): no update
                     optimizer.zero_grad(set_to_none=True)
             lr = optimizer.param_groups[0]["lr"]
@@ -873,6 +887,8 @@ def _train(config: TrainConfig, strategy: str, ctx: distributed.Context, *, resu
                 warnings.filterwarnings("ignore", message="Detected call of")
                 scheduler.step()
             # log
+            if is_main:
+                log_answers(config, run_dir, task, problems, batches, step=step + 1)
             values = step_metrics(batches, first_sums, config=config, lr=lr, grad_norm=grad_norm,
                                   step_time=time.perf_counter() - t0, global_tokens=global_tokens)
             if monitor is not None and (step + 1) % config.run.monitor_every == 0:
@@ -886,12 +902,8 @@ def _train(config: TrainConfig, strategy: str, ctx: distributed.Context, *, resu
             history.append(stats)
             if is_main:
                 ckpt.append_metrics(run_dir / "metrics.jsonl", stats.record())
-                if bar:
-                    desc = f"loss {values['train/loss']:.4f}"
-                    if "rlvr/reward" in values:
-                        desc += f" reward {values['rlvr/reward']:.3f} acc {values['rlvr/accuracy']:.3f}"
-                    desc += f" {values['train/tokens_per_s']:.0f} tok/s{monitor_text}"
-                    bar[0].update(bar[1], completed=step + 1, description=desc)
+                progress.update(step + 1, values, f"{values['train/tokens_per_s']:.0f} tok/s{monitor_text}")
+                trackers.log(stats.record())
             # checkpoint
             every = config.checkpoint.every
             if (every and (step + 1) % every == 0) or step + 1 == o.steps:
