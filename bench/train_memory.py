@@ -67,7 +67,7 @@ def worker(args) -> dict:
     wrapped = distributed.wrap_model(model, args.strategy, ctx)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     g = torch.Generator().manual_seed(ctx.rank)
-    ids = torch.randint(10, 1000, (args.rows, args.seq), generator=g)
+    ids = torch.randint(0, min(model.config.vocab_size, 1000), (args.rows, args.seq), generator=g)
     att = torch.ones_like(ids)
     resp = torch.ones(args.rows, args.seq // 2, dtype=torch.bool)
     times, saved, state = [], 0, 0
@@ -94,7 +94,7 @@ def worker(args) -> dict:
            "step_time": statistics.median(times[1:] if len(times) > 1 else times)}
     rows = distributed.gather_to_rank0(out)
     distributed.destroy(ctx)
-    return rows[0] if rows else out
+    return rows[0] if rows else None  # rank 0 reports its own numbers (every rank holds the same share)
 
 
 def _launch(args, strategy: str, nproc: int, ckpt: bool) -> dict:
@@ -109,7 +109,7 @@ def _launch(args, strategy: str, nproc: int, ckpt: bool) -> dict:
     proc = subprocess.run([*head, __file__, *flags], env=env, capture_output=True, text=True, timeout=3000)
     if proc.returncode:
         sys.exit(f"worker failed ({strategy}, {nproc}, ckpt={ckpt}):\n{proc.stderr[-3000:]}")
-    return json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
+    return json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1].removeprefix("RESULT "))
 
 
 def main() -> None:
@@ -123,7 +123,9 @@ def main() -> None:
     ap.add_argument("--ckpt", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args)))
+        row = worker(args)
+        if row is not None:
+            print("RESULT " + json.dumps(row), flush=True)
         return
     ddp = _launch(args, "ddp", 2, False)
     fsdp = _launch(args, "fsdp", 2, False)
