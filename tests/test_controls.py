@@ -241,7 +241,7 @@ def test_control_config_keys_validated_all_at_once(tmp_path):
                            "rollout.policy=teacher"])
     assert c.project.start == 3 and c.rollout.off_policy and c.token_keep.fraction == 0.25
     d = config_to_dict(c)
-    assert d["project"] == {"from": 3, "rank": 16, "origin": None}
+    assert d["project"] == {"from": 3, "rank": 16, "origin": None, "mode": "project"}
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump(d))
     assert load_config(p) == c

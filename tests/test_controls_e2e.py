@@ -102,6 +102,7 @@ def test_topkl_and_random_runs_log_what_they_kept(tmp_path):
     for h in r.history:
         v = h.values
         # ceil(T/2) of each of the 4 responses: at least half, at most half + 4 tokens
+        # the 1e-12 only absorbs the float64 division of two token counts
         assert 0.5 <= v["sparsify/kept_fraction"] <= 0.5 + 2 / v["train/tokens"] + 1e-12
         # top-KL keeps the largest signed gaps: more than its share of the |gap| mass here
         assert v["sparsify/kept_abs_share"] > v["sparsify/kept_fraction"] - 0.2
@@ -212,6 +213,52 @@ def test_projection_from_a_step_freezes_the_rest_saves_the_subspace_and_resumes_
         assert [r.get(key) for r in a] == [r.get(key) for r in b], key
 
 
+def _out_of_span(delta, v):
+    from opdgeo.training.projection import out_of_subspace_fraction
+
+    return out_of_subspace_fraction(delta.double(), v.double())
+
+
+def test_projected_adamw_stays_in_span_restart_carries_adamw_state_and_freeze_control(tmp_path):
+    """With AdamW and weight decay, W − W_from stays in span(V_K) to 1e-6; a restart from the
+    step-1 checkpoint continues with its AdamW state (= the run projected from step 1); the
+    freeze control restarts the same way, freezes the same parameters and leaves the span."""
+    common = dict(optim={"steps": 3, "lr": 1e-2, "weight_decay": 0.1}, checkpoint={"every": 1, "dtype": "float32"})
+    run = tmp_path / "step"
+    hist = train(_config(run, project={"from": 1, "rank": 4}, **common)).history
+    subspaces, _ = load_subspaces(run / SUBSPACE_FILE)
+    m1, m3 = _master(run, 1), _master(run, 3)
+    for n, v in subspaces.items():
+        assert float((m3[n] - m1[n]).abs().max()) > 1e-4, n  # it trained
+        assert _out_of_span(m3[n] - m1[n], v) <= 1e-6, n
+    assert "project/out_of_subspace_fraction" not in hist[0].values  # projection starts after step 1
+    for h in hist[1:]:
+        assert 0 <= h.values["project/out_of_subspace_fraction"] <= h.values["project/out_of_subspace_max"] <= 1e-6
+
+    restart = tmp_path / "restart"
+    start = str(run / "step-000001")
+    train(_config(restart, project={"from": start, "rank": 4}, **common))
+    for n, w in _master(restart, 3).items():
+        torch.testing.assert_close(w, m3[n], rtol=1e-6, atol=1e-8)
+    # negative control: the same restart without trainer_state/ starts a fresh AdamW and differs
+    bare = tmp_path / "bare" / "step-000001"
+    shutil.copytree(start, bare, ignore=shutil.ignore_patterns("trainer_state"))
+    train(_config(tmp_path / "fresh", project={"from": str(bare), "rank": 4}, **common))
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert float((_master(tmp_path / "fresh", 3)[q] - m3[q]).abs().max()) > 1e-4
+
+    frozen = tmp_path / "freeze"
+    fh = train(_config(frozen, project={"from": start, "rank": 4, "mode": "freeze"}, **common)).history
+    f3 = _master(frozen, 3)
+    assert set(load_subspaces(frozen / SUBSPACE_FILE)[0]) == set(subspaces)
+    for n, w in f3.items():
+        assert torch.equal(w, m1[n]) == (n not in subspaces), n  # the same parameters frozen
+    assert max(_out_of_span(f3[n] - m1[n], v) for n, v in subspaces.items()) > 0.05
+    for h in fh:
+        assert "project/grad_energy_kept" not in h.values
+        assert h.values["project/out_of_subspace_fraction"] > 0.05  # measured, not enforced
+
+
 def test_projection_restart_from_a_checkpoint_via_the_cli(tmp_path, capsys):
     import yaml
 
@@ -243,7 +290,7 @@ def test_projection_restart_from_a_checkpoint_via_the_cli(tmp_path, capsys):
     for n in start:
         assert torch.equal(start[n], end[n]) == (n not in blocks), n
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert saved["project"] == {"from": str(base / "step-000001"), "rank": 2, "origin": None}
+    assert saved["project"] == {"from": str(base / "step-000001"), "rank": 2, "origin": None, "mode": "project"}
 
 
 # ---------------------------------------------------------------------------- monitor
@@ -272,6 +319,8 @@ def test_monitor_equals_trajectory_on_the_saved_checkpoints(tmp_path):
         sims = {row["name"]: row["sim_to_final"] for row in trajectory({"pair": pair}, origin, overlap=False).rows
                 if row["step"] == h.step - 1}
         for n in names:
+            # the monitor and trajectory run the same float64 routine on the same bf16 checkpoint values; only
+            # thread scheduling of LAPACK could differ, which moves Sim (a sum of squared cosines) by ~eps
             assert h.values[f"geometry/sim_prev/{n}"] == pytest.approx(sims[n], abs=1e-12), (h.step, n)
         assert h.values["geometry/sim_prev"] == pytest.approx(np.mean([sims[n] for n in names]), abs=1e-12)
     # density and the means against a float64 numpy reference on the checkpoints
@@ -312,7 +361,7 @@ def test_projection_and_monitor_under_two_processes_equal_one(tmp_path):
         "model": {"student": "tiny:quick", "teacher": "tiny:teacher"},
         "task": {"spec": "arithmetic:difficulty=1", "num_problems": 16},
         "rollout": {"group_size": 2, "max_new_tokens": 8},
-        "optim": {"steps": 3, "batch_size": 2, "micro_batch_size": 1, "lr": 1e-2},
+        "optim": {"steps": 3, "batch_size": 2, "micro_batch_size": 1, "lr": 1e-2, "weight_decay": 0.1},
         "project": {"from": 1, "rank": 4},
         "checkpoint": {"dtype": "float32", "every": 1},
         "run": {"progress": False, "monitor_every": 1},
@@ -338,3 +387,10 @@ def test_projection_and_monitor_under_two_processes_equal_one(tmp_path):
         for key in ("train/loss", "project/grad_energy_kept", "geometry/stable_rank", "geometry/fro_norm"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), key
+        if a["step"] > 1:  # AdamW with weight decay, projected on every rank: in the span to 1e-6
+            assert a["project/out_of_subspace_max"] <= 1e-6 and b["project/out_of_subspace_max"] <= 1e-6
+    subspaces, _ = load_subspaces(tmp_path / "two" / SUBSPACE_FILE)
+    start = _master(tmp_path / "two", 1)
+    for n, v in subspaces.items():
+        assert float((two[n] - start[n]).abs().max()) > 1e-4, n
+        assert _out_of_span(two[n] - start[n], v) <= 1e-6, n

@@ -73,6 +73,8 @@ def test_probe_values_match_numpy_float64():
     for n, r in refs1.items():
         row = p1.per_matrix[n]
         assert row["stable_rank"] == pytest.approx(r["stable_rank"], rel=1e-6)
+        # Frobenius norms and densities are float64 sums of the same values (order-dependent only, ~n*eps) and
+        # ratios of exact counts; the stable rank goes through an SVD of a float32-rounded update, hence 1e-6.
         assert row["fro_norm"] == pytest.approx(r["fro_norm"], rel=1e-12)
         assert row["density"] == pytest.approx(r["density"], abs=1e-15)
     assert p1.stable_rank == pytest.approx(np.mean([r["stable_rank"] for r in refs1.values()]), rel=1e-6)

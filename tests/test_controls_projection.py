@@ -12,12 +12,15 @@ from opdgeo.errors import CheckpointError, ConfigError
 from opdgeo.training.projection import (
     freeze_outside,
     load_subspaces,
+    carry_optimizer_state,
     out_of_subspace_fraction,
     project_gradient,
     project_gradients_,
+    project_updates_,
     projection_subspaces,
     right_subspace,
     save_subspaces,
+    weights_before_step,
 )
 
 
@@ -76,6 +79,7 @@ def test_right_subspace_matches_numpy_svd():
     _, _, vt = np.linalg.svd(np.asarray(torch.tensor(d, dtype=torch.float32), dtype=np.float64))
     ref = vt[:3].T
     # same subspace: projector equality (signs are arbitrary)
+    # the gap after the third singular value of d is O(1), so the float64 projectors agree to ~eps/gap
     np.testing.assert_allclose(v.numpy() @ v.numpy().T, ref @ ref.T, atol=1e-10)
     with pytest.raises(ConfigError, match=r"<= min\(m, n\) = 12 for layers.0.q; got 13"):
         right_subspace(torch.zeros(20, 12), 13, name="layers.0.q")
@@ -169,9 +173,79 @@ def test_adamw_update_leaves_the_subspace_as_documented():
     assert out_of_subspace_fraction(d, subspaces[n]) > 0.2
 
 
+def test_projected_adamw_update_stays_in_the_subspace():
+    """Projecting AdamW's whole update (weight decay included) keeps W − W_from in span(V_K)
+    to float32 rounding, over several steps; the same steps unprojected leave it."""
+    def run(project):
+        model, _, subspaces = _setup()
+        freeze_outside(model, subspaces)
+        params = dict(model.named_parameters())
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.1)
+        w_from = {n: params[n].detach().double().clone() for n in subspaces}
+        stats = []
+        for step in range(4):
+            _backward(model, seed=step)
+            project_gradients_(params, subspaces)
+            before = weights_before_step(params, subspaces)
+            opt.step()
+            stats.append(project_updates_(params, subspaces, before, project=project))
+        return params, subspaces, w_from, stats
+
+    params, subspaces, w_from, stats = run(True)
+    for n, v in subspaces.items():
+        d = params[n].detach().double() - w_from[n]
+        assert float(d.abs().max()) > 1e-3  # it moved (several lr-sized steps)
+        assert out_of_subspace_fraction(d, v) <= 1e-6, n
+    for st in stats:
+        assert 0 <= st.out_of_subspace_fraction <= st.out_of_subspace_max <= 1e-6
+    # negative control: the same steps unprojected leave the span (0.33, 0.23, 0.19, 0.17 here)
+    _, _, _, raw = run(False)
+    assert all(st.out_of_subspace_fraction > 0.1 for st in raw)  # Adam's sign pattern + decay
+    assert all(st.out_of_subspace_max >= st.out_of_subspace_fraction for st in raw)
+    assert set(stats[0].as_metrics()) == {"project/out_of_subspace_fraction", "project/out_of_subspace_max"}
+
+
+def test_update_stats_known_values():
+    """Pooled fraction Σ out / Σ total and the worst matrix, by hand."""
+    v = torch.eye(4, dtype=torch.float64)[:, :2].float()
+    a = torch.nn.Parameter(torch.zeros(1, 4))
+    b = torch.nn.Parameter(torch.zeros(1, 4))
+    before = weights_before_step({"a": a, "b": b}, {"a": v, "b": v})
+    with torch.no_grad():
+        a.copy_(torch.tensor([[3.0, 0.0, 4.0, 0.0]]))  # 16 of 25 outside
+        b.copy_(torch.tensor([[0.0, 1.0, 0.0, 0.0]]))  # 0 of 1
+    st = project_updates_({"a": a, "b": b}, {"a": v, "b": v}, before, project=False)
+    assert st.out_of_subspace_fraction == pytest.approx(16 / 26, abs=1e-12)
+    assert st.out_of_subspace_max == pytest.approx(16 / 25, abs=1e-12)
+    st = project_updates_({"a": a, "b": b}, {"a": v, "b": v}, before)
+    assert a.detach().tolist() == [[3.0, 0.0, 0.0, 0.0]] and st.out_of_subspace_max == 0.0
+    unchanged = project_updates_({"a": a}, {"a": v}, weights_before_step({"a": a}, {"a": v}))
+    assert math.isnan(unchanged.out_of_subspace_fraction) and math.isnan(unchanged.out_of_subspace_max)
+
+
+def test_carry_optimizer_state_by_name():
+    model = _tiny_model()
+    names = [n for n, _ in model.named_parameters()]
+    full = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    _backward(model)
+    full.step()
+    saved = full.state_dict()
+    keep = [n for n in names if "layers.1" in n]
+    params = dict(model.named_parameters())
+    sub = torch.optim.AdamW([params[n] for n in keep], lr=1e-3)
+    assert carry_optimizer_state(sub, saved, names, keep) == keep
+    for n in keep:
+        st, ref = sub.state[params[n]], saved["state"][names.index(n)]
+        assert torch.equal(st["exp_avg"], ref["exp_avg"]) and torch.equal(st["exp_avg_sq"], ref["exp_avg_sq"])
+        assert float(st["step"]) == 1.0
+    with pytest.raises(CheckpointError, match=f"holds {len(names)} parameters; the model has {len(names) - 1}"):
+        carry_optimizer_state(sub, saved, names[:-1], keep)
+
+
 def test_out_of_subspace_fraction_known_values():
     v = torch.eye(4, dtype=torch.float64)[:, :2]  # span(e1, e2)
     d = torch.tensor([[3.0, 0.0, 4.0, 0.0]])
+    # integers in float64: 16/25 is one rounding
     assert out_of_subspace_fraction(d, v) == pytest.approx(16 / 25, abs=1e-15)
     assert out_of_subspace_fraction(torch.tensor([[1.0, 2.0, 0, 0]]), v) == 0.0
     assert math.isnan(out_of_subspace_fraction(torch.zeros(1, 4), v))

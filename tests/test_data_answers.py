@@ -134,7 +134,14 @@ def test_answer_log_records_a_seeded_sample(tasks, tmp_path):
         assert r.reference == problems[index[texts.index(r.response_tail)]].answer
     assert answer_log_records(task, problems, texts, index, step=4, n=10, seed=0)[5].response_tail == "Answer: 24"
     path = append_answer_log(tmp_path, recs)
-    append_answer_log(tmp_path, recs[:1])
+    later = answer_log_records(task, problems, texts, index, step=5, n=2, seed=0)
+    append_answer_log(tmp_path, later)
     lines = [json.loads(x) for x in path.read_text().splitlines()]
-    assert len(lines) == 5 and set(lines[0]) == {"step", "problem_id", "answer_format", "reference", "extracted",
+    assert len(lines) == 6 and set(lines[0]) == {"step", "problem_id", "answer_format", "reference", "extracted",
                                                  "correct", "reason", "response_tail"}
+    assert [x["step"] for x in lines] == [3, 3, 3, 3, 5, 5]
+    # a resumed run logs step 5 again (and later steps): the log keeps each step once
+    append_answer_log(tmp_path, recs[:1])  # step 3 again: steps 3 and 5 are dropped first
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [3]
+    append_answer_log(tmp_path, later)
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [3, 5, 5]

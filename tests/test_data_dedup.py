@@ -102,7 +102,8 @@ def test_data_plan_rows(dapo, tmp_path):
                                                                                  "last \\boxed{}")
     text = format_data_plan([row, ev])
     header, first, second = text.splitlines()[:3]
-    assert header.split()[:6] == ["stage", "dataset", "split", "rows", "distinct", "used"]
+    assert header.split()[:11] == ["stage", "role", "dataset", "split", "rows", "distinct", "used", "batch",
+                                   "steps/epoch", "steps", "epochs"]
     assert first.startswith("rlvr") and "DAPO-Math-17k" in first and "1.50" in first
     assert second.startswith("eval:aime-2024") and " 8" in second
     assert "1 distinct problems have duplicates with another answer" in text
@@ -110,6 +111,7 @@ def test_data_plan_rows(dapo, tmp_path):
     cfg = _cfg(tmp_path, f"task.spec={dapo}", "objective=sft", f"task.demonstrations={openr1}")
     demo = demonstrations_plan_row(cfg.task, batch_size=1)
     assert (demo.dataset, demo.used, demo.with_solutions, demo.steps_per_epoch) == ("OpenR1-Math-220k", 2, 2, 2.0)
+    assert demo.drawn == 2 and demo.with_steps(3).epochs == 3 * 1 / 2  # 3 steps of 1 over 2 demonstrations
     cfg = _cfg(tmp_path, f"task.spec={dapo}", "objective=sft", "task.demonstrations=teacher",
                "model.teacher=tiny:quick")
     demo = demonstrations_plan_row(cfg.task)

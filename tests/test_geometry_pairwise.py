@@ -368,6 +368,8 @@ def check_subspaces(w, sub: Subspaces, k: int, ref, *, s_atol: float, angle_tol:
     np.testing.assert_allclose(sub.S.numpy(), S, rtol=0, atol=s_atol)
     assert np.all(np.diff(sub.S.numpy()) <= 0)
     Uk, Vk = sub.U.numpy(), sub.V.numpy()
+    # orthonormality and W v_i = sigma_i u_i are backward-stable identities of a float64 SVD: ~sqrt(n)*eps
+    # and ~eps*sigma_1 on any LAPACK, independent of the spectrum's gaps
     np.testing.assert_allclose(Uk.T @ Uk, np.eye(k), atol=1e-12)
     np.testing.assert_allclose(Vk.T @ Vk, np.eye(k), atol=1e-12)
     np.testing.assert_allclose(w @ Vk, Uk * sub.S.numpy()[:k], atol=1e-11 * S[0])  # W v_i = σ_i u_i
@@ -434,6 +436,8 @@ def test_singular_values_against_scipy(shape):
     w = np.random.default_rng(8).standard_normal(shape)
     got = singular_values(torch.from_numpy(w).float())
     assert got.dtype == torch.float64 and got.shape == (30,)
+    # both are float64 SVDs of the same matrix; a 40x30 Gaussian has sigma_min/sigma_1 ~ 0.07, so Weyl's
+    # ~eps*sigma_1 absolute error is < 1e-14 relative for every value
     np.testing.assert_allclose(got.numpy(), sl.svdvals(w.astype(np.float32).astype(np.float64)), rtol=1e-13)
 
 
@@ -452,7 +456,8 @@ def test_spectrum_validation_errors():
 
 def test_normalized_spectral_shift_known_values():
     s0 = torch.tensor([4.0, 3.0])  # norm 5
-    s1 = torch.tensor([4.0, 3.0 + 0.5])  # unsorted on purpose after the change? no: sorted 4, 3.5
+    s1 = torch.tensor([4.0, 3.0 + 0.5])  # spectrum [4, 3.5]
+    # hand-computed: ||(0, 0.5)|| / ||(4, 3)|| = 0.5/5, one float64 rounding
     assert normalized_spectral_shift(s0, s1) == pytest.approx(0.1, rel=1e-15)
     # inputs are sorted descending first: [3.5, 4] is the spectrum [4, 3.5]
     assert normalized_spectral_shift(s0, torch.tensor([3.5, 4.0])) == pytest.approx(0.1, rel=1e-15)
@@ -462,6 +467,7 @@ def test_normalized_spectral_shift_known_values():
     rng = np.random.default_rng(9)
     a, b = np.sort(rng.random(100))[::-1], np.sort(rng.random(100))[::-1]
     ref = np.linalg.norm(b - a) / np.linalg.norm(a)
+    # the same float64 norms of the same 100 values: summation order only (~100*eps)
     assert normalized_spectral_shift(torch.tensor(a.copy()).float(), torch.tensor(b.copy())) == pytest.approx(
         np.linalg.norm(b - a.astype(np.float32).astype(np.float64)) / np.linalg.norm(a.astype(np.float32).astype(np.float64)), rel=1e-14
     )
@@ -625,6 +631,7 @@ def test_low_magnitude_mask_ties_counts_and_rounding():
 def test_mask_overlap_values_and_empty_update():
     m = torch.tensor([True, True, False, False, True])
     u = torch.tensor([True, False, True, False, True])
+    # ratio of exact integer counts
     assert mask_overlap(m, u) == pytest.approx(2 / 3, rel=1e-15)
     assert mask_overlap(u, m) == pytest.approx(2 / 3, rel=1e-15)
     assert mask_overlap(m, torch.tensor([False, False, True, True, False])) == 0.0

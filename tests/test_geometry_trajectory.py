@@ -97,6 +97,7 @@ def test_randomized_svd_meets_accuracy_contract(name):
     assert u.shape == (M, 32) and s.shape == (32,) and v.shape == (N, 32)
     assert u.dtype == s.dtype == v.dtype == torch.float64
     _check_values(s.numpy(), s_ref)
+    # orthonormality of a float64 QR/SVD basis is backward stable: ~sqrt(n)*eps, whatever the spectrum
     assert np.allclose(v.numpy().T @ v.numpy(), np.eye(32), atol=1e-10)
     assert np.allclose(u.numpy().T @ u.numpy(), np.eye(32), atol=1e-10)
     if sim_k is not None:
@@ -146,6 +147,8 @@ def test_randomized_svd_large_shape_once():
 def test_randomized_svd_exact_path_zero_matrix_and_seed():
     a, s_ref, _ = _with_spectrum(0.8 ** np.arange(1, 41.0), 50, 40, seed=7)
     _, s, _ = randomized_top_svd(torch.from_numpy(a), 16)  # l = 48 >= 40: exact SVD
+    # the exact path is one float64 SVD of the same matrix as numpy's: singular values are perfectly
+    # conditioned (Weyl: |d sigma| <= ||dA||_2 ~ eps*sigma_1), and this spectrum spans < 1e3, so rtol 1e-12 holds
     assert np.allclose(s.numpy(), s_ref[:16], rtol=1e-12, atol=0)
     u, s, v = randomized_top_svd(torch.zeros(30, 20), 4, oversample=2)
     assert torch.equal(s, torch.zeros(4, dtype=torch.float64))
@@ -184,6 +187,8 @@ def test_exact_svd_tall_and_wide_against_numpy(shape):
     a = np.random.default_rng(9).standard_normal(shape)
     u, s, v = exact_svd(torch.from_numpy(a))
     assert u.shape == (shape[0], 20) and v.shape == (shape[1], 20)
+    # Weyl: float64 singular values carry ~eps*sigma_1 absolute error on any LAPACK; this Gaussian matrix
+    # has sigma_min/sigma_1 > 1e-2, so 1e-12 relative is a 100x margin; reconstruction is backward stable
     assert np.allclose(s.numpy(), np.linalg.svd(a, compute_uv=False), rtol=1e-12, atol=0)
     assert np.allclose((u.numpy() * s.numpy()) @ v.numpy().T, a, atol=1e-12)
     assert np.allclose(v.numpy().T @ v.numpy(), np.eye(20), atol=1e-12)
@@ -194,6 +199,7 @@ def test_stable_rank_against_numpy():
     a = rng.standard_normal((30, 20)) @ np.diag(np.linspace(3, 0.1, 20))
     s = np.linalg.svd(a, compute_uv=False)
     ref = np.sum(a**2) / s[0] ** 2
+    # ||A||_F^2 / sigma_1^2: a float64 sum (order only) over a perfectly conditioned largest singular value
     assert stable_rank_of(torch.from_numpy(a)) == pytest.approx(ref, rel=1e-12)
     assert stable_rank(np.sum(a**2), s[0]) == pytest.approx(ref, rel=1e-12)
     assert stable_rank_of(torch.from_numpy(np.outer(np.arange(1.0, 4), np.arange(1.0, 3)))) == pytest.approx(1.0)
@@ -210,6 +216,7 @@ def test_hill_alpha_against_numpy_formula():
     s = np.sort(rng.uniform(0.1, 5.0, 50))[::-1].copy()
     for k in (2, 10, 32, 50):
         ref = 1.0 / np.mean(np.log(s[: k - 1] / s[k - 1]))
+        # the same closed formula on the same float64 inputs: only log and mean rounding (~k*eps)
         assert hill_alpha(torch.from_numpy(s), k=k) == pytest.approx(ref, rel=1e-12)
     # order of the input does not matter; only the top k are used
     assert hill_alpha(torch.from_numpy(rng.permutation(s)), k=32) == pytest.approx(
@@ -251,6 +258,7 @@ def test_subspace_similarity_identities():
     rng = np.random.default_rng(2)
     n, K = 64, 16
     q = torch.from_numpy(_orth(n, 2 * K, rng))
+    # ||A^T B||_F^2 / K of float64 orthonormal bases: exact identities up to ~K*n*eps
     assert subspace_similarity(q[:, :K], q[:, :K], K) == pytest.approx(1.0, abs=1e-12)
     # same subspace, different basis
     rot = torch.from_numpy(_orth(K, K, rng))

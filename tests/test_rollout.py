@@ -86,9 +86,10 @@ def test_eos_masking_and_texts(model, tok):
 def test_behaviour_logprobs_equal_manual_per_token_computation(model, tok):
     ro = generate(model, tok, PROMPTS, num_samples=3, temperature=0.7, max_new_tokens=16, seed=2, batch_size=4)
     for row in range(len(ro.texts)):
-        ref = manual_logprobs(model, tok, ro, row)  # temperature 1, whatever the sampling temperature
+        ref = manual_logprobs(model, tok, ro, row, temperature=0.7)  # the distribution sampled from
         got = ro.behaviour_logprobs[row][ro.response_mask[row]].double()
         torch.testing.assert_close(got, ref, rtol=0, atol=2e-5)
+        assert not torch.allclose(got, manual_logprobs(model, tok, ro, row), atol=1e-3)  # not the τ = 1 ones
     assert ro.behaviour_logprobs[~ro.response_mask].eq(0).all()
 
 
@@ -162,3 +163,35 @@ def test_bad_arguments_listed_at_once(model, tok):
         generate(model, tok, PROMPTS, num_samples=0, temperature=-1.0, max_new_tokens=0, seed=0, batch_size=2)
     with pytest.raises(ConfigError, match="prompts"):
         generate(model, tok, [], num_samples=1, temperature=1.0, max_new_tokens=4, seed=0, batch_size=2)
+
+
+def test_model_generation_config_cannot_change_samples_or_logprobs(model, tok):
+    """A checkpoint whose generation_config sets penalties and truncation samples exactly as
+    the neutral model: same tokens for the same seed, log-probs of softmax(z) in float64."""
+    import copy
+
+    odd = copy.deepcopy(model)
+    gc = odd.generation_config
+    gc.repetition_penalty, gc.no_repeat_ngram_size, gc.top_k, gc.min_p = 3.0, 1, 3, 0.3
+    gc.top_p, gc.typical_p, gc.temperature, gc.do_sample = 0.5, 0.5, 0.3, False
+    gc.suppress_tokens, gc.min_new_tokens = [5, 6, 7], 4
+    kw = dict(num_samples=6, temperature=1.0, max_new_tokens=12, seed=5, batch_size=9)
+    ref = generate(model, tok, PROMPTS, **kw)
+    got = generate(odd, tok, PROMPTS, **kw)
+    assert odd.generation_config.repetition_penalty == 3.0  # the model's own config is restored
+    assert torch.equal(got.response_ids, ref.response_ids) and torch.equal(got.response_mask, ref.response_mask)
+    assert torch.equal(got.behaviour_logprobs, ref.behaviour_logprobs)
+    # the neutral samples do what those settings forbid: repeat a token, use suppressed ones
+    resp = [ref.response_ids[r][ref.response_mask[r]].tolist() for r in range(len(ref.texts))]
+    assert any(len(set(x)) < len(x) for x in resp)
+    assert any(t in (5, 6, 7) for x in resp for t in x)
+    for row in range(len(ref.texts)):
+        lp = ref.behaviour_logprobs[row][ref.response_mask[row]].double()
+        torch.testing.assert_close(lp, manual_logprobs(model, tok, ref, row), atol=2e-5, rtol=0)
+
+
+
+def test_score_false_gives_the_same_samples_without_logprobs(model, tok):
+    kw = dict(num_samples=2, temperature=1.0, max_new_tokens=8, seed=4, batch_size=6)
+    a, b = generate(model, tok, PROMPTS, **kw), generate(model, tok, PROMPTS, score=False, **kw)
+    assert torch.equal(a.response_ids, b.response_ids) and b.behaviour_logprobs is None

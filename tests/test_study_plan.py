@@ -57,8 +57,17 @@ def test_memory_formula_by_hand():
     assert m.sharded_per_gpu(4) == (m.student + m.teacher) / 4 + m.kv + m.logits + m.activations
 
 
+@pytest.fixture
+def no_datasets(tmp_path, monkeypatch):
+    """Empty Hugging Face caches: the plan of a preset whose datasets are not here."""
+    import huggingface_hub.constants  # noqa: F401  (reads its default cache at import)
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+
+
 @pytest.mark.parametrize("name", list(PRESETS))
-def test_dry_run_every_preset(name, capsys, tmp_path):
+def test_dry_run_every_preset(name, capsys, tmp_path, no_datasets):
     main(["study", "--preset", name, "--dry-run", "--out", str(tmp_path / "none")])
     text = capsys.readouterr().out
     p = get_preset(name)
@@ -70,14 +79,16 @@ def test_dry_run_every_preset(name, capsys, tmp_path):
     assert not (tmp_path / "none").exists()  # a dry run writes nothing
 
 
-def test_paper_plan_numbers(capsys):
+def test_paper_plan_numbers(capsys, no_datasets):
     main(["study", "--preset", "paper", "--dry-run"])
     text = capsys.readouterr().out
     assert "student parameters: 8.19 B; teacher parameters: 32.76 B" in text
     assert "opd, from anchor, 299 steps, batch 64, x8 samples, lr 1e-06 constant" in text
     assert "ckpts 64/128/192/256/299" in text  # 0-indexed 63/127/191/255, then the final step
     assert "rlvr, from anchor, 1023 steps, batch 512" in text
-    assert "sft, from base, 340 steps, batch 256, lr 1e-05 cosine->1e-06, warmup 10 %" in text
+    # 5 epochs of the demonstrations: their count is unknown without the data, so the estimate shows
+    assert "sft, from base, 1831 steps (5 epochs), batch 256, lr 1e-05 cosine->1e-06, warmup 10 %" in text
+    assert "mix_0 " in text and "rlvr, from anchor, 299 steps, batch 64" in text  # the sweep's matched alpha = 0 end
     assert "FSDP/ZeRO-3" in text and "accelerate launch --num_processes 8" in text
     paper = get_preset("paper")
     opd = paper.run("opd")

@@ -14,12 +14,12 @@ def _write(tmp_path, text):
 
 def test_yaml_and_typed_overrides(tmp_path):
     p = _write(tmp_path, "objective: rlvr\nmodel: {student: tiny:quick}\noptim: {lr: 1.0e-3, betas: [0.9, 0.95]}\n")
-    c = load_config(p, ["optim.lr=1e-5", "optim.steps=7", "rollout.temperature=0.7", "optim.grad_clip=null",
+    c = load_config(p, ["optim.lr=1e-5", "optim.steps=7", "rollout.offpolicy_eps=0.7", "optim.grad_clip=null",
                         "objective.eps_high=0.3", "optim.bf16_autocast=false"])
     assert c.objective.name == "rlvr" and c.model.student == "tiny:quick"
     assert c.optim.lr == 1e-5 and isinstance(c.optim.lr, float)
     assert c.optim.steps == 7 and c.optim.betas == (0.9, 0.95)
-    assert c.rollout.temperature == 0.7 and c.optim.grad_clip is None
+    assert c.rollout.offpolicy_eps == 0.7 and c.optim.grad_clip is None
     assert c.objective.eps_high == 0.3 and c.optim.bf16_autocast is False
     # the resolved config round-trips
     import yaml
@@ -46,6 +46,15 @@ def test_all_problems_reported_at_once_with_keys():
                 "rollout.temperature", "nosection"):
         assert key in msg, key
     assert "8 problems" in msg
+
+
+def test_rl_rollout_temperature_must_be_one():
+    """A tempered sampler is refused for rlvr/opd (its log-probs would not be the policy's)."""
+    for obj in ("rlvr", "opd"):
+        with pytest.raises(ConfigError, match=r"rollout.temperature: must be 1 for " + obj + r".*got 0.7"):
+            load_config(None, ["model.student=tiny:quick", "model.teacher=tiny:quick", f"objective={obj}",
+                               "rollout.temperature=0.7"])
+    assert load_config(None, ["model.student=tiny:quick", "objective=rlvr"]).rollout.temperature == 1.0
 
 
 def test_rlvr_needs_groups_and_mixing_is_validated():

@@ -120,6 +120,8 @@ def test_rows_match_float64_numpy_reference(runs, result):
             assert r["type"] == r["name"].split(".")[-2][0]
             assert r["progress"] == pytest.approx(100 * r["step"] / 30)
             want = ref[(r["step"], r["name"])]
+            # Both sides are float64 sums of squares of the same bf16-exact differences; only the summation order
+            # differs (relative error ~n*eps, n <= 4096), so 1e-12 holds on any BLAS.
             assert r["fro_norm"] == pytest.approx(want["fro_norm"], rel=1e-12)
             assert r["rel_fro_norm"] == pytest.approx(want["rel_fro_norm"], rel=1e-12)
             assert r["stable_rank"] == pytest.approx(want["stable_rank"], rel=1e-6)
@@ -156,6 +158,7 @@ def test_designed_values_and_locking(result):
     # per-step means over the 8 matrices
     mean30 = runs["drift"]["means"][2]
     assert mean30["step"] == 30 and mean30["n_matrices"] == 8
+    # a mean of the same eight float64 values: the order of a sum of eight terms moves it by ~8*eps
     assert mean30["stable_rank"] == pytest.approx(
         np.mean([r["stable_rank"] for r in result.rows if r["run"] == "drift" and r["step"] == 30]), rel=1e-12)
     assert runs["drift"]["means"][0]["sim_to_final"] == pytest.approx(0.0, abs=1e-4)
@@ -179,6 +182,7 @@ def test_overlap_against_hand_computed_masks(runs, result):
         n, na, nb, nab = a.size, a.sum(), b.sum(), (a & b).sum()
         assert 0 < na < n and 0 < nb < n  # partly visible: a non-trivial test
         r = rows[("matrix", name)]
+        # Ratios of exact integer counts: the only error is one float64 division on each side.
         assert r["overlap_a_in_b"] == pytest.approx(nab / na, rel=1e-12)
         assert r["overlap_b_in_a"] == pytest.approx(nab / nb, rel=1e-12)
         assert r["baseline_a_in_b"] == pytest.approx(nb / n, rel=1e-12)
@@ -251,7 +255,7 @@ def test_bad_input_one_line_errors(runs, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert _cli(["trajectory", "--origin", str(root / "origin"), str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("opdgeo: error:") and "no step-* checkpoints" in err and "\n" not in err
+    assert err.startswith("opdgeo: error:") and "has no checkpoints (step-N" in err and "\n" not in err
     # steps that cannot be ordered: duplicates and unparsable names
     dup = tmp_path / "dup"
     (dup / "step-10").mkdir(parents=True)
@@ -315,6 +319,8 @@ def test_torchrun_two_gloo_ranks_equal_one_process(runs, result, tmp_path):
     for got, want in zip(rows, single.rows):
         assert (got["run"], int(got["step"]), got["name"]) == (want["run"], want["step"], want["name"])
         for m in ("stable_rank", "fro_norm", "hill_alpha", "sim_to_final"):
+            # Both runs compute each matrix's metrics with the same float64 routine on the same input; the CSV
+            # stores repr(), so they agree to the last bit unless LAPACK is non-deterministic across threads.
             assert float(got[m]) == pytest.approx(want[m], rel=1e-12, abs=1e-15)
     with open(out / "overlap.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == len(single.overlap)

@@ -44,3 +44,9 @@ class FieldError(ConfigError):
 
     def __reduce__(self):  # picklable across ranks despite the non-string constructor argument
         return (type(self), (self.problems,))
+
+
+class OutputError(OpdgeoError):
+    """An output cannot be written: the folder is read-only, the disk is full, the path is
+    a file. The message names the path and the system's reason (and, from the CLI, where
+    the results went instead)."""

@@ -141,7 +141,8 @@ class ModelSource:
                 return f"unknown tiny preset {self.preset!r} (choose from {', '.join(PRESETS)})"
             return None
         if check_paths and self.kind in ("folder", "file") and not self.path.exists():
-            return f"model {self.text!r} not found ({_KINDS_TEXT})"
+            link = _link_problem(self.path)
+            return f"model {self.text!r}: {link}" if link else f"model {self.text!r} not found ({_KINDS_TEXT})"
         return None
 
     def resolve(self) -> Path:
@@ -165,5 +166,22 @@ class ModelSource:
         if self.kind == "cached":
             return cached_snapshot(self.model_id)
         if not self.path.exists():
-            raise SourceError(f"{self.path}: no such file or directory")
+            raise SourceError(f"{self.path}: {_link_problem(self.path) or 'no such file or directory'}")
         return self.path
+
+
+def _link_problem(path: Path) -> str | None:
+    """Why an existing symbolic link leads nowhere (a loop, or a missing target), or None
+    when ``path`` (or a folder on its way) is simply absent."""
+    import errno
+
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:  # Python < 3.13 reports a loop this way
+        return "symbolic link loop (the link leads back to itself)"
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "symbolic link loop (the link leads back to itself)"
+        if os.path.islink(path):
+            return f"broken symbolic link (its target {os.readlink(path)} does not exist)"
+    return None

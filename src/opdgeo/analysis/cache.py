@@ -72,6 +72,8 @@ class SvdCache:
     Attributes:
         hits, misses, writes: decomposition counters since construction (thread-safe), so
             callers and tests can see that a warm run skipped the base SVDs.
+        write_errors: entries that could not be stored (the first is reported on stderr;
+            the computation goes on without them).
 
     Raises:
         FieldError: (field ``cache``) ``root`` exists and is not a folder, or cannot be
@@ -90,6 +92,7 @@ class SvdCache:
         self.hits = 0
         self.misses = 0
         self.writes = 0
+        self.write_errors = 0
 
     # ------------------------------------------------------------------ decompositions
 
@@ -123,14 +126,15 @@ class SvdCache:
 
     def put(self, content_key: str, *, n_vectors: int, precision: str, S: torch.Tensor, U: torch.Tensor,
             V: torch.Tensor) -> Path:
-        """Store a decomposition atomically; return its path."""
+        """Store a decomposition atomically; return its path (None: not stored, see ``_store``)."""
         assert U.shape[1] == n_vectors and V.shape[1] == n_vectors, "cache entry with the wrong number of vectors"
         dtype = PRECISIONS[precision]
         tensors = {name: t.detach().to("cpu", dtype).contiguous() for name, t in (("S", S), ("U", U), ("V", V))}
         metadata = {"content_key": content_key, "n_vectors": str(n_vectors), "precision": precision}
-        path = _write(self.path(content_key, n_vectors=n_vectors, precision=precision), tensors, metadata)
-        with self._lock:
-            self.writes += 1
+        path = self._store(self.path(content_key, n_vectors=n_vectors, precision=precision), tensors, metadata)
+        if path is not None:
+            with self._lock:
+                self.writes += 1
         return path
 
     # ------------------------------------------------------------------ masks
@@ -164,14 +168,34 @@ class SvdCache:
 
     def put_masks(self, content_key: str, *, rank: int, alpha: float, n_vectors: int, precision: str,
                   principal: torch.Tensor, low_magnitude: torch.Tensor) -> Path:
-        """Store both masks of W0 atomically as packed bits; return the path."""
+        """Store both masks of W0 atomically as packed bits; return the path (None: not stored)."""
         import numpy as np
 
         tensors = {name: torch.from_numpy(np.packbits(m.detach().to("cpu").reshape(-1).numpy()))
                    for name, m in (("principal", principal), ("low_magnitude", low_magnitude))}
         metadata = {"content_key": content_key, "shape": "x".join(map(str, principal.shape))}
         path = self.mask_path(content_key, rank=rank, alpha=alpha, n_vectors=n_vectors, precision=precision)
-        return _write(path, tensors, metadata)
+        return self._store(path, tensors, metadata)
+
+    def _store(self, path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path | None:
+        """Write one entry; a failure (disk full, folder made read-only during the run) is
+        not the computation's: it is reported once on stderr, counted in
+        ``write_errors``, and the run continues uncached (None)."""
+        try:
+            return _write(path, tensors, metadata)
+        except Exception as err:  # OSError, or safetensors' own error for a full disk
+            if not isinstance(err, OSError) and type(err).__name__ != "SafetensorError":
+                raise
+            with self._lock:
+                self.write_errors += 1
+                first = self.write_errors == 1
+            if first:
+                import sys
+
+                reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+                print(f"opdgeo: warning: cannot write to the cache {self.root} ({reason}); continuing without "
+                      "caching", file=sys.stderr, flush=True)
+            return None
 
 
 def _read(path: Path) -> dict[str, torch.Tensor] | None:

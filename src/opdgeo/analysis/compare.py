@@ -283,7 +283,8 @@ def compare(base, tuned, options: CompareOptions | None = None, **fields_) -> Co
 
     t0 = time.perf_counter()
     base_ckpt = base if hasattr(base, "load") else open_checkpoint(base, allow_pickle=opts.allow_pickle)
-    tuned_ckpt = tuned if hasattr(tuned, "load") else open_checkpoint(tuned, allow_pickle=opts.allow_pickle)
+    tuned_ckpt = tuned if hasattr(tuned, "load") else open_checkpoint(tuned, allow_pickle=opts.allow_pickle,
+                                                                       base=base_ckpt)  # base of a LoRA adapter
     plan = _plan(base_ckpt, tuned_ckpt, opts)
     counters = _Counters()
     worker = _Worker(base_ckpt, tuned_ckpt, opts, svd_cache, counters)
@@ -323,7 +324,7 @@ def _plan(base, tuned, opts: CompareOptions) -> list[_Item]:
 
     wants = set(opts.metrics)
     items = []
-    for mat in plan_matrices(base, pair_names(base, tuned, ignore_missing=opts.ignore_missing)):
+    for mat in plan_matrices(base, _comparable(base, tuned, pair_names(base, tuned, ignore_missing=opts.ignore_missing))):
         k_eff = rank = n_vec = 0
         cost = float(mat.numel)
         if mat.geometry and wants - {"sparsity"}:
@@ -336,6 +337,34 @@ def _plan(base, tuned, opts: CompareOptions) -> list[_Item]:
         items.append(_Item(**{f.name: getattr(mat, f.name) for f in fields(Matrix)}, k=k_eff, rank=rank,
                            n_base_vectors=n_vec, cost=cost))
     return items
+
+
+def _comparable(base, tuned, names: list[str]) -> list[str]:
+    """``names`` after the checks that need both sides' headers, before any tensor is read.
+
+    Raises:
+        CheckpointError: a tensor floating-point on one side and integer on the other, a
+            zero-size floating-point tensor (no entries, so no sparsity), or no
+            floating-point tensor at all (nothing would be compared).
+    """
+    from opdgeo.errors import CheckpointError
+
+    mixed = [n for n in names if base.info(n).dtype.is_floating_point != tuned.info(n).dtype.is_floating_point]
+    if mixed:
+        n, more = mixed[0], f" (and {len(mixed) - 1} more)" if len(mixed) > 1 else ""
+        raise CheckpointError(f"tensor {n}: {str(base.info(n).dtype).removeprefix('torch.')} in {base.path} but "
+                              f"{str(tuned.info(n).dtype).removeprefix('torch.')} in {tuned.path}{more}; both sides "
+                              "must be floating-point to be compared")
+    floating = [n for n in names if base.info(n).dtype.is_floating_point]
+    empty = [n for n in floating if base.info(n).numel == 0]
+    if empty:
+        n, more = empty[0], f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
+        raise CheckpointError(f"{base.path}: tensor {n} has zero size (shape {list(base.info(n).shape)}){more}; "
+                              "a tensor without entries has no sparsity or geometry")
+    if not floating:
+        raise CheckpointError(f"nothing to compare: none of the {len(names)} tensors in common between {base.path} "
+                              f"and {tuned.path} is floating-point (integer and bool tensors are not weights)")
+    return names
 
 
 # --------------------------------------------------------------------------- per tensor

@@ -1,8 +1,9 @@
 """Runs of a trajectory analysis: their checkpoints in order, their origins, and the
 pairs of runs whose update masks are compared.
 
-A run is a folder of step folders (``opdgeo.checkpoints.steps``: ``step-NNNNNN``, the
-step from the name) or an explicit ordered list of checkpoints. Every check here runs on
+A run is a folder of step folders (``opdgeo.checkpoints.steps``: ``step-NNNNNN``, and
+other trainers' ``checkpoint-N``, ``global_step_N/actor/huggingface``, ``iter_N``; the step
+from the name) or an explicit ordered list of checkpoints. Every check here runs on
 names and headers only, before any weight is read.
 """
 
@@ -13,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from opdgeo.checkpoints.steps import step_of
+from opdgeo.checkpoints.steps import checkpoint_step_of, list_checkpoint_dirs
 from opdgeo.errors import CheckpointError, ConfigError, FieldError
 
 __all__ = ["RunSpec", "check_architectures", "overlap_pairs", "resolve_run", "resolve_runs"]
@@ -45,14 +46,16 @@ class RunSpec:
 def _run_folder(name: str, folder: Path, origin: Path) -> RunSpec:
     if not folder.is_dir():
         raise CheckpointError(f"run '{name}': {folder} is not a folder")
-    children = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step"))
+    children = list_checkpoint_dirs(folder)
     if not children:
-        raise CheckpointError(f"run '{name}': {folder} has no step-* checkpoints")
+        unnumbered = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name.startswith("step"))
+        if unnumbered:
+            raise CheckpointError(f"run '{name}': cannot order {folder / unnumbered[0]}: the folder name has no step "
+                                  "number (step-N)")
+        raise CheckpointError(f"run '{name}': {folder} has no checkpoints (step-N, checkpoint-N, "
+                              "global_step_N/actor/huggingface or iter_N folders)")
     by_step: dict[int, Path] = {}
-    for p in children:
-        step = step_of(p)
-        if step is None:
-            raise CheckpointError(f"run '{name}': cannot order {p}: the folder name has no step number (step-N)")
+    for step, p in children:
         if step in by_step:
             raise CheckpointError(f"run '{name}': steps cannot be ordered: {by_step[step].name} and {p.name} "
                                   f"are both step {step}")
@@ -64,9 +67,11 @@ def _run_folder(name: str, folder: Path, origin: Path) -> RunSpec:
 def resolve_run(name: str, spec, origin) -> RunSpec:
     """A run's checkpoints and steps from a run folder or an explicit list of checkpoints.
 
-    A folder: its ``step-*`` subfolders, step from the name (``step-000063`` → 63),
-    ordered by step. A list: the checkpoints in the order given; steps from the names
-    when every name is ``step-N`` (then they must increase), else 1..T.
+    A folder: its step folders (``checkpoints.steps.list_checkpoint_dirs``: ``step-N``,
+    ``checkpoint-N``, ``global_step_N/actor/huggingface``, ``iter_N``), step from the name
+    (``step-000063`` → 63), ordered by step. A list: the checkpoints in the order given;
+    steps from the names when every name carries one (``checkpoint_step_of``; then they
+    must increase), else 1..T.
 
     Raises:
         CheckpointError: a missing path, a run folder with no ``step-*`` checkpoints, a
@@ -81,7 +86,7 @@ def resolve_run(name: str, spec, origin) -> RunSpec:
     for p in paths:
         if not p.exists():
             raise CheckpointError(f"run '{name}': checkpoint {p} does not exist")
-    steps = [step_of(p) for p in paths]
+    steps = [checkpoint_step_of(p) for p in paths]
     if all(s is not None for s in steps):
         for a, b, pa, pb in zip(steps, steps[1:], paths, paths[1:]):
             if b <= a:

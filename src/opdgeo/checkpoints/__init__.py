@@ -14,7 +14,7 @@ from opdgeo.checkpoints.names import (
     parse_tensor_name,
 )
 from opdgeo.checkpoints.reader import Checkpoint, TensorInfo, open_checkpoint, pair_names
-from opdgeo.checkpoints.steps import list_step_dirs, step_dir_name, step_of
+from opdgeo.checkpoints.steps import checkpoint_step_of, list_checkpoint_dirs, list_step_dirs, step_dir_name, step_of
 from opdgeo.sources import hf_hub_cache
 
 __all__ = [
@@ -26,6 +26,8 @@ __all__ = [
     "TensorName",
     "hf_hub_cache",
     "is_geometry_matrix",
+    "checkpoint_step_of",
+    "list_checkpoint_dirs",
     "list_step_dirs",
     "open_checkpoint",
     "pair_names",

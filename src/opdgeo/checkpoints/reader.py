@@ -173,7 +173,22 @@ def _read_index(path: Path) -> dict[str, str]:
         raise CheckpointError(f"{path}: not a valid index file ({type(e).__name__}: {e})") from None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{path}: 'weight_map' must map tensor names to shard file names")
+    for name, shard in weight_map.items():
+        if not _inside_folder(shard):
+            raise CheckpointError(f"{path}: shard {shard!r} (holding {name}) is not a file name inside the "
+                                  "checkpoint folder (absolute paths and '..' are refused)")
     return weight_map
+
+
+def _inside_folder(shard: str) -> bool:
+    """A shard name of an index must stay in the index's folder: relative, no ``..``, no
+    drive or backslash tricks (as huggingface_hub requires of the files it fetches)."""
+    from pathlib import PurePosixPath, PureWindowsPath
+
+    if not shard or "\\" in shard or "\x00" in shard or PureWindowsPath(shard).drive:
+        return False
+    p = PurePosixPath(shard)
+    return not p.is_absolute() and ".." not in p.parts
 
 
 def _safetensors_sources(files: list[Path], weight_map: dict[str, str] | None, index: Path | None) -> dict[str, Source]:
@@ -272,15 +287,19 @@ def _split_all(sources: dict[str, Source], config: dict) -> dict[str, Source]:
     return out
 
 
-def open_checkpoint(source: str | Path, *, allow_pickle: bool = False) -> Checkpoint:
+def open_checkpoint(source: str | Path, *, allow_pickle: bool = False, base=None) -> Checkpoint:
     """Open a checkpoint for streaming reads (headers only; no tensor data is read).
 
     Args:
         source: a Hugging Face folder, a ``.safetensors`` file, a pickle file (with
             ``allow_pickle``), a model id ``org/name`` present in the local HF cache, or
-            ``smollm2`` (see ``opdgeo.sources``).
+            ``smollm2`` (see ``opdgeo.sources``); or a PEFT LoRA adapter folder
+            (``adapter_config.json``), opened as the merged model over ``base``
+            (``opdgeo.checkpoints.adapters``).
         allow_pickle: permit ``pytorch_model*.bin``/``.pt``/``.pth``, loaded with
             ``torch.load(weights_only=True, mmap=True, map_location="cpu")``.
+        base: the base of an adapter (a ``Checkpoint`` or a source; default the adapter's
+            ``base_model_name_or_path``); ignored for other checkpoints.
 
     Returns:
         A ``Checkpoint``.
@@ -292,6 +311,10 @@ def open_checkpoint(source: str | Path, *, allow_pickle: bool = False) -> Checkp
             (``SourceError``, a ``CheckpointError``).
     """
     path = ModelSource.parse(source).resolve()
+    from opdgeo.checkpoints.adapters import is_adapter, open_adapter
+
+    if path.is_dir() and is_adapter(path):
+        return open_adapter(path, base)
 
     folder = path if path.is_dir() else path.parent
     config = _read_config(folder)

@@ -47,17 +47,16 @@ _FLAGS = {"keep_angles": "--save-angles"}  # fields whose flag is not --<field>
 def compare_cmd(base, tuned, out, metrics, k, rank, alpha, eta, legacy_atol, precision, device, workers, cache,
                 ignore_missing, allow_pickle, show_matrices, save_angles):
     """Diagnose the update from BASE to TUNED (HF folders, .safetensors files, local-cache ids or smollm2)."""
-    from pathlib import Path
-
     from opdgeo.analysis.compare import compare
     from opdgeo.analysis.parallel import dist_context
     from opdgeo.cli.flags import flags_for_fields
+    from opdgeo.cli.output import check_folder, publish
     from opdgeo.errors import ConfigError
 
     if save_angles and out is None:
         raise ConfigError("--save-angles needs --out DIR")
-    if out is not None and Path(out).exists() and not Path(out).is_dir():
-        raise ConfigError(f"--out {out}: exists and is not a folder")  # checked before any work
+    check_folder("--out", out)  # before any work: a result that cannot be written is not computed
+    check_folder("--cache", cache)
     k = int(k) if k.strip().isdigit() else k  # an integer, or a fraction a/b validated by the options
     options = CompareOptions(metrics=metrics, k=k, rank=rank, alpha=alpha, eta=eta, legacy_atol=legacy_atol,
                              precision=precision, device=device, workers=workers, keep_angles=save_angles,
@@ -65,10 +64,10 @@ def compare_cmd(base, tuned, out, metrics, k, rank, alpha, eta, legacy_atol, pre
     with flags_for_fields(_FLAGS), dist_context(device=device) as (rank_id, world):
         result = compare(base, tuned, options)
         if rank_id == 0:
-            if out is not None:
-                paths = result.write(out)
-                click.echo(f"wrote {', '.join(str(p) for p in paths)}", err=True)
             print_result(result, show_matrices=show_matrices)
+            if out is not None:
+                paths = publish(result.write, out, flag="--out", command="compare")
+                click.echo(f"wrote {', '.join(str(p) for p in paths)}", err=True)
 
 
 def print_result(result, *, show_matrices: bool = False) -> None:

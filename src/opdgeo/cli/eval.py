@@ -40,9 +40,11 @@ def eval_cmd(model, task_specs, suite, split, n, k, temperature, max_new_tokens,
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from opdgeo.cli.output import check_folder
     from opdgeo.errors import ConfigError
+    from opdgeo.files import atomic_write_text
     from opdgeo.models import load_model, load_tokenizer
-    from opdgeo.tasks import split_task_spec
+    from opdgeo.tasks import load_task, split_task_spec
     from opdgeo.tasks.suite import suite_from
     from opdgeo.training.evaluate import evaluate_suite
 
@@ -63,6 +65,16 @@ def eval_cmd(model, task_specs, suite, split, n, k, temperature, max_new_tokens,
         head, opts = split_task_spec(text)
         tsplit = opts.pop("split", "train")
         train.append((head + (":" + ",".join(f"{a}={b}" for a, b in opts.items()) if opts else ""), tsplit))
+    problems = []
+    for t in plan.tasks:  # every task spec checked before the model loads (they load lazily)
+        try:
+            load_task(t.spec)
+        except ConfigError as err:
+            problems.append(str(err))
+    if problems:
+        raise ConfigError("; ".join(problems))
+    check_folder("--out-dir", out_dir)
+    check_folder("--out", None if out is None else out.parent)
     tokenizer = load_tokenizer(model)
     lm = load_model(model, dtype=getattr(torch, dtype))
     err = Console(stderr=True)
@@ -74,7 +86,7 @@ def eval_cmd(model, task_specs, suite, split, n, k, temperature, max_new_tokens,
     if out is not None:
         (only,) = result.results.values()
         only.write(out)
-        out.with_name(out.name + ".summary.json").write_text(json.dumps(only.summary(), indent=2) + "\n")
+        atomic_write_text(out.with_name(out.name + ".summary.json"), json.dumps(only.summary(), indent=2) + "\n")
     for name, r in result.results.items():
         c = result.counts.get(name, {})
         dup = f", {c['rows'] - c['distinct']} duplicate rows skipped" if plan.dedup and c.get("rows", 0) > c.get(

@@ -49,6 +49,14 @@ def cli():
 
 
 def main(argv=None):
+    """Run the ``opdgeo`` command: the one place where every expected failure becomes one
+    line ``opdgeo: error: ...`` on stderr and exit code 2.
+
+    Expected failures: an ``OpdgeoError`` (bad path, corrupt file, invalid config), a click
+    usage error (unknown option, bad choice or type; click's own three-line form is not
+    used), and an ``OSError`` that reaches the top (an output the system refuses: a
+    read-only folder, a full disk); the last names the file and the system's reason.
+    """
     import importlib.util  # noqa: F401  (LazyGroup uses importlib.util)
 
     from opdgeo.errors import OpdgeoError
@@ -56,16 +64,27 @@ def main(argv=None):
     try:
         cli.main(args=argv, prog_name="opdgeo", standalone_mode=False)
     except OpdgeoError as err:
-        click.echo(f"opdgeo: error: {err}", err=True)
-        sys.exit(2)
+        _fail(str(err))
     except click.exceptions.Abort:
         click.echo("opdgeo: aborted", err=True)
         sys.exit(130)
+    except click.UsageError as err:
+        command = err.ctx.command_path if err.ctx is not None else "opdgeo"
+        _fail(f"{err.format_message()} (see '{command} --help')")
     except click.ClickException as err:
-        err.show()
-        sys.exit(err.exit_code)
+        _fail(err.format_message())
     except click.exceptions.Exit as err:
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         click.echo("opdgeo: interrupted", err=True)
         sys.exit(130)
+    except OSError as err:
+        where = f"{err.filename}: " if err.filename else ""
+        _fail(f"{where}{err.strerror or err}")
+
+
+def _fail(message: str) -> None:
+    """Print ``opdgeo: error: <message>`` as one line (inner newlines joined by "; ") and exit 2."""
+    one_line = "; ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    click.echo(f"opdgeo: error: {one_line}", err=True)
+    sys.exit(2)

@@ -45,19 +45,23 @@ def _parse_runs(run_args: tuple[str, ...], positional: tuple[str, ...]) -> dict:
             raise ConfigError(f"run name {name} (from RUN_DIR) is also given by --run")
         runs[name] = spec
     if not runs:
-        raise ConfigError("no run: give RUN_DIR (a folder of step-* checkpoints, or checkpoint folders in order) "
+        raise ConfigError("no run: give RUN_DIR (a folder of step-N or checkpoint-N folders, or checkpoint folders "
+                          "in order) "
                           "or --run NAME=PATH")
     return runs
 
 
 def _is_run_folder(path: str) -> bool:
-    """A folder that is not itself a checkpoint is a run folder (of step-* checkpoints)."""
+    """A folder that is not itself a checkpoint is a run folder (of step folders: step-N,
+    checkpoint-N, global_step_N, iter_N)."""
     from pathlib import Path
+
+    from opdgeo.checkpoints.steps import checkpoint_step_of
 
     p = Path(path)
     if not p.is_dir():
         return False
-    if any(c.is_dir() and c.name.startswith("step") for c in p.iterdir()):
+    if any(c.is_dir() and (c.name.startswith("step") or checkpoint_step_of(c) is not None) for c in p.iterdir()):
         return True
     return not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")) and not (p / "config.json").exists()
 
@@ -95,7 +99,8 @@ _FLAGS = {"origins": "--origin"}  # fields whose flag is not --<field>
 @click.option("--origin", "origins", multiple=True, metavar="[NAME=]DIR",
               help="Origin checkpoint W0 (the SFT anchor for OPD/RLVR, the base for SFT); NAME=DIR per run.")
 @click.option("--run", "runs", multiple=True, metavar="NAME=PATH",
-              help="A run to overlay: a folder of step-* checkpoints, or checkpoint folders separated by commas. "
+              help="A run to overlay: a folder of step-N, checkpoint-N, global_step_N or iter_N checkpoints, "
+                   "or checkpoint folders separated by commas. "
                    "Repeatable.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Write trajectory.csv, summary.json, overlap.csv and the figures (PNG, SVG) here.")
@@ -112,11 +117,15 @@ _FLAGS = {"origins": "--origin"}  # fields whose flag is not --<field>
 @click.option("--allow-pickle", is_flag=True, help="Allow pytorch_model*.bin (loaded with weights_only=True).")
 def trajectory_cmd(run_dir, origins, runs, out, matrices, k_hill, sim_k, lock_threshold, workers, exact_svd,
                    no_overlap, allow_pickle):
-    """Follow the update ΔW_t = W_t − W0 of RUN_DIR's step-* checkpoints (or of each --run)."""
+    """Follow the update ΔW_t = W_t − W0 of RUN_DIR's checkpoints (step-N, checkpoint-N,
+    global_step_N/actor/huggingface, iter_N; the step from the name), or of each --run."""
     from opdgeo.analysis.parallel import dist_context
     from opdgeo.analysis.trajectory import trajectory
     from opdgeo.cli.flags import flags_for_fields
 
+    from opdgeo.cli.output import check_folder, publish
+
+    check_folder("--out", out)  # before any work
     run_map = _parse_runs(runs, run_dir)
     origin_map = _parse_origins(origins, run_map)
     options = TrajectoryOptions(matrices=matrices, k_hill=k_hill, sim_k=sim_k, lock_threshold=lock_threshold,
@@ -124,10 +133,10 @@ def trajectory_cmd(run_dir, origins, runs, out, matrices, k_hill, sim_k, lock_th
     with flags_for_fields(_FLAGS), dist_context() as (rank_id, _):
         result = trajectory(run_map, origin_map, options, overlap=False if no_overlap else None)
         if rank_id == 0:
-            if out is not None:
-                paths = result.write(out)
-                click.echo(f"wrote {len(paths)} files to {out}", err=True)
             print_result(result)
+            if out is not None:
+                paths = publish(result.write, out, flag="--out", command="trajectory")
+                click.echo(f"wrote {len(paths)} files to {out}", err=True)
 
 
 def _fmt(x, spec=".4g") -> str:

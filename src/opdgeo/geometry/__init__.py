@@ -5,6 +5,7 @@ Pairwise diagnostics (SPEC §1): ``sparsity`` (bf16-aware update masks), ``spect
 angles), ``masks`` (principal / low-magnitude masks and their overlap with the update),
 ``norms`` (‖ΔW‖_F in float64 blocks).
 Trajectory diagnostics (SPEC §2): ``lowrank``, ``subspace``, ``overlap``.
+Subspace-projected training (SPEC §3): ``rowspace`` (an update kept inside span(V_K)).
 """
 
 from opdgeo.geometry.angles import principal_angles
@@ -19,6 +20,7 @@ from opdgeo.geometry.sparsity import (
     legacy_unchanged_mask,
 )
 from opdgeo.geometry.norms import update_norms
+from opdgeo.geometry.rowspace import out_of_span_energy, project_change, project_rows
 from opdgeo.geometry.spectrum import (
     Subspaces,
     normalized_spectral_shift,
@@ -38,8 +40,11 @@ __all__ = [
     "low_magnitude_mask",
     "mask_overlap",
     "normalized_spectral_shift",
+    "out_of_span_energy",
     "principal_angles",
     "principal_mask",
+    "project_change",
+    "project_rows",
     "singular_values",
     "top_singular_subspaces",
     "update_norms",

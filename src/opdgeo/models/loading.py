@@ -152,6 +152,8 @@ def load_model(source: str | Path, *, dtype=None, allow_pickle: bool = False):
     Raises:
         ConfigError: missing source, no safetensors weights (and not ``allow_pickle``), or a
             folder transformers cannot load.
+        CheckpointError: a truncated or corrupt safetensors file (naming the file and the
+            tensor), found from the headers before transformers reads anything.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -163,6 +165,10 @@ def load_model(source: str | Path, *, dtype=None, allow_pickle: bool = False):
         if any(folder.glob("pytorch_model*.bin")):
             raise ConfigError(f"{folder}: only pickled weights (pytorch_model*.bin); pass allow_pickle to load them")
         raise ConfigError(f"{folder}: no *.safetensors weights")
+    if has_safetensors:
+        from opdgeo.checkpoints import open_checkpoint
+
+        open_checkpoint(folder)  # headers only: a truncated or corrupt file is named with its tensor
     try:
         model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=dtype, local_files_only=True, use_safetensors=has_safetensors or not allow_pickle

@@ -105,7 +105,8 @@ def write_compare(result, out_dir: str | os.PathLike, *, figures: bool = True) -
         ``angles.safetensors`` (kept angles) and the expert heatmap (``figures``, experts).
 
     Raises:
-        FieldError: (field ``out``) the folder cannot be created or written.
+        OutputError: the folder cannot be created or written (nothing of this call is
+            left in it).
     """
     with output_folder(out_dir) as out:
         paths = [out / "matrices.csv", out / "summary.json", out / "summary.md"]
@@ -118,4 +119,4 @@ def write_compare(result, out_dir: str | os.PathLike, *, figures: bool = True) -
             from opdgeo.report.figures import write_expert_figures
 
             paths += write_expert_figures(result.summary["by_expert"], out)
-    return paths
+    return [Path(out_dir) / p.relative_to(out) for p in paths]

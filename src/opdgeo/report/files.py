@@ -17,22 +17,30 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from opdgeo.errors import FieldError
-from opdgeo.files import atomic_write_text
+from opdgeo.errors import OutputError
+from opdgeo.files import atomic_write_text, staged_folder
 
 __all__ = ["csv_text", "json_safe", "output_folder", "write_json"]
 
 
 @contextlib.contextmanager
 def output_folder(out_dir: str | os.PathLike) -> Iterator[Path]:
-    """Yield ``out_dir`` as a created folder; an ``OSError`` while creating or writing
-    into it becomes ``FieldError`` (field ``out``) naming the folder."""
+    """Yield a staging folder whose files appear in ``out_dir`` together, once all are
+    written (``opdgeo.files.staged_folder``); an ``OSError`` while creating or writing
+    becomes ``OutputError`` naming the folder, and leaves ``out_dir`` as it was (no
+    temporary files). Writers name their files by the yielded folder; the published paths
+    are ``out_dir / name``."""
     out = Path(out_dir)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        yield out
+        with staged_folder(out) as stage:
+            yield stage
     except OSError as err:
-        raise FieldError([("out", f"{out}: cannot write ({err.strerror or err})")]) from None
+        where = f"{Path(err.filename).name}: " if getattr(err, "filename", None) else ""
+        raise OutputError(f"{out}: cannot write ({where}{err.strerror or err})") from None
+    except Exception as err:  # safetensors reports a full disk as its own error type
+        if type(err).__name__ != "SafetensorError":
+            raise
+        raise OutputError(f"{out}: cannot write ({err})") from None
 
 
 def json_safe(obj: Any) -> Any:

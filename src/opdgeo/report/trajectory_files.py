@@ -19,7 +19,8 @@ def write_trajectory(result, out_dir: str | os.PathLike, *, figures: bool = True
         The paths written: the three tables, then the figures (``report.figures``).
 
     Raises:
-        FieldError: (field ``out``) the folder cannot be created or written.
+        OutputError: the folder cannot be created or written (nothing of this call is
+            left in it).
     """
     from opdgeo.analysis.trajectory import COLUMNS, OVERLAP_COLUMNS
 
@@ -32,4 +33,4 @@ def write_trajectory(result, out_dir: str | os.PathLike, *, figures: bool = True
             from opdgeo.report.figures import write_trajectory_figures
 
             paths += write_trajectory_figures(result.summary, out)
-    return paths
+    return [Path(out_dir) / p.relative_to(out) for p in paths]

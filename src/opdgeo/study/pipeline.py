@@ -16,8 +16,8 @@ documented schemas into the run folder::
 
 Stage order: base, teacher, eval_base, eval_teacher, then per run ``<run>`` (train),
 ``eval_<run>``, ``compare_<run>``; ``trajectory_main`` (SFT, OPD, RLVR, with the OPD/RLVR
-cross-run overlap), ``trajectory_<run>`` for the other runs (a seed repeat together with
-its seed-0 run and their overlap, the noise floor of the OPD/RLVR overlap); ``report`` last.
+cross-run overlap), ``trajectory_<run>`` for the other runs (another seed of OPD or RLVR together
+with its seed-0 run and their overlap, the noise floor of the OPD/RLVR overlap); ``report`` last.
 
 Soft stages (every evaluation and diagnostic, and the control runs) do not stop the
 study when they fail: they are recorded as failed with their error and the report lists
@@ -38,6 +38,7 @@ import subprocess
 from pathlib import Path
 
 from opdgeo.errors import ConfigError
+from opdgeo.study.data import TEACHER_SFT, task_section
 from opdgeo.study.presets import ModelSpec, RunSpec, StudyPreset
 from opdgeo.study.stages import Stage, StageContext, StageUnavailable
 
@@ -66,21 +67,16 @@ def study_info(preset: StudyPreset) -> dict:
                 "batch_size": r.batch_size, "samples_per_prompt": r.samples_per_prompt, "lr": r.optim.lr,
                 "token_keep": list(r.token_keep) if r.token_keep else None, "rollout_policy": r.rollout_policy,
                 "mix_alpha": r.mix_alpha, "project_rank": r.project_rank, "checkpoint_steps": r.checkpoint_steps(),
+                "seed": r.seed, "seed_of": r.seed_of,
             }
             for r in preset.runs
         ],
+        "mixing_panel": [{"alpha": a, "run": name} for a, name in preset.mixing_panel()],
+        "dedup": preset.dedup,
+        "demonstrations": preset.demonstrations,
         "eval": _asdict(preset.eval),
         "diagnose": _asdict(preset.diagnose),
     }
-
-
-def _task_spec(preset: StudyPreset) -> str:
-    return preset.task
-
-
-def _train_problems(preset: StudyPreset) -> int | None:
-    """Training problems drawn from the task (the arithmetic task's small difficulties hold few)."""
-    return None
 
 
 def run_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -117,7 +113,7 @@ def train_config_dict(run: RunSpec, preset: StudyPreset, *, student: str, teache
     needs_teacher = run.objective == "opd" or run.mix_alpha is not None
     cfg = {
         "model": {"student": student, "teacher": teacher if needs_teacher else None, "init_seed": run.seed},
-        "task": {"spec": _task_spec(preset), "split": "train", "num_problems": _train_problems(preset)},
+        "task": task_section(preset, run),
         "rollout": {"group_size": run.samples_per_prompt if run.objective != "sft" else 1,
                     "temperature": run.temperature, "max_new_tokens": run.max_new_tokens},
         "optim": {
@@ -129,14 +125,17 @@ def train_config_dict(run: RunSpec, preset: StudyPreset, *, student: str, teache
         },
         "objective": objective,
         "checkpoint": {"every": every, "dtype": preset.dtype},
-        "run": {"out_dir": str(out_dir), "seed": run.seed, "progress": False},
+        # progress on: a live bar in a terminal, a plain line every <= 30 s in a log; how it
+        # is shown is not part of the stage's cache key (the key is the RunSpec)
+        "run": {"out_dir": str(out_dir), "seed": run.seed, "progress": True},
     }
     if run.rollout_policy != "student":
         cfg["rollout"]["policy"] = run.rollout_policy  # the core's off-policy clip default (1.0) applies
     if run.token_keep is not None:
         cfg["token_keep"] = {"mode": run.token_keep[0], "fraction": run.token_keep[1]}
     if run.project_rank is not None:
-        cfg["project"] = {"from": project_from, "rank": run.project_rank, "origin": project_origin}
+        cfg["project"] = {"from": project_from, "rank": run.project_rank, "origin": project_origin,
+                          "mode": run.project_mode}
     return cfg
 
 
@@ -228,7 +227,7 @@ def _teacher_fn(preset: StudyPreset, launcher: str | None):
             info = {"path": str(pre)}
         if not spec.sft_steps:
             return info
-        run = RunSpec(name="teacher_sft", objective="sft", init="base", steps=spec.sft_steps,
+        run = RunSpec(name=TEACHER_SFT, objective="sft", init="base", steps=spec.sft_steps,
                       batch_size=spec.sft_batch, optim=dataclasses.replace(preset.run("sft").optim, lr=spec.sft_lr, schedule="constant",
                                                                 warmup_fraction=0.0, weight_decay=0.0),
                       checkpoint_every=1.0, seed=spec.seed)
@@ -297,6 +296,8 @@ def _eval_fn(preset: StudyPreset, name: str, role: str, dep: str, key: str):
         if on_gpu:
             model = model.to("cuda")
         tok = load_tokenizer(path)
+        if e.suite is not None:
+            return _suite_eval(model, tok, preset, ctx, name=name, role=role, path=path)
         task = load_task(preset.task)
         k = 1 if e.temperature == 0 else e.k
         res = evaluate(model, tok, task, split=e.split, n=e.n_problems, k=k, temperature=e.temperature,
@@ -312,6 +313,28 @@ def _eval_fn(preset: StudyPreset, name: str, role: str, dep: str, key: str):
         return {"accuracy": acc}
 
     return fn
+
+
+def _suite_eval(model, tok, preset: StudyPreset, ctx: StageContext, *, name: str, role: str, path) -> dict:
+    """Evaluate on the preset's suite (``evaluate_suite``); write ``<task>.jsonl``,
+    ``summary.json`` and ``eval.json`` (``accuracy`` = the headline). The refusal of
+    training rows ran once, before any stage (``run_study``: ``check_study_eval``)."""
+    from opdgeo.study.data import eval_suite
+    from opdgeo.training.evaluate import evaluate_suite
+
+    res = evaluate_suite(model, tok, eval_suite(preset), seed=0, out_dir=ctx.dir)
+    head = res.results[res.headline]
+    rec = {"name": name, "role": role, "checkpoint": str(path), "accuracy": float(res.headline_value),
+           "n_problems": head.n, "k": head.k, "temperature": head.temperature, "n_samples": head.n * head.k,
+           "stderr": _problem_stderr([r["accuracy"] for r in head.records]),
+           "mean_response_tokens": head.mean_response_tokens, "truncated_fraction": head.truncated_fraction,
+           "headline": res.headline, "suite": res.summary()}
+    from opdgeo.files import atomic_write_text
+
+    atomic_write_text(ctx.dir / "eval.json", json.dumps(rec, indent=2) + "\n")
+    ctx.log(f"    {name}: {res.headline} avg@{head.k} {res.headline_value:.4f}; " + ", ".join(
+        f"{t} {r.avg_at_k:.4f}" for t, r in res.results.items() if t != res.headline))
+    return {"accuracy": float(res.headline_value)}
 
 
 def _problem_stderr(per_problem: list[float]) -> float | None:
@@ -398,7 +421,8 @@ def build_stages(preset: StudyPreset, *, launcher: str | None = None) -> list[St
     subprocesses of the public CLI; it does not change what is computed, so it is not
     part of the cache keys.
     """
-    v = {"study_version": STUDY_VERSION, "task": preset.task, "dtype": preset.dtype}
+    v = {"study_version": STUDY_VERSION, "task": preset.task, "dtype": preset.dtype, "dedup": preset.dedup,
+         "demonstrations": preset.demonstrations}
     stages: list[Stage] = [
         Stage("base", "model", "models/base", {**v, "spec": _asdict(preset.base)}, _base_fn(preset)),
         Stage("teacher", "model", "models/teacher",
@@ -406,6 +430,10 @@ def build_stages(preset: StudyPreset, *, launcher: str | None = None) -> list[St
               _teacher_fn(preset, launcher), resumable=True),
     ]
     ev = _asdict(preset.eval)
+    if preset.eval.suite is not None:  # the suite's tasks, not only its name, determine the outputs
+        from opdgeo.study.data import eval_suite
+
+        ev["suite_tasks"] = _asdict(eval_suite(preset))
     stages.append(Stage("eval_base", "eval", "eval/base", {**v, "eval": ev}, _eval_fn(preset, "base", "base student", "base", "path"), deps=("base",), soft=True))
     stages.append(Stage("eval_teacher", "eval", "eval/teacher", {**v, "eval": ev},
                         _eval_fn(preset, "teacher", "teacher", "teacher", "path"), deps=("teacher",), soft=True))
@@ -419,9 +447,16 @@ def build_stages(preset: StudyPreset, *, launcher: str | None = None) -> list[St
         control = run.name not in ("sft", "opd", "rlvr")
         stages.append(Stage(run.name, "train", f"runs/{run.name}", {**v, "run": _asdict(run)},
                             _run_fn(run, preset, launcher), deps=deps, resumable=True, soft=control))
-        role = "SFT anchor" if run.name == "sft" else ("projected" if run.project_rank else run.group)
+        role = "SFT anchor" if run.name == "sft" else (
+            ("projected" if run.project_mode == "project" else "freeze-only") if run.project_rank else run.group)
         stages.append(Stage(f"eval_{run.name}", "eval", f"eval/{run.name}", {**v, "eval": ev},
                             _eval_fn(preset, run.name, role, run.name, "final"), deps=(run.name,), soft=True))
+        if run.project_rank and run.project_mode == "project" and run.seed_of is None:
+            # the checkpoint every seed of the projected run restarts from (the seed-0 source run's)
+            start = f"{run.name}_start"
+            stages.append(Stage(f"eval_{start}", "eval", f"eval/{start}", {**v, "eval": ev},
+                                _eval_fn(preset, start, "projection start", run.name, "init"), deps=(run.name,),
+                                soft=True))
         d = preset.diagnose
         stages.append(Stage(f"compare_{run.name}", "compare", f"diagnose/compare/{run.name}",
                             {**v, "k": d.k, "rank": d.rank, "alpha": d.alpha, "eta": d.eta},
@@ -436,9 +471,8 @@ def build_stages(preset: StudyPreset, *, launcher: str | None = None) -> list[St
         if run.name in main:
             continue
         runs, pairs = [run.name], []
-        if run.group == "seeds":  # the same method with another seed: its overlap is the noise floor of OPD-vs-RLVR
-            src = run.name.rsplit("_seed", 1)[0]
-            runs, pairs = [src, run.name], [(src, run.name)]
+        if run.seed_of in ("opd", "rlvr"):  # the same method with another seed: the noise floor of the OPD-RLVR overlap
+            runs, pairs = [run.seed_of, run.name], [(run.seed_of, run.name)]
         stages.append(Stage(f"trajectory_{run.name}", "trajectory", f"diagnose/trajectory/{run.name}",
                             {**tcfg, "runs": runs, "overlap": pairs}, _trajectory_fn(preset, runs, pairs),
                             deps=tuple(runs), soft=True))

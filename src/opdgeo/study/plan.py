@@ -141,7 +141,8 @@ def _fmt_params(n: int | None) -> str:
 
 
 def _run_text(r: RunSpec) -> str:
-    parts = [f"{r.objective}", f"from {r.init}", f"{r.steps} steps", f"batch {r.batch_size}"]
+    steps = f"{r.steps} steps" + (f" ({r.epochs:g} epochs)" if r.epochs is not None else "")
+    parts = [f"{r.objective}", f"from {r.init}", steps, f"batch {r.batch_size}"]
     if r.objective != "sft":
         parts.append(f"x{r.samples_per_prompt} samples")
     parts.append(f"lr {r.optim.lr:g} {r.optim.schedule}" + (f"->{r.optim.min_lr:g}" if r.optim.schedule == "cosine" else ""))
@@ -154,8 +155,11 @@ def _run_text(r: RunSpec) -> str:
     if r.mix_alpha is not None:
         parts.append(f"alpha {r.mix_alpha}")
     if r.project_rank:
-        parts.append(f"projected K={r.project_rank}")
+        parts.append(f"projected K={r.project_rank}" if r.project_mode == "project"
+                     else f"freeze-only control (K={r.project_rank} frozen set, no projection)")
     parts.append("ckpts " + "/".join(map(str, r.checkpoint_steps())))
+    if r.seed_of is not None:
+        parts.append(f"seed {r.seed} of {r.seed_of}")
     return ", ".join(parts)
 
 
@@ -176,7 +180,7 @@ def plan_rows(preset: StudyPreset, stages, statuses: dict[str, str] | None = Non
                 what += f", SFT {spec.sft_steps} steps lr {spec.sft_lr:g}"
         elif s.kind == "eval":
             e = preset.eval
-            what = f"avg@{e.k} on {e.n_problems} {e.split} problems, T={e.temperature}"
+            what = (f"suite {e.suite}" if e.suite else f"avg@{e.k} on {e.n_problems} {e.split} problems, T={e.temperature}")
         elif s.kind == "compare":
             what = f"origin -> {s.deps[0]} final (k={preset.diagnose.k}, r={preset.diagnose.rank}, alpha={preset.diagnose.alpha})"
         elif s.kind == "trajectory":
@@ -188,14 +192,24 @@ def plan_rows(preset: StudyPreset, stages, statuses: dict[str, str] | None = Non
 
 
 def format_plan(preset: StudyPreset, stages, statuses: dict[str, str] | None = None, *,
-                config_problems: dict[str, str] | None = None, launcher: str | None = None) -> str:
-    """The plain-text plan: stages, sizes, memory estimate with its formula, time, launch."""
-    lines = [f"opdgeo study --preset {preset.name}: {preset.description}", f"task: {preset.task}; checkpoints: {preset.dtype}", ""]
+                config_problems: dict[str, str] | None = None, launcher: str | None = None,
+                data_plan: str | None = None) -> str:
+    """The plain-text plan: stages, data, sizes, memory estimate with its formula, time, launch."""
+    demos = "the task's solutions" if preset.demonstrations is None else preset.demonstrations
+    evals = f"suite {preset.eval.suite}" if preset.eval.suite else f"{preset.eval.split} split of the task"
+    lines = [f"opdgeo study --preset {preset.name}: {preset.description}",
+             f"task: {preset.task} (dedup {'on' if preset.dedup else 'off'}); SFT demonstrations: {demos}; "
+             f"evaluation: {evals}; checkpoints: {preset.dtype}", ""]
     rows = plan_rows(preset, stages, statuses)
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
     for name, kind, what, status in rows:
         lines.append(f"  {name:<{w0}}  {kind:<{w1}}  {what}" + (f"  [{status}]" if status else ""))
+    if data_plan:
+        lines += ["", data_plan.rstrip("\n")]
+    panel = preset.mixing_panel()
+    if panel:
+        lines += ["", "mixing sweep (alpha: run): " + ", ".join(f"{a:g}: {n}" for a, n in panel)]
     sa, ta = model_arch(preset.base), model_arch(preset.teacher)
     ps = count_parameters(sa) if sa else None
     pt = count_parameters(ta) if ta else None

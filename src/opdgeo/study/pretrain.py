@@ -84,7 +84,8 @@ def pretrain(
         block_size: tokens per block.
         seed: batch-order seed.
         weight_decay, betas: AdamW settings.
-        log: optional progress printer (called every ~10 % of the steps).
+        log: when given, progress is shown (``training.progress.StepProgress``: a bar on a
+            terminal, a plain line at least every 30 s in a log).
 
     Returns:
         `PretrainStats`.
@@ -96,10 +97,21 @@ def pretrain(
     blocks = pack_documents(ids, tokenizer.eos_token_id, block_size)  # [N, L]
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(blocks), generator=gen)
-    pos = 0
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas, fused=True)
     warmup = max(1, steps // 10)
     model.train()
+    from opdgeo.training.progress import StepProgress
+
+    with StepProgress("pretrain", steps, enabled=log is not None) as progress:
+        first, last = _pretrain_steps(model, blocks, order, gen, opt, steps=steps, lr=lr, warmup=warmup,
+                                      batch_size=batch_size, progress=progress)
+    model.eval()
+    return PretrainStats(steps, first, last, time.perf_counter() - t0)
+
+
+def _pretrain_steps(model, blocks, order, gen, opt, *, steps, lr, warmup, batch_size, progress):
+    """The optimizer steps of ``pretrain``; returns the first and last loss."""
+    pos = 0
     first = last = math.nan
     for step in range(steps):
         if pos + batch_size > len(order):
@@ -116,7 +128,5 @@ def pretrain(
         last = float(loss.detach())
         if step == 0:
             first = last
-        if log and (step + 1) % max(1, steps // 10) == 0:
-            log(f"    pretrain step {step + 1}/{steps} loss {last:.4f}")
-    model.eval()
-    return PretrainStats(steps, first, last, time.perf_counter() - t0)
+        progress.update(step + 1, {"train/loss": last})
+    return first, last

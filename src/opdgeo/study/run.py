@@ -15,7 +15,7 @@ from opdgeo.study.plan import format_plan
 from opdgeo.study.presets import StudyPreset
 from opdgeo.study.stages import StageOutcome, read_marker, run_stages, select_stages, stage_keys
 
-__all__ = ["StudyResult", "run_study", "plan_text", "check_training_configs", "stage_statuses"]
+__all__ = ["StudyResult", "run_study", "plan_text", "data_plan", "check_training_configs", "stage_statuses"]
 
 
 @dataclass(frozen=True)
@@ -83,13 +83,41 @@ def stage_statuses(preset: StudyPreset, out: Path) -> dict[str, str]:
     return st
 
 
+def data_plan(preset: StudyPreset) -> tuple[StudyPreset, str]:
+    """``(preset with its steps resolved, the data plan's text)`` for ``--dry-run``.
+
+    Where the data cannot be read here, the preset is returned as given (runs in epochs
+    keep their estimated steps) and the text says why. An evaluation task that is training
+    data is refused either way it is known.
+
+    Raises:
+        ConfigError: an evaluation task whose problems are all training problems.
+    """
+    from opdgeo.study.data import check_study_eval, group_rows, resolve_steps, study_data_plan
+    from opdgeo.tasks.plan import format_data_plan
+
+    try:
+        resolved = resolve_steps(preset)
+        rows = study_data_plan(resolved)
+    except ConfigError as err:
+        return preset, f"data plan: not available here ({err}); runs given in epochs show their estimated steps"
+    overlaps = check_study_eval(resolved)
+    text = "data plan (deduplicated by normalized problem text; epochs = steps x batch / problems drawn):\n"
+    text += "\n".join("  " + line for line in format_data_plan(group_rows(rows)).splitlines())
+    for o in overlaps:
+        text += (f"\n  note: {o.shared} of {o.eval_problems} problems of eval task {o.eval_task} are training problems "
+                 f"of {o.train_spec} ({o.train_split})")
+    return resolved, text
+
+
 def plan_text(preset: StudyPreset, out: Path | None = None, *, launcher: str | None = None,
               select: Sequence[str] | None = None) -> str:
-    """The ``--dry-run`` text: validated plan, sizes, memory estimate, expected time."""
+    """The ``--dry-run`` text: validated plan, data plan, sizes, memory estimate, expected time."""
+    preset, data_text = data_plan(preset)
     stages = select_stages(build_stages(preset, launcher=launcher), select)
     problems = check_training_configs(preset)
     statuses = stage_statuses(preset, Path(out)) if out is not None and Path(out).is_dir() else None
-    return format_plan(preset, stages, statuses, config_problems=problems, launcher=launcher)
+    return format_plan(preset, stages, statuses, config_problems=problems, launcher=launcher, data_plan=data_text)
 
 
 def run_study(preset: StudyPreset, out: str | Path, *, fresh: bool = False, select: Sequence[str] | None = None,
@@ -102,16 +130,27 @@ def run_study(preset: StudyPreset, out: str | Path, *, fresh: bool = False, sele
 
     Raises:
         ConfigError: bad ``select`` names, or an invalid preset/training config, before any work.
+        LockedError: another study is using ``out`` (``opdgeo.locking``).
     """
+    from opdgeo.study.data import check_study_eval, resolve_steps
+
     out = Path(out)
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     t0 = time.perf_counter()
+    preset = resolve_steps(preset)  # runs given in epochs, from the data's counts
+    check_study_eval(preset)  # before any work: no evaluation on training rows
     stages = build_stages(preset, launcher=launcher)
     select_stages(stages, select)  # validate names before any work
     problems = check_training_configs(preset)
     for run, msg in problems.items():
         log(f"note: run {run} uses a control the training core rejects; it will be reported as not measured ({msg[:160]})")
-    out.mkdir(parents=True, exist_ok=True)
+    from opdgeo.locking import hold_folder
+
+    with hold_folder(out, what="study folder"):  # one study per folder (two would mix their markers)
+        return _run_locked(preset, out, stages, select=select, fresh=fresh, log=log, t0=t0)
+
+
+def _run_locked(preset: StudyPreset, out: Path, stages, *, select, fresh: bool, log, t0: float) -> StudyResult:
     (out / "study.json").write_text(json.dumps(study_info(preset), indent=2) + "\n")
     import torch
     import transformers

@@ -15,6 +15,11 @@ A `Stage` is a named step with a JSON-able configuration, the stages it reads fr
   ``ctx.resume = True`` and continues from its last checkpoint (the trainer's resume);
   a non-resumable one is wiped and redone.
 - **Fresh.** ``fresh=True`` wipes and redoes every selected stage.
+- **Validated reuse.** The marker records every output file's size and SHA-256
+  (``output_manifest``; large weights: size, and a valid safetensors header). A cached
+  stage whose outputs no longer match (``output_damage``: a file cut short, edited or
+  removed) is not reused: it is logged with the damaged file, wiped and redone (and the
+  stages after it, whose inputs changed), so a report never shows a damaged table as blank.
 - **Unavailable.** A stage function may raise `StageUnavailable` (a component it needs is
   missing, e.g. a training control not implemented); it is reported, not cached, and the
   stages depending on it are skipped. The report marks what could not be measured.
@@ -210,6 +215,78 @@ def _is_done(out: Path, stage: Stage, key: str, markers: dict[str, dict | None])
     return True
 
 
+HASH_LIMIT = 64 << 20
+"""Stage output files up to this size get a SHA-256 in the marker; larger ones (model
+weights of the bigger presets) are checked by size and, for safetensors, by their header
+(truncation, corrupt offsets), so reusing a cached stage never reads gigabytes."""
+_NOT_OUTPUTS = {".stage_key", "error.txt", ".lock"}
+
+
+def _output_files(sdir: Path) -> list[Path]:
+    from opdgeo.files import is_temporary
+
+    out = []
+    for p in sorted(sdir.rglob("*")):
+        rel = p.relative_to(sdir)
+        if p.is_file() and rel.name not in _NOT_OUTPUTS and not any(is_temporary(part) for part in rel.parts):
+            out.append(p)
+    return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def output_manifest(sdir: Path) -> dict[str, dict]:
+    """``{relative path: {"size", "sha256"}}`` of a finished stage's outputs (no hash above
+    ``HASH_LIMIT``); recorded in the stage's marker when it completes."""
+    files = {}
+    for p in _output_files(sdir):
+        size = p.stat().st_size
+        files[p.relative_to(sdir).as_posix()] = {"size": size, "sha256": _sha256(p) if size <= HASH_LIMIT else None}
+    return files
+
+
+def output_damage(sdir: Path, manifest: dict | None) -> str | None:
+    """What is wrong with a cached stage's outputs, or None when they are as completed.
+
+    With a manifest: every file present with its size and content hash, a large
+    safetensors file with a valid header. Without one (a marker from before manifests):
+    every ``*.json`` output must parse. The answer names the file.
+    """
+    if manifest is None:
+        for p in _output_files(sdir) if sdir.is_dir() else []:
+            if p.suffix == ".json":
+                try:
+                    json.loads(p.read_text())
+                except (OSError, ValueError):
+                    return f"{p}: not valid JSON"
+        return None
+    for rel, rec in manifest.items():
+        p = sdir / rel
+        try:
+            size = p.stat().st_size
+        except OSError:
+            return f"{p}: missing"
+        if size != rec.get("size"):
+            return f"{p}: {size} bytes, {rec.get('size')} when the stage finished"
+        if rec.get("sha256") is not None and _sha256(p) != rec["sha256"]:
+            return f"{p}: content differs from when the stage finished"
+        if rec.get("sha256") is None and p.suffix == ".safetensors":
+            from opdgeo.checkpoints.safetensors_file import read_header
+            from opdgeo.errors import CheckpointError
+
+            try:
+                read_header(p)
+            except CheckpointError as err:
+                return str(err)
+    return None
+
+
 def _wipe(path: Path) -> None:
     if path.is_dir():
         shutil.rmtree(path)
@@ -258,6 +335,11 @@ def run_stages(
         for s in stages:
             key = keys[s.name]
             done = _is_done(out, s, key, markers)
+            damage = output_damage(out / s.path, markers[s.name].get("outputs")) if done and s.path else None
+            if damage:
+                log(f"stage {s.name}: its cached output is damaged ({damage}); "
+                    + ("redoing it" if s.name in chosen else f"not used (rerun with --stages {s.name})"))
+                done, markers[s.name] = False, None
             if s.name not in chosen:
                 st = "cached" if done else "pending"
                 m = markers.get(s.name) or {}
@@ -285,7 +367,7 @@ def run_stages(
             resume = False
             if s.path:
                 started_same = key_file.is_file() and key_file.read_text().strip() == key
-                if started_same and s.resumable and not fresh:
+                if started_same and s.resumable and not fresh and not damage:
                     resume = True
                 else:
                     _wipe(sdir)
@@ -331,12 +413,14 @@ def run_stages(
                 "resumed": resume,
                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "summary": summary,
+                "outputs": output_manifest(sdir) if s.path else None,
             }
             _write_json_atomic(_marker_path(out, s.name), marker)
             markers[s.name] = marker
             summaries[s.name] = summary
             outcomes[s.name] = StageOutcome(s.name, s.kind, "resumed" if resume else "ran", seconds, summary=summary,
-                                            cpu_seconds=cpu)
+                                            cpu_seconds=cpu, reason=f"redone: cached output damaged ({damage})"
+                                            if damage else "")
             log(f"{prefix}: done in {seconds:.1f} s")
             write_timings(out, stages, outcomes, time.perf_counter() - t_start, timings_meta or {})
     finally:

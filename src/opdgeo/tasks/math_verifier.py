@@ -18,6 +18,7 @@ import select
 import subprocess
 import sys
 import threading
+import time
 
 from opdgeo.tasks.answers import extract_answer, last_boxed
 from opdgeo.tasks.base import Verdict
@@ -72,36 +73,82 @@ class MathVerifier:
             raise ConfigError(f"math verifier: timeout_s must be > 0; got {timeout_s!r}")
         self.timeout_s = float(timeout_s)
         self._proc: subprocess.Popen | None = None
+        self._standby: subprocess.Popen | None = None  # warm spare: takes over when a check hangs
+        self.restarts = 0
         self._lock = threading.Lock()
         self.counts = {"correct": 0, "wrong": 0, "no_answer": 0, "error": 0, "timeout": 0}
 
-    def _start(self) -> None:
+    def _spawn(self) -> subprocess.Popen:
+        """Start a worker and send it a warm-up check (its reply is read by ``_ready``)."""
         # A plain subprocess (not multiprocessing): nothing of the caller's __main__ is
         # re-imported, so it works from scripts, notebooks and threads alike.
-        self._proc = subprocess.Popen(
+        proc = subprocess.Popen(
             [sys.executable, "-c", "from opdgeo.tasks.math_verifier import _worker_main; _worker_main()"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1,
         )
+        proc.stdin.write(json.dumps(["1", "1", 1]) + "\n")
+        proc.stdin.flush()
+        proc.warm = False
+        return proc
+
+    @staticmethod
+    def _ready(proc: subprocess.Popen, timeout: float) -> bool:
+        """True once the worker has answered its warm-up check (waiting up to ``timeout`` s)."""
+        if not proc.warm:
+            ready, _, _ = select.select([proc.stdout], [], [], timeout)
+            proc.warm = bool(ready) and bool(proc.stdout.readline())
+        return proc.warm
+
+    @staticmethod
+    def _stop(proc: subprocess.Popen | None) -> None:
+        if proc is None:
+            return
+        proc.kill()
+        proc.wait(timeout=10)
+        for f in (proc.stdin, proc.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
 
     def _kill(self) -> None:
-        if self._proc is not None:
-            self._proc.kill()
-            self._proc.wait(timeout=10)
-            for f in (self._proc.stdin, self._proc.stdout):
-                try:
-                    f.close()
-                except OSError:
-                    pass
-        self._proc = None
+        """Stop the worker and its standby."""
+        self._stop(self._proc)
+        self._stop(self._standby)
+        self._proc = self._standby = None
 
-    def _ask(self, gold: str, predicted: str, timeout: float):
+    def _replace(self) -> None:
+        """Drop the active worker (hung or dead); the warm standby takes over at once and
+        a new standby starts warming, so the next check does not wait for a cold start."""
+        self._stop(self._proc)
+        self._proc, self._standby = self._standby, None
+
+    def _active(self) -> subprocess.Popen:
+        """The worker to ask, started (the first time: waited for up to 120 s) and warm."""
+        if self._proc is not None and self._proc.poll() is not None:
+            self._replace()
+        if self._proc is None:
+            self._proc = self._spawn()
+        if not self._ready(self._proc, 0):
+            t0 = time.perf_counter()
+            if not self._ready(self._proc, 120):
+                raise EOFError("worker did not start within 120 s")
+            if self.restarts:
+                log.warning("math-verify: waited %.1f s for a restarted worker (two hung checks in a row)",
+                            time.perf_counter() - t0)
+        if self._standby is None or self._standby.poll() is not None:
+            self._stop(self._standby)
+            self._standby = self._spawn()
+        return self._proc
+
+    def _ask(self, proc: subprocess.Popen, gold: str, predicted: str, timeout: float):
         """Send one request; the reply, or None if none came within timeout seconds."""
-        self._proc.stdin.write(json.dumps([gold, predicted, max(1, int(self.timeout_s))]) + "\n")
-        self._proc.stdin.flush()
-        ready, _, _ = select.select([self._proc.stdout], [], [], timeout)
+        proc.stdin.write(json.dumps([gold, predicted, max(1, int(self.timeout_s))]) + "\n")
+        proc.stdin.flush()
+        ready, _, _ = select.select([proc.stdout], [], [], timeout)
         if not ready:
             return None
-        line = self._proc.stdout.readline()
+        line = proc.stdout.readline()
         if not line:
             raise EOFError("worker exited")
         return json.loads(line)
@@ -134,21 +181,21 @@ class MathVerifier:
         return verdict
 
     def _check_remote(self, gold: str, predicted: str) -> Verdict:
-        # Worker startup (interpreter + sympy import) is not charged to the per-answer limit.
+        # Only the first worker's cold start (interpreter + sympy import) is not charged to an
+        # answer: a hung check's worker is replaced by the warm standby, so the next check
+        # gets its whole timeout_s.
         with self._lock:
             try:
-                if self._proc is None or self._proc.poll() is not None:
-                    self._kill()
-                    self._start()
-                    if self._ask("1", "1", 120) is None:
-                        raise EOFError("worker did not start within 120 s")
-                reply = self._ask(gold, predicted, self.timeout_s)
+                proc = self._active()
+                reply = self._ask(proc, gold, predicted, self.timeout_s)
             except (BrokenPipeError, EOFError, OSError, ValueError) as err:
-                self._kill()
+                self._replace()
+                self.restarts += 1
                 log.warning("math-verify worker failed on answer %r (%s); scored wrong", predicted[:80], err)
                 return Verdict(False, "error")
             if reply is None:
-                self._kill()
+                self._replace()
+                self.restarts += 1
                 log.warning("math-verify timed out after %.1f s on answer %r; scored wrong", self.timeout_s,
                             predicted[:80])
                 return Verdict(False, "timeout")

@@ -21,7 +21,6 @@ import json
 import os
 import pickle
 import random
-import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch
 
 from opdgeo.checkpoints.steps import STEP_RE, list_step_dirs, step_dir_name
 from opdgeo.errors import CheckpointError
-from opdgeo.files import TMP_PREFIX, atomic_folder, atomic_write_text
+from opdgeo.files import atomic_folder, atomic_write_text, clean_temporaries, restore_aside
 
 __all__ = [
     "STEP_RE",
@@ -59,7 +58,9 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
 
 
 def latest_resumable(run_dir: str | Path) -> Path | None:
-    """The last step folder that carries a complete ``trainer_state/`` (None if there is none)."""
+    """The last step folder that carries a complete ``trainer_state/`` (None if there is none);
+    a step folder a kill left renamed aside mid-replacement is put back first."""
+    restore_aside(run_dir)
     for _, path in reversed(list_checkpoints(run_dir)):
         if (path / "trainer_state" / "state.json").is_file():
             return path
@@ -67,12 +68,9 @@ def latest_resumable(run_dir: str | Path) -> Path | None:
 
 
 def remove_partial(run_dir: str | Path) -> list[Path]:
-    """Delete temporary folders left by a killed save; returns what was removed."""
-    run_dir = Path(run_dir)
-    removed = [p for p in run_dir.glob(TMP_PREFIX + "*") if p.is_dir()] if run_dir.is_dir() else []
-    for p in removed:
-        shutil.rmtree(p, ignore_errors=True)
-    return removed
+    """Delete what a killed save left (``opdgeo.files.clean_temporaries``: a previous step
+    folder renamed aside is restored, never deleted); returns what was removed."""
+    return clean_temporaries(run_dir)
 
 
 # ------------------------------------------------------------------------------- RNG

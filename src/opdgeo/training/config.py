@@ -34,6 +34,7 @@ from typing import Any
 import yaml
 
 from opdgeo.errors import ConfigError
+from opdgeo.training.config_file import MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH, MAX_CONFIG_NODES, read_config_file
 
 __all__ = [
     "ModelConfig",
@@ -53,6 +54,9 @@ __all__ = [
     "config_to_dict",
     "apply_overrides",
     "parse_override",
+    "MAX_CONFIG_BYTES",
+    "MAX_CONFIG_DEPTH",
+    "MAX_CONFIG_NODES",
 ]
 
 OBJECTIVES = ("sft", "rlvr", "opd")
@@ -61,6 +65,7 @@ SIGNALS = ("rlvr", "opd")
 SCHEDULES = ("constant", "cosine")
 SAVE_DTYPES = ("bfloat16", "float16", "float32")
 TOKEN_KEEP_MODES = ("none", "topkl", "random")
+PROJECT_MODES = ("project", "freeze")
 MONITOR_MATRICES = ("attention", "all")
 
 
@@ -116,7 +121,10 @@ class RolloutConfig:
     group_size: int = 8
     """G, samples per prompt. RLVR needs G >= 2 (group-normalized reward)."""
     temperature: float = 1.0
-    """Sampling temperature (> 0). The teacher always scores at temperature 1."""
+    """Sampling temperature. Must be 1 for rlvr/opd: the surrogate's ratio, the behaviour
+    log-probs and the OPD gap (student and teacher) are all the temperature-1 policy
+    (SPEC §3), so sampling at another temperature would silently be off-policy; the config
+    refuses it rather than train on a distribution it does not score."""
     max_new_tokens: int = 64
     """Longest response; generation stops earlier at EOS."""
     policy: str = "student"
@@ -227,13 +235,19 @@ class ProjectConfig:
     start: str | int | None = None
     """YAML key ``from``. None: no projection. A checkpoint folder: the student starts from
     it (its fp32 master weights when it has ``trainer_state/``, else its weights) at its
-    step, with a fresh optimizer over the projected matrices, and V_K comes from its ΔW. An
+    step, with its AdamW state for the projected matrices (from its ``trainer_state/``; fresh
+    when it has none), and V_K comes from its ΔW. An
     integer S: train normally to step S, then take V_K from the current ΔW and project
     from step S+1 on (optimizer state kept)."""
     rank: int = 16
     """K, the number of top right singular vectors of each ΔW kept (≤ min(m, n))."""
     origin: str | None = None
     """W_origin of ΔW = W_from − W_origin (e.g. the SFT anchor); default ``model.student``."""
+    mode: str = "project"
+    """``"project"``: every gradient g → g V_K V_Kᵀ and every optimizer update D → D V_K V_Kᵀ
+    of the block matrices, so W − W_from stays in span(V_K). ``"freeze"``: the control with
+    the same restart and the same frozen parameters (everything but the block matrices) and
+    no projection; it logs how far its update leaves span(V_K)."""
 
 
 @dataclass(frozen=True)
@@ -269,6 +283,21 @@ class RunConfig:
     """M: ``geometry/locked_at`` is reported once Sim_16 has stayed ≥ 0.8 for M probes."""
     monitor_per_matrix: bool = False
     """Also log ``geometry/<metric>/<tensor>`` for every monitored matrix."""
+    answer_log_every: int = 10
+    """Answer log: every N steps (0: never) the main process re-checks a seeded sample of
+    the step's rollouts and appends, per rollout, the problem, the answer the verifier read
+    and its verdict to ``answers.jsonl`` (``opdgeo.training.data.log_answers``; RL objectives)."""
+    answer_log_samples: int = 4
+    """Rollouts recorded per logged step (all when the step has fewer)."""
+    report_to: tuple[str, ...] = ()
+    """Experiment trackers that mirror every ``metrics.jsonl`` record, through accelerate's
+    tracker API (``training/trackers.py``): any of ``REPORT_TO`` (tensorboard, wandb,
+    trackio, mlflow, comet_ml, aim, clearml, dvclive, swanlab). Their files go under
+    ``<out_dir>/trackers/``."""
+    report_offline: bool = True
+    """Start every tracker that has an offline mode in it (wandb, comet_ml, clearml,
+    swanlab; mlflow writes a local ``file:`` store unless ``MLFLOW_TRACKING_URI`` is set);
+    false: the trackers' own defaults (their servers, their credentials)."""
 
 
 @dataclass(frozen=True)
@@ -320,10 +349,21 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def apply_overrides(data: Mapping[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """Return a copy of the raw config mapping with dotted ``key=value`` overrides applied."""
+    """Return a copy of the raw config mapping with dotted ``key=value`` overrides applied.
+
+    Raises:
+        ConfigError: every malformed override at once, joined by "; ".
+    """
     out = _deep_copy(data)
+    parsed, problems = [], []
     for text in overrides:
-        key, value = parse_override(text)
+        try:
+            parsed.append(parse_override(text))
+        except ConfigError as err:
+            problems.append(str(err))
+    if problems:
+        raise ConfigError("; ".join(problems))
+    for key, value in parsed:
         parts = key.split(".")
         node = out
         for part in parts[:-1]:
@@ -378,6 +418,14 @@ def _coerce(value: Any, tp: Any, key: str, errors: list[str]) -> Any:
         if isinstance(value, str):
             return value
         errors.append(f"{key}: expected a string; got {value!r}")
+    elif origin is tuple and typing.get_args(tp)[1:] == (Ellipsis,):  # tuple[T, ...]: a list of any length
+        item = typing.get_args(tp)[0]
+        if isinstance(value, (list, tuple)):
+            sub = []
+            out = tuple(_coerce(v, item, f"{key}[{i}]", sub) for i, v in enumerate(value))
+            errors.extend(sub)
+            return out if not sub else None
+        errors.append(f"{key}: expected a list; got {value!r}")
     elif origin is tuple:
         args = typing.get_args(tp)
         if isinstance(value, (list, tuple)) and len(value) == len(args):
@@ -432,7 +480,7 @@ def config_from_dict(data: Mapping[str, Any], *, check_paths: bool = True) -> Tr
     """Build and fully validate a ``TrainConfig`` from a raw mapping.
 
     Raises:
-        ConfigError: one message listing every problem, one per line, each with its key.
+        ConfigError: one message listing every problem on one line ("; "), each with its key.
     """
     errors: list[str] = []
     if not isinstance(data, Mapping):
@@ -449,9 +497,10 @@ def config_from_dict(data: Mapping[str, Any], *, check_paths: bool = True) -> Tr
 
 
 def _format_errors(errors: list[str]) -> str:
+    """Every problem on one line, joined by "; " (the CLI's one-line error)."""
     if len(errors) == 1:
         return f"invalid training config: {errors[0]}"
-    return f"invalid training config ({len(errors)} problems):\n  " + "\n  ".join(errors)
+    return f"invalid training config ({len(errors)} problems): " + "; ".join(errors)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), *, check_paths: bool = True) -> TrainConfig:
@@ -470,14 +519,30 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as err:
-            raise ConfigError(f"{p}: not valid YAML: {str(err).splitlines()[0]}") from None
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"{p}: expected a mapping of sections at the top level")
-    data = apply_overrides(data, list(overrides))
-    return config_from_dict(data, check_paths=check_paths)
+        data = read_config_file(p)
+    good = [o for o in overrides if _parses(o)]
+    bad = [o for o in overrides if o not in good]
+    data = apply_overrides(data, good)
+    if not bad:
+        return config_from_dict(data, check_paths=check_paths)
+    problems = str(_error_of(lambda: apply_overrides({}, bad)))
+    try:  # every mistake at once: the malformed --set values and what is wrong with the rest
+        config_from_dict(data, check_paths=check_paths)
+    except ConfigError as err:
+        problems += "; " + str(err)
+    raise ConfigError(problems)
+
+
+def _parses(override: str) -> bool:
+    return _error_of(lambda: parse_override(override)) is None
+
+
+def _error_of(fn) -> ConfigError | None:
+    try:
+        fn()
+    except ConfigError as err:
+        return err
+    return None
 
 
 def config_to_dict(config: TrainConfig) -> dict[str, Any]:
@@ -504,14 +569,31 @@ def config_to_dict(config: TrainConfig) -> dict[str, Any]:
 
 
 def _model_source_problem(source: str, key: str, check_paths: bool) -> str | None:
-    from opdgeo.errors import SourceError
+    from opdgeo.errors import CheckpointError
     from opdgeo.sources import ModelSource
 
     try:
-        problem = ModelSource.parse(source).problem(check_paths=check_paths)
-    except SourceError as err:
+        parsed = ModelSource.parse(source)
+        problem = parsed.problem(check_paths=check_paths)
+        if not problem and check_paths and parsed.kind in ("folder", "file"):
+            from opdgeo.checkpoints import open_checkpoint
+
+            open_checkpoint(parsed.path)  # headers only: a truncated file is named with its tensor
+    except CheckpointError as err:  # SourceError included
         problem = str(err)
     return f"{key}: {problem}" if problem else None
+
+
+def _task_problem(spec: str) -> str | None:
+    """What is wrong with a task spec (unknown option, missing file or dataset), or None;
+    tasks read their rows lazily, so this costs no data loading."""
+    from opdgeo.tasks import load_task
+
+    try:
+        load_task(spec)
+    except ConfigError as err:
+        return str(err)
+    return None
 
 
 def validate(config: TrainConfig, *, check_paths: bool = True) -> list[str]:
@@ -528,6 +610,8 @@ def validate(config: TrainConfig, *, check_paths: bool = True) -> list[str]:
         e.append(p)
     if not t.spec:
         e.append("task.spec: required")
+    elif check_paths and (p := _task_problem(t.spec)):
+        e.append(f"task.spec: {p}")
     if t.num_problems is not None and t.num_problems < 1:
         e.append(f"task.num_problems: must be >= 1; got {t.num_problems}")
     if t.demonstrations is not None:
@@ -576,6 +660,10 @@ def validate(config: TrainConfig, *, check_paths: bool = True) -> list[str]:
         e.append(f"rollout.group_size: must be >= 1; got {r.group_size}")
     if not r.temperature > 0:
         e.append(f"rollout.temperature: must be > 0; got {r.temperature}")
+    elif r.temperature != 1.0 and obj.name != "sft":
+        e.append(f"rollout.temperature: must be 1 for {obj.name} (the importance ratio, the behaviour log-probs "
+                 f"and the OPD gap are the temperature-1 policy; a tempered sampler would be off-policy); "
+                 f"got {r.temperature}")
     if r.max_new_tokens < 1:
         e.append(f"rollout.max_new_tokens: must be >= 1; got {r.max_new_tokens}")
     if r.policy == "teacher":
@@ -610,6 +698,8 @@ def validate(config: TrainConfig, *, check_paths: bool = True) -> list[str]:
             e.append(p)
     if pj.rank < 1:
         e.append(f"project.rank: must be >= 1; got {pj.rank}")
+    if pj.mode not in PROJECT_MODES:
+        e.append(f"project.mode: must be one of {', '.join(PROJECT_MODES)}; got {pj.mode!r}")
 
     if o.steps < 1:
         e.append(f"optim.steps: must be >= 1; got {o.steps}")
@@ -652,4 +742,45 @@ def validate(config: TrainConfig, *, check_paths: bool = True) -> list[str]:
         e.append(f"run.monitor_matrices: must be one of {', '.join(MONITOR_MATRICES)}; got {run.monitor_matrices!r}")
     if run.monitor_lock_probes < 1:
         e.append(f"run.monitor_lock_probes: must be >= 1; got {run.monitor_lock_probes}")
+    if run.answer_log_every < 0:
+        e.append(f"run.answer_log_every: must be >= 0; got {run.answer_log_every}")
+    if run.answer_log_samples < 1:
+        e.append(f"run.answer_log_samples: must be >= 1; got {run.answer_log_samples}")
+    from opdgeo.training.trackers import REPORT_TO, missing_trackers
+
+    unknown = [t for t in run.report_to if t not in REPORT_TO]
+    if unknown:
+        e.append(f"run.report_to: unknown tracker(s) {', '.join(map(repr, unknown))}; choose from {', '.join(REPORT_TO)}")
+    elif missing_trackers(run.report_to):
+        missing = missing_trackers(run.report_to)
+        e.append(f"run.report_to: {', '.join(missing)} not installed (pip install {' '.join(missing)})")
+    if len(set(run.report_to)) != len(run.report_to):
+        e.append(f"run.report_to: a tracker is listed twice; got {list(run.report_to)}")
     return e
+
+
+RESUME_FREE = frozenset({("optim", "steps"), ("checkpoint", "every"), ("run", "progress"), ("run", "out_dir"),
+                         ("run", "answer_log_every"), ("run", "answer_log_samples"), ("run", "report_to"),
+                         ("run", "report_offline")})
+"""Keys ``--resume`` may change: they extend or report a run without changing its updates."""
+
+
+def resume_differences(saved: Mapping[str, Any], config: TrainConfig) -> list[str]:
+    """The keys (``section.field``) whose value in a run's saved ``config.yaml`` differs
+    from ``config``, outside ``RESUME_FREE``.
+
+    A key the saved file lacks (a run written before the field existed) counts as the
+    field's default, so adding a field with a default never blocks resuming older runs;
+    a saved value that differs from the config, or an absent key whose default differs, does.
+    """
+    resolved = config_to_dict(config)
+    defaults = config_to_dict(TrainConfig())
+    diffs = []
+    for section, values in resolved.items():
+        old = saved.get(section) or {}
+        for key, value in values.items():
+            if (section, key) in RESUME_FREE:
+                continue
+            if (old[key] if key in old else defaults[section][key]) != value:
+                diffs.append(f"{section}.{key}")
+    return diffs

@@ -17,7 +17,8 @@ refused up front, not at the first SFT step).
 
 ``answer_log_records`` picks a seeded sample of a step's rollouts and records the answer
 the verifier read and its verdict; ``append_answer_log`` appends them to
-``answers.jsonl`` in the run folder.
+``answers.jsonl`` in the run folder; ``log_answers`` is the trainer's call (every
+``run.answer_log_every`` steps, ``run.answer_log_samples`` rollouts, main process).
 """
 
 from __future__ import annotations
@@ -185,9 +186,57 @@ def answer_log_records(task: Task, problems: Sequence[Problem], texts: Sequence[
 
 
 def append_answer_log(run_dir: str | Path, records: Sequence[AnswerRecord]) -> Path:
-    """Append records to ``answers.jsonl`` in the run folder (one JSON object per line)."""
+    """Append records to ``answers.jsonl`` in the run folder (one JSON object per line).
+
+    Lines of the records' step or later are dropped first (a resumed run repeats the
+    steps after its checkpoint: the log then holds each step once, as the metrics do).
+    """
+    from opdgeo.files import atomic_write_text
+
     path = Path(run_dir) / ANSWERS_FILE
+    if not records:
+        return path
+    first = min(r.step for r in records)
+    if path.is_file():
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [ln for ln in lines if ln.strip() and _step_of(ln) < first]
+        if len(kept) != len(lines):
+            atomic_write_text(path, "".join(kept))
     with path.open("a", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps(asdict(r), ensure_ascii=False) + "\n")
     return path
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return -1  # an unreadable line is kept (dropping it would hide it)
+
+
+def log_answers(config, run_dir: str | Path, task: Task, problems: Sequence[Problem], batches, *,
+                step: int) -> list[AnswerRecord]:
+    """The trainer's answer log: on every ``run.answer_log_every``-th step (1-based) with
+    rollouts, ``answer_log_records`` of ``run.answer_log_samples`` of the step's rollouts
+    (seeded by ``run.seed`` and the step) appended to ``answers.jsonl``. Call it on the main
+    process only; returns the records written (empty on other steps and for SFT).
+
+    Args:
+        config: the run's ``TrainConfig``.
+        run_dir: the run folder.
+        task, problems: the run's task and problem list.
+        batches: the step's micro-batches (``texts`` and ``problem_index`` of each).
+        step: the step just taken (1-based).
+    """
+    every = config.run.answer_log_every
+    if not every or step % every:
+        return []
+    texts = [t for mb in batches for t in mb.texts]
+    if not texts:
+        return []
+    index = [int(i) for mb in batches if mb.texts for i in mb.problem_index]
+    records = answer_log_records(task, problems, texts, index, step=step, n=config.run.answer_log_samples,
+                                 seed=config.run.seed)
+    append_answer_log(run_dir, records)
+    return records

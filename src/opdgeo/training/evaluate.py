@@ -58,14 +58,9 @@ class EvalResult:
         The summary is not mixed into the per-problem lines; callers that want it store
         ``summary()`` separately (the CLI writes ``<out>.summary.json``).
         """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("w", encoding="utf-8") as f:
-            for rec in self.records:
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        tmp.replace(path)
-        return path
+        from opdgeo.files import atomic_write_text
+
+        return atomic_write_text(path, "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in self.records))
 
 
 def avg_at_k(rewards: list[list[float]]) -> float:
@@ -132,7 +127,8 @@ def evaluate(model, tokenizer, task, *, split: str = "test", n: int | None = Non
         chunk = problems[start:start + group]
         prompts = [task.format_prompt(p, tokenizer) for p in chunk]
         ro = generate(model, tokenizer, prompts, num_samples=k, temperature=temperature,
-                      max_new_tokens=max_new_tokens, seed=seed + 1000 * g, batch_size=batch_size)
+                      max_new_tokens=max_new_tokens, seed=seed + 1000 * g, batch_size=batch_size,
+                      score=False)
         tokens += int(ro.response_mask.sum())
         truncated += int((~ro.finished).sum())
         for i, p in enumerate(chunk):
@@ -185,9 +181,9 @@ class SuiteResult:
         out_dir = Path(out_dir)
         for name, r in self.results.items():
             r.write(out_dir / f"{name}.jsonl")
-        tmp = out_dir / "summary.json.tmp"
-        tmp.write_text(json.dumps(self.summary(), indent=2) + "\n")
-        tmp.replace(out_dir / "summary.json")
+        from opdgeo.files import atomic_write_text
+
+        atomic_write_text(out_dir / "summary.json", json.dumps(self.summary(), indent=2) + "\n")
         return out_dir
 
 

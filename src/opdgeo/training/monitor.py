@@ -107,6 +107,10 @@ class MatrixProbe:
     fro_norm: float
     density: float
     V: torch.Tensor | None  # [n, K'] float64 top right singular vectors; None when Sim_K is undefined
+    rel_fro_norm: float = float("nan")
+    """‖ΔW‖_F / ‖W0‖_F (the trajectory's ``rel_fro_norm``)."""
+    hill_alpha: float = float("nan")
+    """Hill index of the top ``k_hill`` singular values (the trajectory's ``hill_alpha``)."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,8 @@ class Probe:
     """Mean Sim_K to the previous probe; None at the first probe."""
     locked_at: int | None
     per_matrix: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    matrices: Mapping[str, MatrixProbe] = field(default_factory=dict)
+    """Every monitored matrix's ``MatrixProbe`` (the rows of a ``trajectory.csv``)."""
 
     def as_metrics(self) -> dict[str, float]:
         """``metrics.jsonl`` entries (stable names)."""
@@ -210,7 +216,7 @@ def probe_matrix(w0: torch.Tensor, w1: torch.Tensor, settings: MonitorSettings |
                                 tol=s.tol, seed=s.seed)
     um = update_metrics(w0, w1, options)
     return MatrixProbe(stable_rank=um.stable_rank, fro_norm=um.fro_norm, density=density,
-                       V=um.V if um.defined(s.k) else None)
+                       V=um.V if um.defined(s.k) else None, rel_fro_norm=um.rel_fro_norm, hill_alpha=um.hill_alpha)
 
 
 def _nanmean(values: list[float]) -> float:
@@ -238,10 +244,12 @@ def probe(state: MonitorState, step: int, weights: Mapping[str, torch.Tensor]) -
     dtype = _DTYPES[s.dtype]
     rows: dict[str, dict[str, float]] = {}
     Vs: dict[str, torch.Tensor] = {}
+    probes: dict[str, MatrixProbe] = {}
     srs, fros, dens, sims = [], [], [], []
     for name, w0 in state.origin.items():
         w1 = _rounded(weights[name], dtype)
         mp = probe_matrix(w0, w1, s)
+        probes[name] = mp
         Vs[name] = mp.V
         srs.append(mp.stable_rank)
         fros.append(mp.fro_norm)
@@ -268,6 +276,7 @@ def probe(state: MonitorState, step: int, weights: Mapping[str, torch.Tensor]) -
         sim_prev=sim_prev,
         locked_at=locked,
         per_matrix=MappingProxyType(rows) if s.per_matrix else MappingProxyType({}),
+        matrices=MappingProxyType(probes),
     )
     new_state = replace(state, steps=steps, sims=hist, prev_V=MappingProxyType(Vs), locked_at=locked)
     return result, new_state

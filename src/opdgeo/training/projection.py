@@ -16,18 +16,27 @@ the same averaged gradient — projection is linear, so projecting before or aft
 average would agree, but doing it once after is cheaper) and before gradient clipping and
 ``optimizer.step()``; clipping then sees the projected norm.
 
-What projection does and does not guarantee:
+Projecting the gradient alone does not keep the weights in the subspace under AdamW:
+Adam divides each entry by its own √v̂ (an elementwise rescaling that does not commute with
+the projection) and decoupled weight decay moves W along −λW. At the first step
+(m̂ = g̃, v̂ = g̃²) the update is −lr·g̃/(|g̃| + ε) − lr·λ·W ≈ −lr·sign(g̃) − lr·λ·W, a sign
+pattern far from low rank (~30 % of its energy outside span(V_K) on the test model). So
+the loop also projects the **update** the optimizer applied: around every optimizer step,
 
-- **SGD** (and SGD with momentum, no weight decay): every update is a linear combination
-  of projected gradients, so W − W_from stays in span(V_K) row-wise exactly (to rounding).
-- **AdamW**: Adam divides each entry by its own √v̂ — an elementwise rescaling that does
-  not commute with the projection — and decoupled weight decay moves W along −λW, so the
-  *update* leaves span(V_K) even though every gradient lies in it. At the first step
-  (m̂ = g̃, v̂ = g̃²) the update is −lr·g̃/(|g̃| + ε) − lr·λ·W ≈ −lr·sign(g̃) − lr·λ·W:
-  a sign pattern, far from low rank (on the tiny test model with K = 4, ~30 % of the
-  step's energy is outside span(V_K), against ~1e-12 with SGD). ``out_of_subspace_fraction`` measures
-  this; the tests show both cases. The study's recipe uses AdamW as the paper does, so a
-  projected AdamW run constrains the gradient *signal* to the subspace, not the weights.
+    D = W_after − W_before          (AdamW's whole update, weight decay included)
+    W ← W_before + D V_K V_Kᵀ       (``project_updates_``)
+
+so that every change of a projected matrix after the projection point lies in span(V_K)
+row-wise; float32 rounding of the stored weights is the only error left. Adam's moments
+are kept as AdamW computes them (m is a combination of projected gradients, so already in
+the span; v is elementwise). ``UpdateStats`` reports, per step,
+``project/out_of_subspace_fraction`` = Σ‖D − D V Vᵀ‖² / Σ‖D‖² over the projected
+matrices (D the change actually applied) and ``project/out_of_subspace_max``, the worst
+matrix's own fraction; ``project.mode: freeze`` (same restart, same frozen parameters, no
+projection) logs the same two numbers for its unprojected update.
+
+Under data parallelism every rank holds the same averaged gradient and the same AdamW
+state, so every rank applies the same projected update (no communication needed).
 
 Pure torch and safetensors I/O for the saved subspace; the loop does the config and the
 checkpoint reading (``projection_subspaces`` accepts any name -> tensor mapping or a
@@ -36,7 +45,8 @@ checkpoint reading (``projection_subspaces`` accepts any name -> tensor mapping 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +65,10 @@ __all__ = [
     "project_gradients_",
     "freeze_outside",
     "out_of_subspace_fraction",
+    "UpdateStats",
+    "weights_before_step",
+    "project_updates_",
+    "carry_optimizer_state",
     "save_subspaces",
     "load_subspaces",
 ]
@@ -265,6 +279,122 @@ def out_of_subspace_fraction(update: torch.Tensor, basis: torch.Tensor) -> float
     if total == 0:
         return float("nan")
     return float((d - (d @ v) @ v.T).pow(2).sum()) / total
+
+
+@dataclass(frozen=True)
+class UpdateStats:
+    """Where one optimizer step's change of the projected matrices lies.
+
+    Attributes:
+        out_of_subspace_fraction: Σ_matrices ‖D − D V Vᵀ‖_F² / Σ_matrices ‖D‖_F², D the
+            change of the step as applied (after ``project_updates_`` when projecting);
+            NaN when no projected matrix changed.
+        out_of_subspace_max: the largest per-matrix ‖D − D V Vᵀ‖² / ‖D‖² (NaN as above).
+    """
+
+    out_of_subspace_fraction: float
+    out_of_subspace_max: float
+
+    def as_metrics(self) -> dict[str, float]:
+        return {"project/out_of_subspace_fraction": self.out_of_subspace_fraction,
+                "project/out_of_subspace_max": self.out_of_subspace_max}
+
+
+@torch.no_grad()
+def weights_before_step(parameters: Mapping[str, torch.nn.Parameter],
+                        subspaces: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copies of the projected matrices, taken just before ``optimizer.step()``."""
+    return {name: parameters[name].detach().clone() for name in parameters if name in subspaces}
+
+
+@torch.no_grad()
+def project_updates_(
+    parameters: Mapping[str, torch.nn.Parameter],
+    subspaces: Mapping[str, torch.Tensor],
+    before: Mapping[str, torch.Tensor],
+    *,
+    project: bool = True,
+) -> UpdateStats:
+    """Keep only the in-subspace part of the optimizer's update: W ← W_b + (W − W_b) V Vᵀ.
+
+    D = W − W_b is the whole update of the step (AdamW's normalized moment and its
+    decoupled weight decay); D V Vᵀ is computed in the weights' dtype as (D V) Vᵀ. The
+    fractions are then measured in float64 on the change actually stored,
+    fl(W_b + D V Vᵀ) − W_b, so they include the float32 rounding of the weights.
+
+    Args:
+        parameters: name -> parameter (after ``optimizer.step()``).
+        subspaces: name -> [n, K] orthonormal V_K.
+        before: ``weights_before_step`` of the same step.
+        project: False measures the update without changing it (``project.mode: freeze``).
+
+    Returns:
+        ``UpdateStats`` (pooled and worst-matrix fractions).
+    """
+    outside = total = 0.0
+    worst = float("nan")
+    for name, w_b in before.items():
+        p = parameters[name]
+        v = subspaces[name].to(device=p.device, dtype=p.dtype)
+        if project:
+            d = p.detach() - w_b  # [m, n]
+            p.copy_(w_b + (d @ v) @ v.T)  # [m, K] @ [K, n]
+        d64 = p.detach().double() - w_b.double()
+        v64 = subspaces[name].to(device=p.device, dtype=torch.float64)
+        tot = float(d64.pow(2).sum())
+        if tot == 0:
+            continue
+        out = float((d64 - (d64 @ v64) @ v64.T).pow(2).sum())
+        outside += out
+        total += tot
+        worst = out / tot if math.isnan(worst) else max(worst, out / tot)
+    return UpdateStats(out_of_subspace_fraction=outside / total if total > 0 else float("nan"),
+                       out_of_subspace_max=worst)
+
+
+def carry_optimizer_state(optimizer: torch.optim.Optimizer, saved: Mapping, saved_names: Sequence[str],
+                          names: Sequence[str]) -> list[str]:
+    """Copy a saved AdamW state into an optimizer over a subset of the same parameters.
+
+    A projected restart trains only the block matrices, while the run it restarts from
+    trained every parameter; its ``optimizer.state_dict()`` indexes the state by position in
+    that run's parameter list. The state of each parameter the new optimizer holds
+    (``exp_avg``, ``exp_avg_sq``, ``step``) is copied by name; the hyper-parameters stay the
+    new optimizer's (the same config). Parameters without a saved state start fresh.
+
+    Args:
+        optimizer: the new optimizer, over the parameters named ``names`` (in its order).
+        saved: the saved ``optimizer.state_dict()`` (one param group).
+        saved_names: names of the saved run's parameters, in its optimizer's order.
+        names: names of the new optimizer's parameters, in its order.
+
+    Returns:
+        The names whose state was carried.
+
+    Raises:
+        CheckpointError: the saved state does not match ``saved_names`` (count or shapes).
+    """
+    groups = saved.get("param_groups", [])
+    saved_ids = [i for g in groups for i in g["params"]]
+    if len(saved_ids) != len(saved_names):
+        raise CheckpointError(f"the saved optimizer holds {len(saved_ids)} parameters; the model has {len(saved_names)}")
+    by_name = {nm: saved.get("state", {}).get(i) for nm, i in zip(saved_names, saved_ids)}
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    state, carried = {}, []
+    for i, (nm, p) in enumerate(zip(names, params)):
+        st = by_name.get(nm)
+        if not st:
+            continue
+        if tuple(st["exp_avg"].shape) != tuple(p.shape):
+            raise CheckpointError(f"saved optimizer state of {nm} has shape {tuple(st['exp_avg'].shape)}, "
+                                  f"the parameter {tuple(p.shape)}")
+        state[i] = dict(st)
+        carried.append(nm)
+    # through load_state_dict: it places each tensor as this optimizer needs it (device and
+    # dtype of the parameter; ``step`` on the device for fused AdamW, on the CPU otherwise)
+    own = optimizer.state_dict()
+    optimizer.load_state_dict({"state": state, "param_groups": own["param_groups"]})
+    return carried
 
 
 def save_subspaces(path: str | Path, subspaces: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> Path:

@@ -31,9 +31,10 @@ class Rollout:
     """[N, T] bool: True on response tokens, the first EOS included; False after it."""
     response_ids: torch.Tensor
     """[N, T] long: ``input_ids[:, P:]`` (pad id where ``response_mask`` is False)."""
-    behaviour_logprobs: torch.Tensor
-    """[N, T] float32: log π(a_t | s_t) of each sampled token under the sampling model at
-    temperature 1 (``sequence_logprobs``), 0 where ``response_mask`` is False."""
+    behaviour_logprobs: torch.Tensor | None
+    """[N, T] float32 (None when ``generate(score=False)``): log π(a_t | s_t) of each sampled token under the distribution it was
+    sampled from, log softmax(z / τ) at the sampling temperature τ (τ = 1 for greedy;
+    ``sequence_logprobs``), 0 where ``response_mask`` is False."""
     texts: list[str]
     """N decoded responses (up to, not including, EOS; special tokens skipped)."""
     prompt_index: torch.Tensor
@@ -141,12 +142,49 @@ def _check_args(prompts, num_samples, temperature, max_new_tokens, batch_size):
         raise ConfigError("rollout: " + "; ".join(problems))
 
 
+# Every GenerationConfig field that shapes the next-token distribution or the stopping
+# rule, at its neutral value. ``generate`` fills a field left None from the model's own
+# ``generation_config`` (transformers 5), so leaving one out would let a checkpoint's
+# ``repetition_penalty`` or ``top_k`` change the samples: each is set here explicitly.
+_NEUTRAL_SAMPLING = {
+    "top_k": 0, "top_p": 1.0, "min_p": 0.0, "top_h": None, "typical_p": 1.0, "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0, "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "length_penalty": 1.0,
+    "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None,
+    "renormalize_logits": False, "forced_bos_token_id": None, "forced_eos_token_id": None,
+    "remove_invalid_values": False, "exponential_decay_length_penalty": None, "suppress_tokens": None,
+    "begin_suppress_tokens": None, "sequence_bias": None, "guidance_scale": None, "watermarking_config": None,
+    "min_length": 0, "max_time": None, "stop_strings": None, "num_beams": 1,
+    "num_beam_groups": 1, "diversity_penalty": 0.0, "penalty_alpha": None, "dola_layers": None,
+    "num_return_sequences": 1, "output_scores": False, "output_logits": False, "return_dict_in_generate": False,
+    "token_healing": False, "prompt_lookup_num_tokens": None, "cache_implementation": None,
+}
+
+
+def neutral_generation_config(*, temperature: float, max_new_tokens: int, eos_ids: list[int], pad_id: int):
+    """A ``GenerationConfig`` under which ``generate`` samples exactly from softmax(z / τ).
+
+    Every field that could reshape the distribution (top-k/top-p/min-p/typical/epsilon/eta
+    truncation, repetition and n-gram penalties, suppressed, forced or biased tokens,
+    minimum lengths, beams, watermarking, guidance) is set to its neutral value, so nothing
+    is inherited from a model's ``generation_config``; ``generate`` additionally swaps the
+    model's own config for an empty one during the call. ``temperature == 0``: greedy.
+    """
+    from transformers import GenerationConfig
+
+    greedy = temperature == 0
+    return GenerationConfig(
+        do_sample=not greedy, temperature=1.0 if greedy else float(temperature), max_new_tokens=max_new_tokens,
+        max_length=None, eos_token_id=list(eos_ids), pad_token_id=pad_id, use_cache=True, **_NEUTRAL_SAMPLING)
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], *, num_samples: int = 1, temperature: float = 1.0,
-             max_new_tokens: int = 64, seed: int = 0, batch_size: int = 64) -> Rollout:
+             max_new_tokens: int = 64, seed: int = 0, batch_size: int = 64, score: bool = True) -> Rollout:
     """Sample ``num_samples`` responses per prompt with HF ``generate`` and score them.
 
-    Sampling is plain ancestral sampling from softmax(z / temperature) (no top-k/top-p;
+    Sampling is plain ancestral sampling from softmax(z / temperature), exactly: the
+    ``GenerationConfig`` is ``neutral_generation_config`` (no top-k/top-p/min-p, no
+    repetition or n-gram penalty, nothing taken from the model's ``generation_config``;
     ``temperature == 0`` means greedy), with the KV cache, stopping a row at its first EOS
     (EOS counts as a response token; later tokens are masked). Rows are processed in
     chunks of ``batch_size`` sequences; chunk c is sampled after ``torch.manual_seed(seed + c)``
@@ -154,10 +192,13 @@ def generate(model, tokenizer, prompts: list[str], *, num_samples: int = 1, temp
     on CPU for a fixed (seed, batch_size).
 
     ``behaviour_logprobs`` are recomputed after sampling by ``sequence_logprobs`` (one
-    no-grad forward, temperature 1, chunked like sampling) rather than taken from the
-    sampler's scores: they then equal, bit for bit on CPU, what training recomputes for the
-    same weights, and they are the temperature-1 log-probs SPEC §3 asks for even when
-    sampling at another temperature.
+    no-grad forward, chunked like sampling) at the sampling temperature, i.e. they are the
+    log-probs of the distribution the tokens were drawn from, log softmax(z / τ)[a_t]
+    (τ = 1 for greedy, which has no sampling distribution). They are not taken from the
+    sampler's scores: at τ = 1 they then equal, bit for bit on CPU, what training
+    recomputes for the same weights. (Training refuses ``rollout.temperature != 1``:
+    SPEC §3 scores the policy and the teacher at τ = 1, so a tempered sampler would make
+    the run off-policy.)
 
     Args:
         model: causal LM; put in eval mode during the call, its mode restored after.
@@ -169,6 +210,9 @@ def generate(model, tokenizer, prompts: list[str], *, num_samples: int = 1, temp
         max_new_tokens: response length cap.
         seed: sampling seed.
         batch_size: sequences per ``generate`` call.
+        score: compute ``behaviour_logprobs`` (one no-grad forward per chunk); False leaves
+            them None, for callers that need only the samples (evaluation, rejection
+            sampling, an on-policy step whose loss forward gives the old log-probs).
 
     Returns:
         ``Rollout`` with N = B·G rows, prompt-major.
@@ -182,12 +226,9 @@ def generate(model, tokenizer, prompts: list[str], *, num_samples: int = 1, temp
     eos_ids = _eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     device = next(model.parameters()).device
-    greedy = temperature == 0
-    gen_config = GenerationConfig(
-        do_sample=not greedy, max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id,
-        use_cache=True, num_beams=1,
-        **({} if greedy else {"temperature": float(temperature), "top_k": 0, "top_p": 1.0, "min_p": None}),
-    )
+    gen_config = neutral_generation_config(temperature=temperature, max_new_tokens=max_new_tokens,
+                                           eos_ids=eos_ids, pad_id=pad_id)
+    score_temperature = float(temperature) if temperature > 0 else 1.0  # the distribution sampled from
 
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     for i, ids in enumerate(encoded):
@@ -198,7 +239,9 @@ def generate(model, tokenizer, prompts: list[str], *, num_samples: int = 1, temp
     N = len(rows)
 
     was_training = model.training
+    own_config = model.generation_config
     model.eval()
+    model.generation_config = GenerationConfig()  # nothing of the model's own config is merged in
     try:
         responses: list[torch.Tensor] = []
         for c, start in enumerate(range(0, N, batch_size)):
@@ -233,12 +276,13 @@ def generate(model, tokenizer, prompts: list[str], *, num_samples: int = 1, temp
         attention_mask[:, P:] = response_mask.long()
 
         logps = []
-        for start in range(0, N, batch_size):
+        for start in range(0, N, batch_size) if score else ():
             sl = slice(start, start + batch_size)
             logps.append(sequence_logprobs(model, input_ids[sl].to(device), attention_mask[sl].to(device),
-                                           response_mask[sl].to(device)).float().cpu())
-        behaviour_logprobs = torch.cat(logps)
+                                           response_mask[sl].to(device), temperature=score_temperature).float().cpu())
+        behaviour_logprobs = torch.cat(logps) if score else None
     finally:
+        model.generation_config = own_config
         model.train(was_training)
 
     texts = []
