@@ -1,6 +1,6 @@
 """One SmolLM2-135M-Instruct RL step (batch 2 prompts x 4 samples x 64 new tokens), before and after.
 
-    python bench/rl_step.py [--steps 3] [--before-rev 78b1270] [--objective rlvr] [--rounds 1]
+    python bench/rl_step.py [--steps 3] [--before-rev 78b1270] [--objective rlvr] [--rounds 1] [--part step|adamw]
 
 "before" is the training core at git revision ``--before-rev`` (exported with ``git archive``
 into a temporary folder; default: main before the step speed-up) run with the environment
@@ -11,7 +11,9 @@ checkout run as the ``opdgeo`` CLI runs it (``OMP_WAIT_POLICY=PASSIVE``, set by
 without native bf16). The step time is the loop's ``train/step_time`` (rollout, scoring,
 loss, backward, AdamW); the first step of each process is a warm-up and not counted. The
 last lines are ``name: value`` pairs; ``speedup`` = median before / median after, measured
-in one run.
+in one run. ``--part adamw`` times only the optimizer update over SmolLM2's 135M parameters
+(random gradients): the multi-tensor AdamW with OpenMP spinning (before) against the fused
+AdamW with passive waiting (after).
 """
 
 from __future__ import annotations
@@ -53,11 +55,37 @@ def worker(objective: str, steps: int, out: str, after: bool) -> None:
     }), flush=True)
 
 
-def run_side(name: str, src: Path, objective: str, steps: int, tmp: Path, index: int) -> dict:
+def adamw_worker(after: bool, steps: int) -> None:
+    """AdamW steps over SmolLM2-135M's parameters with random gradients: the old update
+    (multi-tensor foreach, OpenMP spinning) or the new one (fused, passive)."""
+    if after:
+        import opdgeo.cli  # noqa: F401
+    import time
+
+    import torch
+
+    from opdgeo.models import model_and_tokenizer
+
+    model = model_and_tokenizer("smollm2", seed=0)[0].float()
+    params = list(model.parameters())
+    g = torch.Generator().manual_seed(0)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g) * 1e-3
+    opt = torch.optim.AdamW(params, lr=1e-6, weight_decay=0.1, **({"fused": True} if after else {"foreach": True}))
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - t)
+    print("RESULT " + json.dumps({"step_time": times, "tokens": [0] * steps, "threads": torch.get_num_threads(),
+                                  "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}), flush=True)
+
+
+def run_side(name: str, src: Path, objective: str, steps: int, tmp: Path, index: int, part: str = "step") -> dict:
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     env["PYTHONPATH"] = str(src)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--objective", objective,
-           "--steps", str(steps), "--out", str(tmp / f"{name}-{index}")]
+           "--steps", str(steps), "--out", str(tmp / f"{name}-{index}"), "--part", part]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -71,11 +99,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1, help="alternating before/after processes per side")
     ap.add_argument("--objective", default="rlvr", choices=("rlvr", "opd"))
     ap.add_argument("--before-rev", default="78b1270")
+    ap.add_argument("--part", default="step", choices=("step", "adamw"),
+                    help="the whole RL step, or only the AdamW update over SmolLM2's parameters")
     ap.add_argument("--worker", choices=("before", "after"), help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
-        worker(a.objective, a.steps, a.out, a.worker == "after")
+        if a.part == "adamw":
+            adamw_worker(a.worker == "after", a.steps)
+        else:
+            worker(a.objective, a.steps, a.out, a.worker == "after")
         return
     import platform
 
@@ -90,7 +123,7 @@ def main() -> None:
         info = {}
         for r in range(a.rounds):
             for name, src in sides.items():
-                res = run_side(name, src, a.objective, a.steps, tmp, r)
+                res = run_side(name, src, a.objective, a.steps, tmp, r, a.part)
                 times[name] += res["step_time"][1:]
                 info[name] = res
                 print(f"{name} round {r}: steps {[round(t, 2) for t in res['step_time']]} s "
@@ -101,11 +134,13 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"cpu: {platform.processor() or platform.machine()} capability {torch.backends.cpu.get_cpu_capability()}")
     print(f"before_rev: {a.before_rev}")
+    print(f"part: {a.part}")
     print(f"objective: {a.objective}")
     print(f"before_median_step_s: {med['before']:.4g}")
     print(f"after_median_step_s: {med['after']:.4g}")
     print(f"speedup: {med['before'] / med['after']:.4g}")
-    print(f"after_vs_31s: {31.0 / med['after']:.4g}")
+    if a.part == "step":
+        print(f"after_vs_31s: {31.0 / med['after']:.4g}")
 
 
 if __name__ == "__main__":
