@@ -240,9 +240,9 @@ def _child(target, args):
     return out
 
 
+#: ``--sweep``: each ``--metrics`` choice at the default precision, and all metrics at fp32
 SWEEP = [("sparsity", "fp64"), ("sparsity,nss", "fp64"), ("sparsity,angles", "fp64"), ("sparsity,overlap", "fp64"),
-         ("sparsity,angles,nss,overlap", "fp64"), ("sparsity,nss", "fp32"), ("sparsity,angles", "fp32"),
-         ("sparsity,overlap", "fp32"), ("sparsity,angles,nss,overlap", "fp32")]
+         ("sparsity,angles,nss,overlap", "fp64"), ("sparsity,angles,nss,overlap", "fp32")]
 
 
 def _cpu_model() -> str:

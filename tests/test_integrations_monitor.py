@@ -23,6 +23,10 @@ from opdgeo.integrations.transformers import GeometryMonitor
 HERE = Path(__file__).parent
 
 
+
+def _num(cell: str) -> float:
+    return float(cell) if cell else float("nan")  # trajectory.csv writes NaN as an empty cell
+
 def _table(path: Path) -> dict:
     with open(path) as f:
         reader = csv.DictReader(f)
@@ -35,7 +39,7 @@ def _assert_rows_equal(mine: dict, ref_rows: list[dict], *, rtol: float) -> None
     assert set(mine) == set(ref)
     for key, row in mine.items():
         for m in METRICS:
-            a, b = float(row[m]), float(ref[key][m])
+            a, b = _num(row[m]), float(ref[key][m])
             assert math.isnan(a) == math.isnan(b), (key, m)
             if not math.isnan(b):
                 assert abs(a - b) <= rtol * abs(b) + 1e-12, (key, m, a, b)

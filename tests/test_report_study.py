@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from opdgeo.report.study_report import CLAIM_RULES, load_results, trajectory_means, write_report
+from opdgeo.report.study_report import CLAIM_RULES, trajectory_means, write_report
 from opdgeo.study.pipeline import study_info
 from opdgeo.study.presets import get_preset
 
@@ -36,16 +36,14 @@ COMPARE = {  # run: (sparsity, density, principal overlap, low-mag overlap, nss,
     "sft": (0.10, 0.90, 0.29, 0.31, 1e-3, 12.0, 10.0),
     "opd": (0.50, 0.50, 0.27, 0.50, 1e-4, 1.5, 1.0),
     "rlvr": (0.80, 0.20, 0.26, 0.70, 1e-5, 0.4, 0.3),
-    "opd_seed1": (0.54, 0.46, 0.27, 0.52, 1.2e-4, 1.4, 0.9),
-    "rlvr_seed1": (0.78, 0.22, 0.26, 0.69, 2e-5, 0.5, 0.35),
+    "sft_matched": (0.30, 0.70, 0.28, 0.40, 5e-4, 3.0, 2.0),
 }
-# run: mean stable rank per checkpoint (matrix q = value - 1, k = value + 1 -> mean = value)
+SEED_SCALE = {0: 1.0, 1: 1.04, 2: 0.98}  # seed s multiplies every compare value
+# run: mean stable rank per checkpoint (matrix q = value - 1, k = value + 1 -> mean = value); seed s adds s
 SRANK = {
     "sft": [10, 20, 35, 50, 60],
     "opd": [21, 23, 25, 27, 29],
     "rlvr": [30, 29, 28, 26, 25],
-    "opd_seed1": [20, 22, 24, 26, 27],
-    "rlvr_seed1": [31, 30, 28, 27, 26],
     "opd_topkl50": [20, 22, 25, 28, 30],
     "opd_topkl25": [19, 21, 24, 26, 28],
     "opd_rand50": [22, 23, 24, 25, 26],
@@ -58,18 +56,27 @@ SRANK = {
     "mix_0p01": [3, 3, 4, 4, 4],
 }
 SIM_FIRST = {"opd": 0.85, "sft": 0.40, "rlvr": 0.70}
-ACC = {"base": (0.05, 100), "teacher": (0.95, 100), "sft": (0.60, 100), "sft_proj16": (0.30, 100),
-       "opd": (0.50, 100), "opd_proj16": (0.48, 100), "rlvr": (0.55, 100), "opd_seed1": (0.52, 100),
-       "rlvr_seed1": (0.57, 100)}
+ACC = {"base": 0.05, "teacher": 0.95, "sft": 0.60, "sft_proj16": 0.20, "opd": 0.50, "opd_proj16": 0.48, "rlvr": 0.55,
+       "opd_proj16_start": 0.05, "sft_proj16_start": 0.05, "opd_freeze16": 0.45, "sft_freeze16": 0.40}
+
+
+def _instances(info):
+    """``(instance, run, seed)`` of every run of the plan."""
+    return [(r["name"], r.get("seed_of") or r["name"], r["seed"]) for r in info["runs"]]
 
 
 def make_fake_study(out: Path, *, drop_trajectory=()) -> Path:
-    """A run folder with every result file the report reads, in the documented schemas."""
-    preset = get_preset("quick")
+    """A run folder with every result file the report reads, in the documented schemas
+    (the tiny preset's plan: every run with seeds 0, 1, 2)."""
+    preset = get_preset("tiny")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "study.json").write_text(json.dumps(study_info(preset)))
-    for run, (sp, de, po, lo, nss, al, ar) in COMPARE.items():
-        d = out / "diagnose" / "compare" / run
+    info = study_info(preset)
+    (out / "study.json").write_text(json.dumps(info))
+    for inst, run, seed in _instances(info):
+        if run not in COMPARE:
+            continue
+        sp, de, po, lo, nss, al, ar = (v * SEED_SCALE[seed] for v in COMPARE[run])
+        d = out / "diagnose" / "compare" / inst
         d.mkdir(parents=True)
         summary = {"global_sparsity": sp, "mean_density": de, "mean_principal_overlap": po,
                    "mean_low_magnitude_overlap": lo, "mean_nss": nss, "mean_angle_left_max_deg": al,
@@ -84,32 +91,38 @@ def make_fake_study(out: Path, *, drop_trajectory=()) -> Path:
         _write_csv(d / "matrices.csv", header, rows)
     header = ["run", "step", "progress", "name", "type", "stable_rank", "fro_norm", "rel_fro_norm", "hill_alpha", "sim_to_final"]
 
-    def traj_rows(run):
+    def traj_rows(inst, run, seed):
         rows = []
         for i, v in enumerate(SRANK[run]):
             step = i + 1
-            sim = 1.0 if i == 4 else SIM_FIRST.get(run, 0.9) + 0.03 * i
+            sim = 1.0 if i == 4 else SIM_FIRST.get(run, 0.9) + 0.03 * i + 0.01 * seed
             for j, name in enumerate(MATS):
-                rows.append([run, step, 100.0 * step / 5, name, "qk"[j], v - 1 + 2 * j, 1e-3 * step, 1e-2 * step, 2.0 + 0.1 * i, sim])
+                rows.append([inst, step, 100.0 * step / 5, name, "qk"[j], v + seed - 1 + 2 * j, 1e-3 * step, 1e-2 * step,
+                             2.0 + 0.1 * i, sim])
         return rows
 
     main = out / "diagnose" / "trajectory" / "main"
-    _write_csv(main / "trajectory.csv", header, [r for run in ("sft", "opd", "rlvr") for r in traj_rows(run)])
+    _write_csv(main / "trajectory.csv", header, [r for run in ("sft", "opd", "rlvr") for r in traj_rows(run, run, 0)])
     (main / "summary.json").write_text(json.dumps({"runs": {"sft": {"locking_step": None}, "opd": {"locking_step": 1},
                                                             "rlvr": {"locking_step": 3}}}))
     _write_csv(main / "overlap.csv", ["run_a", "run_b", "scope", "one_sided", "baseline", "jaccard", "jaccard_baseline"],
                [["opd", "rlvr", "all", 0.61, 0.2, 0.18, 0.166]])
-    for run in SRANK:
-        if run in ("sft", "opd", "rlvr") or run in drop_trajectory:
+    for inst, run, seed in _instances(info):
+        if run not in SRANK or inst in ("sft", "opd", "rlvr") or run in drop_trajectory:
             continue
-        d = out / "diagnose" / "trajectory" / run
-        _write_csv(d / "trajectory.csv", header, traj_rows(run))
-        (d / "summary.json").write_text(json.dumps({"runs": {run: {"locking_step": 2}}}))
-    for name, (p, n) in ACC.items():
-        d = out / "eval" / name
+        d = out / "diagnose" / "trajectory" / inst
+        _write_csv(d / "trajectory.csv", header, traj_rows(inst, run, seed))
+        (d / "summary.json").write_text(json.dumps({"runs": {inst: {"locking_step": 2}}}))
+    evals = [("base", "base", 0), ("teacher", "teacher", 0), ("opd_proj16_start", "opd_proj16_start", 0),
+             ("sft_proj16_start", "sft_proj16_start", 0)] + _instances(info)
+    for inst, run, seed in evals:
+        if run not in ACC:
+            continue
+        p = ACC[run] + 0.01 * seed
+        d = out / "eval" / inst
         d.mkdir(parents=True)
-        (d / "eval.json").write_text(json.dumps({"name": name, "role": "x", "checkpoint": "c", "accuracy": p,
-                                                 "n_problems": n, "k": 1, "temperature": 1.0, "n_samples": n}))
+        (d / "eval.json").write_text(json.dumps({"name": inst, "role": "x", "checkpoint": "c", "accuracy": p,
+                                                 "n_problems": 100, "k": 1, "temperature": 1.0, "n_samples": 100}))
     m = out / ".study" / "stages"
     m.mkdir(parents=True)
     (m / "sft.json").write_text(json.dumps({"key": "k", "run_id": "r", "seconds": 12.5, "summary": {}}))
@@ -143,34 +156,35 @@ def test_claims_schema_and_verdicts(report):
     claims = json.loads((out / "claims.json").read_text())
     assert [c["id"] for c in claims] == list(CLAIM_RULES)
     for c in claims:
-        assert set(c) == {"id", "claim", "holds", "evidence"}
+        assert list(c)[:4] == ["id", "claim", "holds", "evidence"]
+        assert {"statistic", "estimate", "ci", "n", "method"} <= set(c)
         assert c["holds"] in (True, False, None)
         assert isinstance(c["claim"], str) and isinstance(c["evidence"], str) and c["evidence"]
     holds = {c["id"]: c["holds"] for c in claims}
+    orders = ("sparsity_order", "update_density_order", "low_magnitude_overlap_order", "nss_order", "angle_order")
     assert holds == {
-        "sparsity_order": True,
-        "update_density_order": True,
-        "low_magnitude_overlap_order": True,
-        "nss_order": True,
-        "angle_order": True,
-        "opd_narrow_band": True,  # 29 / 21 = 1.381 <= 1.5
-        "sft_srank_expands": True,  # 60 / 10 = 6
-        "rlvr_srank_contracts": False,  # 25 / 30 = 0.833 > 1 / 1.5
-        "opd_sim16_first": True,  # 0.85 >= 0.8
-        "projection_keeps_opd": True,  # 0.48 >= 0.50 - 2 * 0.0707
-        "projection_hurts_sft": True,  # 0.30 < 0.60 - 2 * 0.0678
-        "sparsification_keeps_band": True,  # all within [16.8, 36.25]
-        "offpolicy_keeps_band": False,  # [40, 50] leaves it
-        "small_alpha_departs": True,  # [5, 8] and [3, 4] leave it
+        **{o: True for o in orders},  # separated by far more than the 4 % seed scaling
+        **{o + "_matched": True for o in orders},  # sft_matched sits between SFT and OPD
+        "opd_narrow_band": False,  # RLVR's band 30/25 = 1.2 is narrower than OPD's 29/21 = 1.38 at every seed
+        "sft_srank_expands": True,
+        "rlvr_srank_contracts": True,
+        "opd_sim16_first": True,  # 0.85, 0.86, 0.87: t interval [0.835, 0.885] > 0.8
+        "projection_keeps_opd": True,  # f = 0.44 / 0.46 = 0.957, 95 % CI [0.922, 0.991] > 0.5
+        "projection_hurts_sft": True,  # f = 0.16 / 0.56 = 0.286, 95 % CI [0.228, 0.344] < 0.5
+        "sparsification_keeps_band": True,  # each within ~10 % of OPD, ~30 % from RLVR
+        "offpolicy_keeps_band": False,  # [40, 50]: nearer RLVR's [25, 30] than OPD's [21, 29] in ln
+        "small_alpha_departs": False,  # [5, 8] and [3, 4] fall below both, nearer OPD's than RLVR's
     }
-    ev = {c["id"]: c["evidence"] for c in claims}
-    assert "1.381" in ev["opd_narrow_band"]
-    assert "0.8500" in ev["opd_sim16_first"]
+    c = {c["id"]: c for c in claims}["opd_sim16_first"]
+    # mean 0.86, sd 0.01, n 3: half-width t_{0.975,2} 0.01 / sqrt(3) = 4.302653 * 0.005774
+    assert c["estimate"] == pytest.approx(0.86) and c["n"] == 3
+    assert c["ci"][0] == pytest.approx(0.86 - 4.302653 * 0.01 / math.sqrt(3), abs=1e-6)
 
 
 def test_missing_inputs_give_null_claims(tmp_path):
     out = make_fake_study(tmp_path / "s", drop_trajectory=("mix_0p05", "opd_offpolicy"))
-    (out / "eval" / "opd_proj16" / "eval.json").unlink()
+    for inst in ("opd_proj16", "opd_proj16_seed1", "opd_proj16_seed2"):
+        (out / "eval" / inst / "eval.json").unlink()
     write_report(out)
     holds = {c["id"]: c["holds"] for c in json.loads((out / "claims.json").read_text())}
     assert holds["small_alpha_departs"] is None
@@ -313,54 +327,43 @@ def test_table1_values_ours_and_paper(report):
     paper = {"sparsity (%)": (8.1, 51.6, 77.2), "update density (%)": (92.73, 46.28, 27.76),
              "principal overlap (%)": (29.66, 27.31, 26.65), "low magnitude overlap (%)": (31.88, 53.59, 73.48)}
     for metric, (ps, po, pr) in paper.items():
-        r = [float(x) for x in rows[metric]]
+        r = [float(x) for x in rows[metric][:9]]
         assert (r[1], r[3], r[5]) == (ps, po, pr)
-    sp = [float(x) for x in rows["sparsity (%)"]]
-    assert sp[0] == pytest.approx(10.0) and sp[2] == pytest.approx(50.0) and sp[4] == pytest.approx(80.0)
-    lo = [float(x) for x in rows["low magnitude overlap (%)"]]
-    assert lo[4] == pytest.approx(70.0)
+    f = sum(SEED_SCALE.values()) / 3  # ours: the mean over seeds
+    sp = [float(x) for x in rows["sparsity (%)"][:9]]
+    assert sp[0] == pytest.approx(10.0 * f) and sp[2] == pytest.approx(50.0 * f) and sp[4] == pytest.approx(80.0 * f)
+    lo = [float(x) for x in rows["low magnitude overlap (%)"][:9]]
+    assert lo[4] == pytest.approx(70.0 * f)
 
 
 def test_trajectory_and_control_tables(report):
     out, _ = report
-    res = load_results(out)
-    assert res.band("opd") == (21.0, 29.0)
     t = {r[0]: r for r in _csv_rows(out / "tables" / "trajectory_summary.csv")[1:]}
     assert float(t["sft"][3]) == 10.0 and float(t["sft"][4]) == 60.0
-    assert float(t["opd"][7]) == pytest.approx(29 / 21)
+    assert float(t["opd"][7]) == pytest.approx(29 / 21) and float(t["opd_seed2"][7]) == pytest.approx(31 / 23)
     assert t["opd"][12] == "1" and t["sft"][12] == ""
+    b = {r[0]: r for r in _csv_rows(out / "tables" / "srank_by_run.csv")[1:]}
+    ratios = [29 / 21, 30 / 22, 31 / 23]
+    m = sum(ratios) / 3
+    assert float(b["opd"][1]) == pytest.approx(m) and b["opd"][5] == "3"
+    assert float(b["opd"][2]) == pytest.approx(math.sqrt(sum((x - m) ** 2 for x in ratios) / 2))
+    ps = {(r[0], r[1]): r for r in _csv_rows(out / "tables" / "srank_per_seed.csv")[1:]}
+    # opd_offpolicy seed 0 against OPD seed 0: RMS of ln(40/21), ln(42/23), ...
+    d = math.sqrt(sum(math.log(a / b) ** 2 for a, b in zip(SRANK["opd_offpolicy"], SRANK["opd"])) / 5)
+    assert float(ps[("opd_offpolicy", "0")][7]) == pytest.approx(d)
     ctl = {r[0]: r for r in _csv_rows(out / "tables" / "control_offpolicy.csv")[1:]}
-    assert ctl["opd_offpolicy"][4] == "False" and float(ctl["opd_offpolicy"][2]) == 40.0
+    assert float(ctl["opd_offpolicy"][2]) == pytest.approx(41.0) and ctl["opd_offpolicy"][9] == "3"
     proj = {r[0]: r for r in _csv_rows(out / "tables" / "projection.csv")[1:]}
-    assert float(proj["sft"][3]) == pytest.approx(-0.30)
-    assert float(proj["opd"][4]) == pytest.approx(math.sqrt(0.25 / 100 + 0.48 * 0.52 / 100))
-
-
-def test_seed_spread_table_by_hand(report):
-    out, _ = report
-    rows = {r[0]: r for r in _csv_rows(out / "tables" / "seed_spread.csv")[1:]}
-    sp = rows["global sparsity (%)"]
-    assert sp[1] == "50 / 54" and sp[2] == "80 / 78"
-    # gap = |52 - 79| = 27; spread = max(4, 2) = 4
-    assert float(sp[3]) == pytest.approx(27.0) and float(sp[4]) == pytest.approx(4.0)
-    assert float(sp[5]) == pytest.approx(6.75)
-    last = rows["stable rank, last checkpoint"]  # opd 29 / 27, rlvr 25 / 26: gap 2.5, spread 2
-    assert float(last[5]) == pytest.approx(1.25)
-    claims = {c["id"]: c["evidence"] for c in json.loads((out / "claims.json").read_text())}
-    assert "gap = 6.75 x the seed spread" in claims["sparsity_order"]
-
-
-def test_ordering_within_seed_noise_is_inconclusive(tmp_path):
-    out = make_fake_study(tmp_path / "s")
-    # rlvr_seed1's angle far from rlvr's: spread 5 > OPD-RLVR gap, so the angle order is not resolved
-    p = out / "diagnose" / "compare" / "rlvr_seed1" / "summary.json"
-    s = json.loads(p.read_text())
-    s["mean_angle_right_max_deg"] = 5.3
-    p.write_text(json.dumps(s))
-    write_report(out)
-    c = {c["id"]: c for c in json.loads((out / "claims.json").read_text())}
-    assert c["angle_order"]["holds"] is None and c["angle_order"]["evidence"].startswith("inconclusive")
-    assert c["sparsity_order"]["holds"] is True
+    assert float(proj["sft"][3]) == pytest.approx(-0.40)
+    assert float(proj["sft"][6]) == 0.05 and float(proj["sft"][7]) == pytest.approx(0.41)  # start; freeze mean
+    assert float(proj["sft"][8]) == pytest.approx((0.21 - 0.05) / (0.61 - 0.05))
+    t1 = {r[0]: r for r in _csv_rows(out / "tables" / "table1_sparsity.csv")[1:]}
+    sp = [10 * f for f in SEED_SCALE.values()]
+    msp = sum(sp) / 3
+    assert float(t1["sparsity (%)"][7]) == pytest.approx(math.sqrt(sum((x - msp) ** 2 for x in sp) / 2))
+    assert t1["sparsity (%)"][10] == "3/3/3"
+    om = {r[0]: r for r in _csv_rows(out / "tables" / "orderings_matched.csv")[1:]}
+    assert om["sparsity_order"][3] == "True"
 
 
 def test_the_mixing_panel_uses_the_matched_ends(tmp_path):
@@ -373,7 +376,7 @@ def test_the_mixing_panel_uses_the_matched_ends(tmp_path):
     out = make_fake_study(tmp_path / "s")
     p = get_preset("quick")
     mix = p.run("mix_0p5")
-    runs = tuple(dataclasses.replace(r, steps=10) if r.name == "rlvr" else r for r in p.runs if r.group != "seeds")
+    runs = tuple(dataclasses.replace(r, steps=10) if r.name == "rlvr" else r for r in p.runs if r.seed_of is None)
     runs += (RunSpec(name="mix_0", objective="rlvr", init="anchor", steps=mix.steps, batch_size=mix.batch_size,
                      samples_per_prompt=mix.samples_per_prompt, optim=mix.optim, group="mixing"),)
     q = dataclasses.replace(p, runs=runs)
@@ -390,3 +393,6 @@ def test_the_mixing_panel_uses_the_matched_ends(tmp_path):
     assert [r[1] for r in rows] == ["alpha=1", "alpha=0.75", "alpha=0.5", "alpha=0.25", "alpha=0.05", "alpha=0.01",
                                     "alpha=0"]
     assert float(rows[-1][2]) == 35.0 and float(rows[-1][3]) == 39.0  # mix_0's band: stable rank 39 .. 35
+    small = {c["id"]: c for c in json.loads((out / "claims.json").read_text())}["small_alpha_departs"]
+    # the small-alpha claim measures against the sweep's own alpha = 0 end; one seed: inconclusive
+    assert "D(mix_0p05, OPD) − D(mix_0p05, mix_0)" in small["evidence"] and small["holds"] is None

@@ -189,3 +189,9 @@ def test_model_generation_config_cannot_change_samples_or_logprobs(model, tok):
         lp = ref.behaviour_logprobs[row][ref.response_mask[row]].double()
         torch.testing.assert_close(lp, manual_logprobs(model, tok, ref, row), atol=2e-5, rtol=0)
 
+
+
+def test_score_false_gives_the_same_samples_without_logprobs(model, tok):
+    kw = dict(num_samples=2, temperature=1.0, max_new_tokens=8, seed=4, batch_size=6)
+    a, b = generate(model, tok, PROMPTS, **kw), generate(model, tok, PROMPTS, score=False, **kw)
+    assert torch.equal(a.response_ids, b.response_ids) and b.behaviour_logprobs is None

@@ -256,3 +256,8 @@ def test_eval_stage_on_a_suite_writes_the_headline(tmp_path, monkeypatch):
     monkeypatch.setitem(SUITES, "mini", bad)
     with pytest.raises(ConfigError, match="eval task 'train-rows'.*resolves to the same rows as the training task"):
         check_study_eval(p)
+    from opdgeo.study.run import run_study
+
+    with pytest.raises(ConfigError, match="eval task 'train-rows'"):
+        run_study(p, tmp_path / "study")
+    assert not (tmp_path / "study").exists()  # refused before any stage

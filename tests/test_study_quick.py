@@ -76,27 +76,17 @@ def test_crash_then_resume_runs_only_missing_stages(quick_study):
 
 def test_third_run_reuses_everything(quick_study):
     _, _, second, third, _ = quick_study
+    assert set(third["stages"]) == set(second["stages"])
     for name, v in third["stages"].items():
-        if name == "report":
-            assert v["status"] == "ran"
-        elif second["stages"][name]["status"] in ("ran", "resumed", "cached"):
-            assert v["status"] == "cached", name
-        else:  # a control the core does not offer is retried, and reported again
-            assert v["status"] in ("unavailable", "failed", "skipped"), name
-    assert third["wall_seconds"] < second["wall_seconds"]
+        assert v["status"] == ("ran" if name == "report" else "cached"), (name, v)
 
 
-def test_every_stage_ran_or_is_explained(quick_study):
+def test_every_stage_ran(quick_study):
     out, _, second, _, _ = quick_study
     stages = build_stages(get_preset("quick"))
     assert set(second["stages"]) == {s.name for s in stages}
-    core = {"base", "teacher", "sft", "opd", "rlvr", "eval_base", "eval_teacher", "eval_sft", "eval_opd", "eval_rlvr",
-            "compare_sft", "compare_opd", "compare_rlvr", "trajectory_main", "report"}
     for name, v in second["stages"].items():
-        if name in core:
-            assert v["status"] in ("ran", "resumed", "cached"), (name, v)
-        else:
-            assert v["status"] in ("ran", "resumed", "cached") or v.get("reason"), (name, v)
+        assert v["status"] in ("ran", "resumed", "cached"), (name, v)
         assert v["seconds"] >= 0
     assert second["preset"] == "quick" and second["total_seconds"] > 0
 
@@ -109,8 +99,10 @@ def test_artifacts_exist_and_are_well_formed(quick_study):
     assert isinstance(claims, list) and len(claims) >= 10
     ids = set()
     for c in claims:
-        assert set(c) == {"id", "claim", "holds", "evidence"}
+        assert list(c)[:4] == ["id", "claim", "holds", "evidence"]
+        assert {"statistic", "estimate", "ci", "n", "method"} <= set(c)
         assert c["holds"] in (True, False, None) and c["evidence"]
+        assert c["n"] == 2 or c["ci"] is None  # quick: 2 seeds a run
         ids.add(c["id"])
     assert {"sparsity_order", "opd_narrow_band", "opd_sim16_first", "projection_keeps_opd", "projection_hurts_sft",
             "sparsification_keeps_band", "offpolicy_keeps_band", "small_alpha_departs"} <= ids
@@ -126,9 +118,11 @@ def test_artifacts_exist_and_are_well_formed(quick_study):
         e = json.loads((out / "eval" / run / "eval.json").read_text())
         assert 0.0 <= e["accuracy"] <= 1.0 and e["n_problems"] == get_preset("quick").eval.n_problems
     t1 = {r[0]: r for r in csv.reader((out / "tables" / "table1_sparsity.csv").open())}
-    sft_sparsity = json.loads((out / "diagnose" / "compare" / "sft" / "summary.json").read_text())["global_sparsity"]
-    # the CSV keeps the full float64 value; the only arithmetic is the product by 100
-    assert float(t1["sparsity (%)"][1]) == pytest.approx(100 * sft_sparsity, rel=1e-12)
+    sft_sparsity = [json.loads((out / "diagnose" / "compare" / r / "summary.json").read_text())["global_sparsity"]
+                    for r in ("sft", "sft_seed1")]
+    # the CSV keeps the full float64 mean over the seeds of 100 x each value
+    assert float(t1["sparsity (%)"][1]) == pytest.approx(sum(100 * x for x in sft_sparsity) / 2, rel=1e-12)
+    assert t1["sparsity (%)"][10] == "2/2/2"
     traj = list(csv.DictReader((out / "diagnose" / "trajectory" / "main" / "trajectory.csv").open()))
     assert {r["run"] for r in traj} == {"sft", "opd", "rlvr"}
     html = (out / "report.html").read_text()

@@ -42,12 +42,14 @@ import torch
 
 from opdgeo._version import __version__
 from opdgeo.analysis.cache import SvdCache
+from opdgeo.analysis.compare_geometry import ROUTES, matrix_geometry
 from opdgeo.analysis.compare_summary import SUMMARY_MEAN_KEYS, summarize
 from opdgeo.analysis.driver import Matrix, Progress, execute, plan_matrices, resolve_options
 from opdgeo.errors import FieldError
 
 __all__ = [
     "METRICS",
+    "effective_k",
     "COLUMNS",
     "EXTRA_COLUMNS",
     "SUMMARY_MEAN_KEYS",
@@ -76,7 +78,7 @@ COLUMNS = (
     "principal_overlap",
     "low_magnitude_overlap",
 )
-EXTRA_COLUMNS = ("legacy_sparsity", "note", "expert", "fro_norm", "rel_fro_norm", "rank")
+EXTRA_COLUMNS = ("legacy_sparsity", "note", "expert", "fro_norm", "rel_fro_norm", "rank", "k", "rel_gap")
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,9 @@ class CompareOptions:
             is always computed (it is also the update mask of the overlaps) for every
             floating tensor, the others only for the geometry matrix set (``nss`` also
             gives ``fro_norm``/``rel_fro_norm`` for every floating tensor).
-        k: principal-angle subspace size, capped per matrix at ``min(m, n)``.
+        k: principal-angle subspace size: an integer, capped per matrix at ``min(m, n)``,
+            or a fraction of each matrix's ``min(m, n)`` written ``"a/b"`` (e.g. ``"1/8"``,
+            the paper's 512 of 4096), rounded half up, at least 1 (``effective_k``).
         rank: rank r of the W0 reconstruction behind the principal mask, capped per
             matrix at ``min(m, n)`` (the ``rank`` column reports the value used).
         alpha: mask fraction of the principal and low-magnitude masks (our choice: 0.3,
@@ -111,7 +115,7 @@ class CompareOptions:
     """
 
     metrics: tuple[str, ...] | str | None = METRICS
-    k: int = 512
+    k: int | str = 512
     rank: int = 64
     alpha: float = 0.3
     eta: float = 1e-3
@@ -142,7 +146,11 @@ class CompareOptions:
         unknown = [m for m in self.metrics if m not in METRICS]
         if unknown:
             problems.append(("metrics", f"unknown {', '.join(map(repr, unknown))} (choose from {', '.join(METRICS)})"))
-        for name in ("k", "rank", "workers"):
+        if isinstance(self.k, str) and _parse_fraction(self.k) is None:
+            problems.append(("k", f"must be an integer >= 1 or a fraction a/b in (0, 1]; got {self.k!r}"))
+        elif not isinstance(self.k, str) and not _is_count(self.k):
+            problems.append(("k", f"must be an integer >= 1; got {self.k!r}"))
+        for name in ("rank", "workers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 problems.append((name, f"must be an integer >= 1; got {value!r}"))
@@ -176,6 +184,32 @@ class CompareOptions:
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.RUN_FIELDS}
         out["metrics"] = list(self.metrics)
         return out
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+
+def _parse_fraction(k) -> tuple[int, int] | None:
+    """``(a, b)`` for a string ``"a/b"`` with ``0 < a/b <= 1``, else None."""
+    if not isinstance(k, str):
+        return None
+    parts = k.strip().split("/")
+    if len(parts) != 2 or not all(x.strip().isdigit() for x in parts):
+        return None
+    a, b = int(parts[0]), int(parts[1])
+    return (a, b) if 0 < a <= b else None
+
+
+def effective_k(k: int | str, p: int) -> int:
+    """The angle subspace size of a matrix with ``p = min(m, n)``: ``min(k, p)`` for an
+    integer ``k``; for a fraction ``"a/b"``, ``floor(p·a/b + 1/2)`` (round half up, exact
+    integer arithmetic), at least 1."""
+    frac = _parse_fraction(k)
+    if frac is None:
+        return min(int(k), p)
+    a, b = frac
+    return max(1, min(p, (2 * p * a + b) // (2 * b)))
 
 
 def _is_number(x) -> bool:
@@ -249,7 +283,8 @@ def compare(base, tuned, options: CompareOptions | None = None, **fields_) -> Co
 
     t0 = time.perf_counter()
     base_ckpt = base if hasattr(base, "load") else open_checkpoint(base, allow_pickle=opts.allow_pickle)
-    tuned_ckpt = tuned if hasattr(tuned, "load") else open_checkpoint(tuned, allow_pickle=opts.allow_pickle)
+    tuned_ckpt = tuned if hasattr(tuned, "load") else open_checkpoint(tuned, allow_pickle=opts.allow_pickle,
+                                                                       base=base_ckpt)  # base of a LoRA adapter
     plan = _plan(base_ckpt, tuned_ckpt, opts)
     counters = _Counters()
     worker = _Worker(base_ckpt, tuned_ckpt, opts, svd_cache, counters)
@@ -295,7 +330,7 @@ def _plan(base, tuned, opts: CompareOptions) -> list[_Item]:
         if mat.geometry and wants - {"sparsity"}:
             m, n = mat.shape
             p = min(m, n)
-            k_eff = min(opts.k, p) if "angles" in wants else 0
+            k_eff = effective_k(opts.k, p) if "angles" in wants else 0
             rank = min(opts.rank, p) if "overlap" in wants else 0
             n_vec = min(max(k_eff, rank), p)
             cost += 2.0 * m * n * p  # two SVDs dominate: O(m n min(m, n))
@@ -340,11 +375,16 @@ class _Counters:
 
     def __init__(self):
         self._lock = threading.Lock()
-        self.counts = {"base_svds": 0, "tuned_svds": 0, "cache_hits": 0, "cache_misses": 0, "tensors": 0}
+        self.counts = {"base_svds": 0, "tuned_svds": 0, "cache_hits": 0, "cache_misses": 0, "tensors": 0,
+                       **{f"tuned_{r}": 0 for r in ROUTES}}
 
     def add(self, key: str, n: int = 1) -> None:
         with self._lock:
             self.counts[key] += n
+
+    def route(self, name: str) -> None:
+        """Count the tuned side's route (``compare_geometry.ROUTES``)."""
+        self.add(f"tuned_{name}")
 
     def as_dict(self) -> dict[str, int]:
         with self._lock:
@@ -405,77 +445,8 @@ class _Worker:
         return row, angles
 
     def _geometry(self, item: _Item, w0, w1, row) -> dict[str, Any] | None:
-        from opdgeo.geometry.angles import principal_angles
-        from opdgeo.geometry.masks import low_magnitude_mask, mask_overlap, principal_mask
-        from opdgeo.geometry.spectrum import normalized_spectral_shift, singular_values, top_singular_subspaces
-
-        opts, wants = self.opts, set(self.opts.metrics)
-        dtype = opts.dtype
-
-        # W0: all singular values + top n_base_vectors vectors, from the cache when warm
-        S0 = U0 = V0 = None
-        key = None
-        if self.cache is not None:
-            key = self.base.content_key(item.name)
-            hit = self.cache.get(key, n_vectors=item.n_base_vectors, precision=opts.precision)
-            self.counters.add("cache_hits" if hit is not None else "cache_misses")
-            if hit is not None:
-                device = w0.device
-                S0, U0, V0 = hit.S.to(device), hit.U.to(device), hit.V.to(device)
-        if S0 is None:
-            self.counters.add("base_svds")
-            if item.n_base_vectors > 0:
-                sub = top_singular_subspaces(w0, item.n_base_vectors, dtype=dtype)
-                S0, U0, V0 = sub.S, sub.U, sub.V
-            else:
-                S0 = singular_values(w0, dtype=dtype)
-                U0 = torch.zeros(item.shape[0], 0, dtype=dtype, device=w0.device)
-                V0 = torch.zeros(item.shape[1], 0, dtype=dtype, device=w0.device)
-            if self.cache is not None:
-                self.cache.put(key, n_vectors=item.n_base_vectors, precision=opts.precision, S=S0, U=U0, V=V0)
-
-        # W+: top-k vectors only if angles are wanted, else singular values only
-        angles = None
-        if "angles" in wants:
-            self.counters.add("tuned_svds")
-            sub1 = top_singular_subspaces(w1, item.k, dtype=dtype)
-            S1 = sub1.S
-            left = torch.rad2deg(principal_angles(U0[:, : item.k], sub1.U).to(torch.float64))
-            right = torch.rad2deg(principal_angles(V0[:, : item.k], sub1.V).to(torch.float64))
-            row["angle_left_max_deg"] = float(left.max())
-            row["angle_left_mean_deg"] = float(left.mean())
-            row["angle_right_max_deg"] = float(right.max())
-            row["angle_right_mean_deg"] = float(right.mean())
-            if opts.keep_angles:
-                angles = {"left": left.cpu().numpy(), "right": right.cpu().numpy()}
-            del sub1
-        elif "nss" in wants:
-            self.counters.add("tuned_svds")
-            S1 = singular_values(w1, dtype=dtype)
-        if "nss" in wants:
-            row["nss"] = float(normalized_spectral_shift(S0, S1))
-
-        if "overlap" in wants:
-            from opdgeo.geometry.sparsity import bf16_visible_mask
-
-            update = bf16_visible_mask(w0, w1, eta=opts.eta)  # M_upd; only the overlaps need it
-            # Both masks depend on W0 only: with a cache they are base work, paid once.
-            mask_key = dict(rank=item.rank, alpha=opts.alpha, n_vectors=item.n_base_vectors, precision=opts.precision)
-            masks = self.cache.get_masks(key, shape=item.shape, **mask_key) if self.cache is not None else None
-            if masks is None:
-                pmask = principal_mask(U0, S0, V0, rank=item.rank, alpha=opts.alpha)
-                lmask = low_magnitude_mask(w0, alpha=opts.alpha)
-                if self.cache is not None:
-                    self.cache.put_masks(key, **mask_key, principal=pmask, low_magnitude=lmask)
-            else:
-                pmask, lmask = (m.to(update.device) for m in masks)
-            row["principal_overlap"] = float(mask_overlap(pmask, update))
-            row["low_magnitude_overlap"] = float(mask_overlap(lmask, update))
-            del pmask, lmask
-            if not bool(update.any()):
-                row["note"] = "no visible update: overlaps undefined (NaN)"
-        return angles
-
+        key = self.base.content_key(item.name) if self.cache is not None else None
+        return matrix_geometry(item, w0, w1, row, opts=self.opts, cache=self.cache, key=key, counters=self.counters)
 
 
 _GEOMETRY_COLUMNS = {

@@ -15,7 +15,13 @@ per-expert view of a mixture-of-experts checkpoint.
   experts have ``expert = "shared"``; ``[]`` for a dense model;
 - ``experts_moved_most``: for each of ``density``, ``nss`` and ``fro_norm``, the
   ``TOP_EXPERTS`` routed experts with the largest value, largest first;
-- ``n_rank_capped``: geometry matrices whose principal-mask rank was capped at min(m, n).
+- ``n_rank_capped``: geometry matrices whose principal-mask rank was capped at min(m, n);
+- angles with their conditioning (with ``angles``): ``n_angles_not_applicable`` (per side,
+  matrices whose k reaches that side's dimension: empty cells, out of every mean),
+  ``ill_conditioned_gap`` (the threshold ``ILL_CONDITIONED_GAP``), ``n_ill_conditioned``
+  (geometry matrices whose ``rel_gap`` = (σ_k − σ_{k+1})/σ_1 of W0 is below it), and
+  ``mean_angle_left_max_deg_well_conditioned`` / ``..._right_...``: the means without
+  them (``mean_angle_*_max_deg`` keep every matrix with a value).
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["EXPERT_METRICS", "SUMMARY_MEAN_KEYS", "TOP_EXPERTS", "expert_records", "summarize"]
+__all__ = ["EXPERT_METRICS", "ILL_CONDITIONED_GAP", "SUMMARY_MEAN_KEYS", "TOP_EXPERTS", "angle_conditioning",
+           "expert_records", "summarize"]
 
 # Per-matrix columns averaged (unweighted) over the geometry set -> summary key.
 SUMMARY_MEAN_KEYS = {
@@ -34,6 +41,13 @@ SUMMARY_MEAN_KEYS = {
     "principal_overlap": "mean_principal_overlap",
     "low_magnitude_overlap": "mean_low_magnitude_overlap",
 }
+#: Relative gap (σ_k − σ_{k+1})/σ_1 of W0 below which a matrix's angles count as
+#: ill-conditioned (our choice). By Wedin's theorem an update E moves the top-k subspaces
+#: by up to ~||E||₂ / (σ_k − σ_{k+1}); fine-tunes have ||E||₂/σ_1 ~ 1e-5 (RLVR) to 1e-3
+#: (SFT), so below 1e-4 even an RLVR-sized update can turn the largest angle at the cut
+#: by degrees: on SmolLM2-135M at k = 512 of 576 the gap is 4e-5 and the max angle 15–17°
+#: while the mean angle is 0.2°.
+ILL_CONDITIONED_GAP = 1e-4
 #: how many experts ``experts_moved_most`` lists per metric
 TOP_EXPERTS = 10
 #: the per-expert metrics that rank the experts
@@ -99,6 +113,21 @@ def _moved_most(experts: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]
     return out
 
 
+def angle_conditioning(geo_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The summary's angle-conditioning keys (module docstring) from the geometry rows."""
+    with_gap = [r for r in geo_rows if r.get("rel_gap") is not None]
+    ill = [r for r in with_gap if math.isfinite(r["rel_gap"]) and r["rel_gap"] < ILL_CONDITIONED_GAP]
+    well = [r for r in geo_rows if r not in ill]
+    note = lambda r, side: f"angles {side}:" in (r.get("note") or "")  # noqa: E731
+    return {
+        "n_angles_not_applicable": {side: sum(1 for r in geo_rows if note(r, side)) for side in ("left", "right")},
+        "ill_conditioned_gap": ILL_CONDITIONED_GAP,
+        "n_ill_conditioned": len(ill),
+        "mean_angle_left_max_deg_well_conditioned": _finite_mean(r.get("angle_left_max_deg") for r in well),
+        "mean_angle_right_max_deg_well_conditioned": _finite_mean(r.get("angle_right_max_deg") for r in well),
+    }
+
+
 def summarize(rows: list[dict[str, Any]], geometry_names: set[str], opts, settings: dict[str, Any]) -> dict[str, Any]:
     """The ``summary.json`` dict from the rows (module docstring).
 
@@ -137,4 +166,5 @@ def summarize(rows: list[dict[str, Any]], geometry_names: set[str], opts, settin
     summary["by_expert"] = experts
     summary["experts_moved_most"] = _moved_most(experts)
     summary["n_rank_capped"] = sum(1 for r in geo_rows if r.get("rank") is not None and r["rank"] < opts.rank)
+    summary.update(angle_conditioning(geo_rows))
     return summary

@@ -220,6 +220,7 @@ def trajectory(runs, origins, options: TrajectoryOptions | None = None, *, overl
         TypeError: a keyword that is not a field of ``TrajectoryOptions``.
     """
     from opdgeo.checkpoints import open_checkpoint
+    from opdgeo.checkpoints.adapters import is_adapter
 
     opts = resolve_options(TrajectoryOptions, options, fields_, "trajectory")
     t0 = time.perf_counter()
@@ -227,10 +228,14 @@ def trajectory(runs, origins, options: TrajectoryOptions | None = None, *, overl
     pairs = overlap_pairs(run_specs, overlap)
     opened: dict[Path, Any] = {}
 
+    adapter_base = {Path(os.path.abspath(p)): s.origin for s in run_specs for p in s.paths}
+
     def ckpt(path: Path):
         key = Path(os.path.abspath(path))
         if key not in opened:
-            opened[key] = open_checkpoint(path, allow_pickle=opts.allow_pickle)
+            # a run's LoRA adapter checkpoint is the merged model over the run's origin
+            base = ckpt(adapter_base[key]) if key in adapter_base and is_adapter(key) else None
+            opened[key] = open_checkpoint(path, allow_pickle=opts.allow_pickle, base=base)
         return opened[key]
 
     check_architectures(run_specs, ckpt)  # headers only, before any weight is read

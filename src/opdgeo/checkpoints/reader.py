@@ -287,15 +287,19 @@ def _split_all(sources: dict[str, Source], config: dict) -> dict[str, Source]:
     return out
 
 
-def open_checkpoint(source: str | Path, *, allow_pickle: bool = False) -> Checkpoint:
+def open_checkpoint(source: str | Path, *, allow_pickle: bool = False, base=None) -> Checkpoint:
     """Open a checkpoint for streaming reads (headers only; no tensor data is read).
 
     Args:
         source: a Hugging Face folder, a ``.safetensors`` file, a pickle file (with
             ``allow_pickle``), a model id ``org/name`` present in the local HF cache, or
-            ``smollm2`` (see ``opdgeo.sources``).
+            ``smollm2`` (see ``opdgeo.sources``); or a PEFT LoRA adapter folder
+            (``adapter_config.json``), opened as the merged model over ``base``
+            (``opdgeo.checkpoints.adapters``).
         allow_pickle: permit ``pytorch_model*.bin``/``.pt``/``.pth``, loaded with
             ``torch.load(weights_only=True, mmap=True, map_location="cpu")``.
+        base: the base of an adapter (a ``Checkpoint`` or a source; default the adapter's
+            ``base_model_name_or_path``); ignored for other checkpoints.
 
     Returns:
         A ``Checkpoint``.
@@ -307,6 +311,10 @@ def open_checkpoint(source: str | Path, *, allow_pickle: bool = False) -> Checkp
             (``SourceError``, a ``CheckpointError``).
     """
     path = ModelSource.parse(source).resolve()
+    from opdgeo.checkpoints.adapters import is_adapter, open_adapter
+
+    if path.is_dir() and is_adapter(path):
+        return open_adapter(path, base)
 
     folder = path if path.is_dir() else path.parent
     config = _read_config(folder)

@@ -21,8 +21,9 @@ _FLAGS = {"keep_angles": "--save-angles"}  # fields whose flag is not --<field>
               help="Write matrices.csv, summary.json and summary.md into this folder.")
 @click.option("--metrics", default=",".join(_D.metrics), show_default=True,
               help=f"Comma-separated subset of: {', '.join(METRICS)} (sparsity is always computed).")
-@click.option("--k", "k", type=int, default=_D.k, show_default=True,
-              help="Principal-angle subspace size (capped at min(m, n) per matrix).")
+@click.option("--k", "k", type=str, default=str(_D.k), show_default=True,
+              help="Principal-angle subspace size: an integer (capped at min(m, n) per matrix) or a fraction "
+                   "a/b of each matrix's min(m, n), e.g. 1/8 (the paper's 512 of 4096).")
 @click.option("--rank", "rank", type=int, default=_D.rank, show_default=True,
               help="Rank of the W0 reconstruction behind the principal mask (capped at min(m, n) per matrix; "
                    "the rank column reports the value used).")
@@ -56,6 +57,7 @@ def compare_cmd(base, tuned, out, metrics, k, rank, alpha, eta, legacy_atol, pre
         raise ConfigError("--save-angles needs --out DIR")
     check_folder("--out", out)  # before any work: a result that cannot be written is not computed
     check_folder("--cache", cache)
+    k = int(k) if k.strip().isdigit() else k  # an integer, or a fraction a/b validated by the options
     options = CompareOptions(metrics=metrics, k=k, rank=rank, alpha=alpha, eta=eta, legacy_atol=legacy_atol,
                              precision=precision, device=device, workers=workers, keep_angles=save_angles,
                              cache=cache, ignore_missing=ignore_missing, allow_pickle=allow_pickle, progress=True)

@@ -32,6 +32,10 @@ def study_cmd(preset, out, fresh, dry_run, stages, launcher):
     p = get_preset(preset)
     out = Path(out or f"runs/study-{preset}")
     select = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
+    if not dry_run:
+        from opdgeo.cli.output import check_folder
+
+        check_folder("--out", out)  # before any stage runs
     if dry_run:
         click.echo(plan_text(p, out, launcher=launcher, select=select), nl=False)
         return

@@ -53,6 +53,9 @@ def train_cmd(config_path, overrides, resume, out_dir, no_progress, project_from
     if no_progress:
         run = dataclasses.replace(run, progress=False)
     config = dataclasses.replace(config, run=run)
+    from opdgeo.cli.output import check_folder
+
+    check_folder("--out" if out_dir is not None else "run.out_dir", run.out_dir)  # before any model loads
 
     from opdgeo.training.loop import train
 

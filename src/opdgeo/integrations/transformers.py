@@ -63,13 +63,17 @@ def log_through(trainer, state, metrics: Mapping[str, float]) -> None:
     """``trainer.log(metrics)`` (history and every reporting integration); without a
     trainer, appended to ``state.log_history`` with the step.
 
-    ``Trainer.log`` resets ``control.should_log``; the flags are restored afterwards, or
-    a rank that logs (rank 0) would skip the step's own loss logging — a collective
-    gather under DDP — while the others wait in it.
+    ``transformers.Trainer.log`` itself, not a subclass's override: TRL's trainers override
+    ``log`` to flush their own accumulated metrics into whatever is logged, which would move
+    them into this record. ``Trainer.log`` resets ``control.should_log``; the flags are
+    restored afterwards, or a rank that logs (rank 0) would skip the step's own loss logging
+    — a collective gather under DDP — while the others wait in it.
     """
     if trainer is not None:
+        from transformers import Trainer
+
         flags = dict(vars(trainer.control))
-        trainer.log(dict(metrics))
+        Trainer.log(trainer, dict(metrics))
         vars(trainer.control).update(flags)
     else:
         state.log_history.append({**metrics, "step": state.global_step})

@@ -12,6 +12,13 @@ stripped), and ``full_matrix`` returns the whole tensor of one parameter:
   ``deepspeed.zero.GatheredParameters`` for the duration of the copy — also collective.
 
 So the memory held beyond the model's own shards is one matrix, never the whole model.
+
+A PEFT LoRA model (``get_peft_model``) is seen as its merged model: each LoRA layer's
+matrix is W + s·B·A (``LoraMatrix``, peft's own ``get_delta_weight`` of the active
+adapter) under the base's checkpoint name (``base_model.model.`` and ``.base_layer``
+removed), the LoRA factors themselves are not matrices of the model — what
+``merge_and_unload`` would save, and what ``opdgeo trajectory`` reads from the run's
+adapter checkpoints.
 FSDP1's flattened parameters are not supported (they are not addressable by name): the
 callbacks raise ``ConfigError`` and ask for FSDP2 (``fsdp_version: 2`` in accelerate).
 """
@@ -24,7 +31,8 @@ import torch
 
 from opdgeo.errors import ConfigError
 
-__all__ = ["WRAPPER_PREFIXES", "checkpoint_name", "full_matrix", "is_sharded", "named_matrices", "LiveWeights"]
+__all__ = ["WRAPPER_PREFIXES", "LiveWeights", "LoraMatrix", "checkpoint_name", "full_matrix", "is_sharded",
+           "named_matrices"]
 
 WRAPPER_PREFIXES = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
 """Name parts that wrappers insert anywhere and ``save_pretrained`` does not write (plus
@@ -32,11 +40,34 @@ DDP's leading ``module``)."""
 
 
 def checkpoint_name(name: str) -> str:
-    """``name`` without wrapper parts (``module.model.layers.0...`` → ``model.layers.0...``)."""
-    parts = [p for p in name.split(".") if p not in WRAPPER_PREFIXES]
+    """``name`` without wrapper parts (``module.model.layers.0...`` → ``model.layers.0...``;
+    PEFT's ``base_model.model.`` and ``.base_layer`` too)."""
+    parts = [p for p in name.split(".") if p not in WRAPPER_PREFIXES and p != "base_layer"]
     while parts and parts[0] == "module":  # DistributedDataParallel / DataParallel
         parts = parts[1:]
+    if parts[:2] == ["base_model", "model"]:  # a PeftModel
+        parts = parts[2:]
     return ".".join(parts)
+
+
+class LoraMatrix:
+    """The merged weight W + s·B·A of one peft LoRA layer, computed when read."""
+
+    def __init__(self, layer):
+        self.layer = layer
+        self.shape = layer.base_layer.weight.shape
+
+    def dim(self) -> int:
+        return 2
+
+    @torch.no_grad()
+    def value(self) -> torch.Tensor:
+        w = self.layer.base_layer.weight.detach()
+        for adapter in self.layer.active_adapters:
+            if adapter in self.layer.lora_A:
+                d = self.layer.get_delta_weight(adapter)
+                w = (w.to(torch.promote_types(w.dtype, d.dtype)) + d).to(w.dtype)
+        return w
 
 
 def named_matrices(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -46,12 +77,17 @@ def named_matrices(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
         ConfigError: an FSDP1 flat parameter (not addressable by name).
     """
     out = {}
+    lora = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_A") and hasattr(module, "base_layer") and hasattr(module, "get_delta_weight"):
+            lora[checkpoint_name(f"{name}.weight")] = LoraMatrix(module)
     for name, p in model.named_parameters():
         if type(p).__name__ == "FlatParameter" or "_flat_param" in name:
             raise ConfigError("the model is wrapped by FSDP1 (flat parameters); opdgeo's callbacks need FSDP2 "
                               "(accelerate fsdp_version: 2) or DeepSpeed ZeRO-3")
-        if p.dim() == 2:
+        if p.dim() == 2 and ".lora_" not in name:
             out[checkpoint_name(name)] = p
+    out.update(lora)
     return out
 
 
@@ -70,6 +106,8 @@ def full_matrix(p: torch.Tensor) -> torch.Tensor:
     """
     from torch.distributed.tensor import DTensor
 
+    if isinstance(p, LoraMatrix):
+        return p.value()
     if isinstance(p, DTensor):
         return p.full_tensor().detach()
     if hasattr(p, "ds_id"):

@@ -16,8 +16,8 @@ documented schemas into the run folder::
 
 Stage order: base, teacher, eval_base, eval_teacher, then per run ``<run>`` (train),
 ``eval_<run>``, ``compare_<run>``; ``trajectory_main`` (SFT, OPD, RLVR, with the OPD/RLVR
-cross-run overlap), ``trajectory_<run>`` for the other runs (a seed repeat together with
-its seed-0 run and their overlap, the noise floor of the OPD/RLVR overlap); ``report`` last.
+cross-run overlap), ``trajectory_<run>`` for the other runs (another seed of OPD or RLVR together
+with its seed-0 run and their overlap, the noise floor of the OPD/RLVR overlap); ``report`` last.
 
 Soft stages (every evaluation and diagnostic, and the control runs) do not stop the
 study when they fail: they are recorded as failed with their error and the report lists
@@ -67,6 +67,7 @@ def study_info(preset: StudyPreset) -> dict:
                 "batch_size": r.batch_size, "samples_per_prompt": r.samples_per_prompt, "lr": r.optim.lr,
                 "token_keep": list(r.token_keep) if r.token_keep else None, "rollout_policy": r.rollout_policy,
                 "mix_alpha": r.mix_alpha, "project_rank": r.project_rank, "checkpoint_steps": r.checkpoint_steps(),
+                "seed": r.seed, "seed_of": r.seed_of,
             }
             for r in preset.runs
         ],
@@ -133,7 +134,8 @@ def train_config_dict(run: RunSpec, preset: StudyPreset, *, student: str, teache
     if run.token_keep is not None:
         cfg["token_keep"] = {"mode": run.token_keep[0], "fraction": run.token_keep[1]}
     if run.project_rank is not None:
-        cfg["project"] = {"from": project_from, "rank": run.project_rank, "origin": project_origin}
+        cfg["project"] = {"from": project_from, "rank": run.project_rank, "origin": project_origin,
+                          "mode": run.project_mode}
     return cfg
 
 
@@ -314,12 +316,13 @@ def _eval_fn(preset: StudyPreset, name: str, role: str, dep: str, key: str):
 
 
 def _suite_eval(model, tok, preset: StudyPreset, ctx: StageContext, *, name: str, role: str, path) -> dict:
-    """Evaluate on the preset's suite (``evaluate_suite``, refusing training data); write
-    ``<task>.jsonl``, ``summary.json`` and ``eval.json`` (``accuracy`` = the headline)."""
-    from opdgeo.study.data import eval_suite, training_sets
+    """Evaluate on the preset's suite (``evaluate_suite``); write ``<task>.jsonl``,
+    ``summary.json`` and ``eval.json`` (``accuracy`` = the headline). The refusal of
+    training rows ran once, before any stage (``run_study``: ``check_study_eval``)."""
+    from opdgeo.study.data import eval_suite
     from opdgeo.training.evaluate import evaluate_suite
 
-    res = evaluate_suite(model, tok, eval_suite(preset), seed=0, out_dir=ctx.dir, train=training_sets(preset))
+    res = evaluate_suite(model, tok, eval_suite(preset), seed=0, out_dir=ctx.dir)
     head = res.results[res.headline]
     rec = {"name": name, "role": role, "checkpoint": str(path), "accuracy": float(res.headline_value),
            "n_problems": head.n, "k": head.k, "temperature": head.temperature, "n_samples": head.n * head.k,
@@ -444,9 +447,16 @@ def build_stages(preset: StudyPreset, *, launcher: str | None = None) -> list[St
         control = run.name not in ("sft", "opd", "rlvr")
         stages.append(Stage(run.name, "train", f"runs/{run.name}", {**v, "run": _asdict(run)},
                             _run_fn(run, preset, launcher), deps=deps, resumable=True, soft=control))
-        role = "SFT anchor" if run.name == "sft" else ("projected" if run.project_rank else run.group)
+        role = "SFT anchor" if run.name == "sft" else (
+            ("projected" if run.project_mode == "project" else "freeze-only") if run.project_rank else run.group)
         stages.append(Stage(f"eval_{run.name}", "eval", f"eval/{run.name}", {**v, "eval": ev},
                             _eval_fn(preset, run.name, role, run.name, "final"), deps=(run.name,), soft=True))
+        if run.project_rank and run.project_mode == "project" and run.seed_of is None:
+            # the checkpoint every seed of the projected run restarts from (the seed-0 source run's)
+            start = f"{run.name}_start"
+            stages.append(Stage(f"eval_{start}", "eval", f"eval/{start}", {**v, "eval": ev},
+                                _eval_fn(preset, start, "projection start", run.name, "init"), deps=(run.name,),
+                                soft=True))
         d = preset.diagnose
         stages.append(Stage(f"compare_{run.name}", "compare", f"diagnose/compare/{run.name}",
                             {**v, "k": d.k, "rank": d.rank, "alpha": d.alpha, "eta": d.eta},
@@ -461,9 +471,8 @@ def build_stages(preset: StudyPreset, *, launcher: str | None = None) -> list[St
         if run.name in main:
             continue
         runs, pairs = [run.name], []
-        if run.group == "seeds":  # the same method with another seed: its overlap is the noise floor of OPD-vs-RLVR
-            src = run.name.rsplit("_seed", 1)[0]
-            runs, pairs = [src, run.name], [(src, run.name)]
+        if run.seed_of in ("opd", "rlvr"):  # the same method with another seed: the noise floor of the OPD-RLVR overlap
+            runs, pairs = [run.seed_of, run.name], [(run.seed_of, run.name)]
         stages.append(Stage(f"trajectory_{run.name}", "trajectory", f"diagnose/trajectory/{run.name}",
                             {**tcfg, "runs": runs, "overlap": pairs}, _trajectory_fn(preset, runs, pairs),
                             deps=tuple(runs), soft=True))

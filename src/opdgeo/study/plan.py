@@ -155,8 +155,11 @@ def _run_text(r: RunSpec) -> str:
     if r.mix_alpha is not None:
         parts.append(f"alpha {r.mix_alpha}")
     if r.project_rank:
-        parts.append(f"projected K={r.project_rank}")
+        parts.append(f"projected K={r.project_rank}" if r.project_mode == "project"
+                     else f"freeze-only control (K={r.project_rank} frozen set, no projection)")
     parts.append("ckpts " + "/".join(map(str, r.checkpoint_steps())))
+    if r.seed_of is not None:
+        parts.append(f"seed {r.seed} of {r.seed_of}")
     return ", ".join(parts)
 
 

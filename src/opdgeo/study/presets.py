@@ -10,16 +10,17 @@ field of these dataclasses):
 
 - ``quick``: the CI smoke test of the whole pipeline — a few optimizer steps per run on a
   very small model. Its numbers are meaningless; its artifacts are complete.
-- ``tiny`` (default): the study at small scale on a 2-core CPU in at most ~15 minutes.
-  bf16 checkpoints, Adam, RL learning rates small relative to the weights' bf16 spacing
-  (weights of magnitude ~0.05 have a bf16 half-ULP of ~1e-4; RL steps of 2e-6..1e-5 stay
-  below it unless their sign is consistent), SFT at 10x the RL rate as in the paper.
+- ``tiny`` (default): the study at small scale on a 2-core CPU. bf16 checkpoints, Adam; RL
+  (OPD, RLVR and every control) at lr 2e-5, below the median bf16 half-ULP of the tiny block
+  weights (~3e-5); SFT at 2e-4, the paper's SFT:RL ratio of 10x (1e-5 : 1e-6).
 - ``smollm2``: the real SmolLM2-135M-Instruct as student; the teacher is a copy of it
   SFT-trained to high accuracy on the arithmetic task (same tokenizer).
 - ``paper``: Qwen3-8B student, Qwen3-32B teacher, dapo-math-17k deduplicated for RL and
   OPD, OpenR1-Math demonstrations for SFT, the paper's evaluation suite, the paper's
   hyperparameters and checkpoint steps. Shown and validated by ``--dry-run``; runs on GPUs
   with ``--launcher "accelerate launch --num_processes N"``.
+
+Every run of a preset runs once per seed (`opdgeo.study.seeds`: what a seed varies).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from opdgeo.errors import ConfigError
+from opdgeo.study.seeds import with_seeds
 
 __all__ = [
     "ModelSpec",
@@ -129,8 +131,11 @@ class RunSpec:
         mix_alpha: ``None`` or α of A = α·A_OPD + (1 − α)·A_GRPO.
         project_rank: ``None`` or K of the subspace projection (V_K of the ΔW of ``init``'s
             checkpoint relative to the source run's origin).
+        project_mode: the core's ``project.mode``: ``"project"`` (gradients and AdamW's
+            updates projected on span(V_K)) or ``"freeze"`` (the control: the same restart
+            and frozen parameters, no projection).
         seed: run seed.
-        group: report panel the run belongs to (``main``, ``seeds``, ``sparsification``,
+        group: report panel the run belongs to (``main``, ``matched``, ``sparsification``,
             ``offpolicy``, ``mixing``, ``projection``). A run of group ``mixing`` without
             ``mix_alpha`` is an end of the mixing sweep: ``opd`` is α = 1, ``rlvr`` α = 0.
         epochs: ``None``, or passes over the run's data: the study then sets ``steps`` to
@@ -138,6 +143,7 @@ class RunSpec:
             read (`opdgeo.study.data.resolve_steps`; n = the distinct problems drawn, for
             SFT those with a demonstration), and ``steps`` is the estimate shown when the
             data cannot be read.
+        seed_of: ``None``, or the run this one repeats with another ``seed`` (`opdgeo.study.seeds`).
     """
 
     name: str
@@ -158,6 +164,8 @@ class RunSpec:
     seed: int = 0
     group: str = "main"
     epochs: float | None = None
+    seed_of: str | None = None
+    project_mode: str = "project"
 
     def every(self) -> int:
         """The training core's ``checkpoint.every`` (0 = only the final step)."""
@@ -210,12 +218,9 @@ class DiagnoseSpec:
         trajectory_matrices: ``"attention"`` (paper) or ``"all"``.
         hill_k: Hill estimator k (capped by the matrix size).
         sim_k: K of Sim_K.
-        band_ratio: **our choice** — a run "stays in a narrow stable-rank band" when
-            max/min of its mean stable rank over checkpoints is at most this (the paper's
-            OPD band ~20–30 is a ratio of 1.5).
-        band_tolerance: **our choice** — a control "keeps OPD's band" when its band lies
-            inside [lo/τ, hi·τ] of OPD's band [lo, hi].
-        lock_threshold: Sim_16 level of the locking step and the first-checkpoint claim.
+        band_ratio, band_tolerance: reference only (the paper's OPD band ~20–30 is a ratio of
+            1.5); the band claims compare runs over seeds (docs/study.md, "Claims").
+        lock_threshold: Sim_16 of the locking step; the null of the first-checkpoint claim.
     """
 
     k: int = 512
@@ -290,7 +295,7 @@ class StudyPreset:
         """``(α, run)`` of the mixing sweep, α descending (`opdgeo.study.mixing.mixing_panel`)."""
         from opdgeo.study.mixing import mixing_panel
 
-        return mixing_panel(self.runs)
+        return mixing_panel([r for r in self.runs if r.seed_of is None])  # seed-0 instances name the points
 
     def problems(self) -> list[str]:
         """Every validation problem of this preset (empty when valid)."""
@@ -333,6 +338,8 @@ class StudyPreset:
                 out.append(f"{key}.mix_alpha must be in [0, 1]; got {r.mix_alpha}")
             if r.project_rank is not None and r.project_rank < 1:
                 out.append(f"{key}.project_rank must be >= 1; got {r.project_rank}")
+            if r.project_mode not in ("project", "freeze"):
+                out.append(f"{key}.project_mode must be project|freeze; got {r.project_mode!r}")
             if r.project_rank is not None and "@" not in r.init:
                 out.append(f"{key}.init must be '<run>@<fraction>' for a projected run; got {r.init!r}")
             if r.init in ("base", "anchor"):
@@ -350,12 +357,14 @@ class StudyPreset:
                     out.append(f"{key}.init fraction must be in (0, 1]; got {frac!r}")
             else:
                 out.append(f"{key}.init must be base|anchor|<run>@<fraction>; got {r.init!r}")
+            if r.seed_of is not None and r.seed_of not in seen:
+                out.append(f"{key}.seed_of refers to run {r.seed_of!r}, which must come earlier")
             if r.name != "sft" and r.init == "anchor" and "sft" not in seen:
                 out.append(f"{key} starts from the anchor, so 'sft' must come before it")
             seen.add(r.name)
         from opdgeo.study.mixing import mixing_problems
 
-        out.extend(mixing_problems(self.runs))
+        out.extend(mixing_problems([r for r in self.runs if r.seed_of is None]))
         if self.demonstrations is not None and not self.demonstrations.strip():
             out.append("demonstrations must be None, 'teacher' or a task spec; got ''")
         if self.demonstrations == "teacher" and self.teacher.sft_steps:
@@ -398,9 +407,9 @@ def _study_runs(
     rlvr_batch: int | None = None,
     checkpoint_every: float = 0.2,
     controls: bool = True,
-    seed_repeats: tuple[int, ...] = (),
+    seeds: tuple[int, ...] = (0, 1, 2),
 ) -> tuple[RunSpec, ...]:
-    """The paper's run list: SFT, OPD, RLVR and every control, from one set of numbers."""
+    """The paper's run list: SFT, OPD, RLVR and every control, each once per seed of ``seeds``."""
     rl = OptimSpec(lr=rl_lr)
     common = dict(
         init="anchor",
@@ -422,13 +431,10 @@ def _study_runs(
             **{**common, "batch_size": rlvr_batch or batch},
         ),
     ]
-    # Noise check: OPD and RLVR again with other seeds (prompt order, rollouts); the report
-    # compares the OPD-RLVR gap of each metric with the spread between seeds.
-    for seed in seed_repeats:
-        runs.append(replace(runs[1], name=f"opd_seed{seed}", seed=seed, group="seeds"))
-        runs.append(replace(runs[2], name=f"rlvr_seed{seed}", seed=seed, group="seeds"))
+    runs.append(  # sft_matched: SFT from the anchor at OPD's lr, steps and prompts per step
+        RunSpec(name="sft_matched", objective="sft", steps=rl_steps, group="matched", **{**common, "samples_per_prompt": 1}))
     if not controls:
-        return tuple(runs)
+        return with_seeds(runs, seeds)
     for mode, tag in (("topkl", "topkl"), ("random", "rand")):
         for frac in (0.5, 0.25):
             runs.append(
@@ -464,12 +470,18 @@ def _study_runs(
     proj_frac = 0.2  # the paper's ~20 % checkpoint (nearest saved one is used)
     opd = runs[1]
     # A projected run is its source run restarted from the source's ~20 % checkpoint (the
-    # core's ``project.from``: weights, optimizer and step of that checkpoint), trained to
-    # the same final step with every block-matrix gradient projected on V_16 of the
-    # checkpoint's update (other parameters frozen).
+    # core's ``project.from``: fp32 weights, AdamW state and step of that checkpoint),
+    # trained to the same final step with every block-matrix gradient and AdamW update
+    # projected on V_16 of the checkpoint's update (other parameters frozen), so its change
+    # after the restart lies in span(V_16). The freeze-only control restarts the same way
+    # and freezes the same parameters, without projection.
     runs.append(replace(opd, name="opd_proj16", init=f"opd@{proj_frac}", project_rank=16, group="projection"))
     runs.append(replace(sft, name="sft_proj16", init=f"sft@{proj_frac}", project_rank=16, group="projection"))
-    return tuple(runs)
+    runs.append(replace(opd, name="opd_freeze16", init=f"opd@{proj_frac}", project_rank=16, project_mode="freeze",
+                        group="projection"))
+    runs.append(replace(sft, name="sft_freeze16", init=f"sft@{proj_frac}", project_rank=16, project_mode="freeze",
+                        group="projection"))
+    return with_seeds(runs, seeds)
 
 
 # Architecture numbers for --dry-run parameter counts (public model cards / config.json).
@@ -499,10 +511,10 @@ def _quick() -> StudyPreset:
         base=ModelSpec(name="base", source="tiny:quick", pretrain_steps=6, pretrain_lr=3e-3, pretrain_batch=16, corpus_size=200),
         teacher=ModelSpec(name="teacher", source="tiny:quick", pretrain_steps=6, pretrain_lr=3e-3, pretrain_batch=16,
                           corpus_size=200, sft_steps=6, sft_lr=3e-3, seed=1),
-        runs=_study_runs(sft=sft, rl_steps=5, batch=2, group=2, rl_lr=1e-4, max_new_tokens=12, seed_repeats=(1,)),
+        runs=_study_runs(sft=sft, rl_steps=5, batch=2, group=2, rl_lr=1e-4, max_new_tokens=12, seeds=(0, 1)),
         eval=EvalSpec(n_problems=6, k=1, temperature=1.0, max_new_tokens=12),
         diagnose=DiagnoseSpec(k=16, rank=4, hill_k=8, sim_k=4),
-        expected_minutes={"cpu-2core": 3},
+        expected_minutes={"cpu-2core (measured under load, 2 seeds)": 9},
         torch_threads=1,
     )
 
@@ -511,24 +523,24 @@ def _tiny() -> StudyPreset:
     # Budgeted from step times measured on the shared 2-core machine with 1 torch thread
     # (load ~6-10): pretrain ~0.25 s/step (32 blocks x 128 tokens), SFT ~0.18 s/step
     # (32 prompts), OPD/RLVR ~0.5 s/step (8 prompts x G=4, <= 40 new tokens), eval ~2 s.
-    # Accuracy calibration (same machine): teacher SFT 300 steps -> 58 % (T=1), anchor after
-    # 120 SFT steps ~25 % (T=1), so RLVR groups are rarely all-equal.
+    # Accuracy calibration (same machine): teacher SFT 300 steps -> 58 % (T=1); anchor ~25 % after 120
+    # SFT steps at lr 1e-3 (50x the RL lr); at the paper's 10x ratio (2e-4) it is not measured yet.
     sft = RunSpec(
         name="sft", objective="sft", init="base", steps=120, batch_size=32,
-        optim=OptimSpec(lr=1e-3), max_new_tokens=40,
+        optim=OptimSpec(lr=2e-4), max_new_tokens=40,  # 10x the RL lr below (the paper's 1e-5 : 1e-6)
     )
     return StudyPreset(
         name="tiny",
-        description="the study at small scale on a 2-core CPU (~15 min): tiny Qwen3 student/teacher, 2-digit addition",
+        description="the study at small scale on a 2-core CPU: tiny Qwen3 student/teacher, 2-digit addition, 3 seeds",
         task="arithmetic:difficulty=2,ops=+",
         base=ModelSpec(name="base", source="tiny:student", pretrain_steps=150, pretrain_lr=2e-3, pretrain_batch=32,
                        corpus_size=4000),
         teacher=ModelSpec(name="teacher", source="tiny:teacher", pretrain_steps=100, pretrain_lr=2e-3, pretrain_batch=16,
                           corpus_size=4000, sft_steps=500, sft_lr=1e-3, sft_batch=32, seed=1),
-        runs=_study_runs(sft=sft, rl_steps=40, batch=8, group=4, rl_lr=2e-5, max_new_tokens=40, seed_repeats=(1,)),
+        runs=_study_runs(sft=sft, rl_steps=40, batch=8, group=4, rl_lr=2e-5, max_new_tokens=40, seeds=(0, 1, 2)),
         eval=EvalSpec(n_problems=128, k=2, temperature=1.0, max_new_tokens=40),
         diagnose=DiagnoseSpec(k=64, rank=16, hill_k=16, sim_k=16),
-        expected_minutes={"cpu-2core": 15},
+        expected_minutes={"cpu-2core (estimate: 3x the 1-seed ~15, not measured)": 45},
         torch_threads=1,
     )
 
@@ -547,9 +559,9 @@ def _smollm2() -> StudyPreset:
         runs=_study_runs(sft=sft, rl_steps=100, batch=16, group=8, rl_lr=1e-6, max_new_tokens=96),
         eval=EvalSpec(n_problems=200, k=4, temperature=1.0, max_new_tokens=96),
         diagnose=DiagnoseSpec(),
-        # estimates (not measured): ~1500 RL/SFT steps of a 135M model with 16 x 8 rollouts
-        # of <= 96 tokens: ~45 s/step on 2 CPU cores, ~4 s/step on one H100
-        expected_minutes={"cpu-2core (estimate)": 20 * 60, "1xH100 (estimate)": 120},
+        # estimates (not measured), one seed: ~1500 RL/SFT steps of 135M with 16 x 8 rollouts of <= 96
+        # tokens, ~45 s/step on 2 CPU cores, ~4 s/step on one H100; three seeds triple them
+        expected_minutes={"cpu-2core (estimate)": 3 * 20 * 60, "1xH100 (estimate)": 3 * 120},
     )
 
 
@@ -565,7 +577,7 @@ def _paper() -> StudyPreset:
     )
     runs = list(
         _study_runs(
-            sft=sft, rl_steps=299, batch=64, group=8, rl_lr=1e-6, max_new_tokens=8192, micro_batch_size=1,
+            sft=sft, rl_steps=299, batch=64, group=8, rl_lr=1e-6, max_new_tokens=8192, micro_batch_size=1, seeds=(0,),
             rlvr_steps=1023, rlvr_batch=512,
             # every 64 steps and the last: 64/128/192/256/299, i.e. the paper's 0-indexed
             # 63/127/191/255/299 (SPEC §3)

@@ -97,7 +97,7 @@ def pretrain(
     blocks = pack_documents(ids, tokenizer.eos_token_id, block_size)  # [N, L]
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(blocks), generator=gen)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas, fused=True)
     warmup = max(1, steps // 10)
     model.train()
     from opdgeo.training.progress import StepProgress

@@ -130,6 +130,7 @@ def run_study(preset: StudyPreset, out: str | Path, *, fresh: bool = False, sele
 
     Raises:
         ConfigError: bad ``select`` names, or an invalid preset/training config, before any work.
+        LockedError: another study is using ``out`` (``opdgeo.locking``).
     """
     from opdgeo.study.data import check_study_eval, resolve_steps
 
@@ -143,7 +144,13 @@ def run_study(preset: StudyPreset, out: str | Path, *, fresh: bool = False, sele
     problems = check_training_configs(preset)
     for run, msg in problems.items():
         log(f"note: run {run} uses a control the training core rejects; it will be reported as not measured ({msg[:160]})")
-    out.mkdir(parents=True, exist_ok=True)
+    from opdgeo.locking import hold_folder
+
+    with hold_folder(out, what="study folder"):  # one study per folder (two would mix their markers)
+        return _run_locked(preset, out, stages, select=select, fresh=fresh, log=log, t0=t0)
+
+
+def _run_locked(preset: StudyPreset, out: Path, stages, *, select, fresh: bool, log, t0: float) -> StudyResult:
     (out / "study.json").write_text(json.dumps(study_info(preset), indent=2) + "\n")
     import torch
     import transformers

@@ -34,6 +34,7 @@ from typing import Any
 import yaml
 
 from opdgeo.errors import ConfigError
+from opdgeo.training.config_file import MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH, MAX_CONFIG_NODES, read_config_file
 
 __all__ = [
     "ModelConfig",
@@ -54,6 +55,9 @@ __all__ = [
     "config_to_dict",
     "apply_overrides",
     "parse_override",
+    "MAX_CONFIG_BYTES",
+    "MAX_CONFIG_DEPTH",
+    "MAX_CONFIG_NODES",
 ]
 
 OBJECTIVES = ("sft", "rlvr", "opd")
@@ -539,62 +543,30 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found")
-        data = _read_yaml(p)
-    data = apply_overrides(data, list(overrides))
-    return config_from_dict(data, check_paths=check_paths)
+        data = read_config_file(p)
+    good = [o for o in overrides if _parses(o)]
+    bad = [o for o in overrides if o not in good]
+    data = apply_overrides(data, good)
+    if not bad:
+        return config_from_dict(data, check_paths=check_paths)
+    problems = str(_error_of(lambda: apply_overrides({}, bad)))
+    try:  # every mistake at once: the malformed --set values and what is wrong with the rest
+        config_from_dict(data, check_paths=check_paths)
+    except ConfigError as err:
+        problems += "; " + str(err)
+    raise ConfigError(problems)
 
 
-MAX_CONFIG_BYTES = 1_000_000
-"""A config file larger than this is refused before parsing."""
-MAX_CONFIG_NODES = 100_000
-"""Values (mappings, lists and scalars) a config may hold once every YAML alias is
-expanded; checked on the parsed data, where an alias is still one shared object, so an
-alias bomb (nested lists of aliases: 9 levels of 9 give 9**8 values) is refused in
-milliseconds instead of being copied."""
-MAX_CONFIG_DEPTH = 32
-"""Deepest nesting of mappings and lists a config may have (a self-referencing alias
-counts as infinitely deep)."""
+def _parses(override: str) -> bool:
+    return _error_of(lambda: parse_override(override)) is None
 
 
-def _read_yaml(path: Path) -> Mapping[str, Any]:
-    """Parse a config file within ``MAX_CONFIG_BYTES``, ``MAX_CONFIG_NODES`` and ``MAX_CONFIG_DEPTH``.
-
-    Raises:
-        ConfigError: unreadable, not YAML, too large, too deep, or not a mapping.
-    """
+def _error_of(fn) -> ConfigError | None:
     try:
-        size = path.stat().st_size
-        if size > MAX_CONFIG_BYTES:
-            raise ConfigError(f"{path}: {size} bytes; a config is at most {MAX_CONFIG_BYTES} bytes")
-        data = yaml.safe_load(path.read_text()) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
-    except RecursionError:
-        raise ConfigError(f"{path}: nested too deeply (at most {MAX_CONFIG_DEPTH} levels)") from None
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read ({err.strerror or err})") from None
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    sizes: dict[int, int] = {}
-
-    def expanded(node: Any, depth: int) -> int:
-        if not isinstance(node, (Mapping, list)):
-            return 1
-        if depth > MAX_CONFIG_DEPTH:
-            raise ConfigError(f"{path}: nested deeper than {MAX_CONFIG_DEPTH} levels (or an alias refers to itself)")
-        if id(node) not in sizes:
-            children = list(node.values()) if isinstance(node, Mapping) else node
-            total = 1
-            for child in children:
-                total += expanded(child, depth + 1)
-                if total > MAX_CONFIG_NODES:
-                    raise ConfigError(f"{path}: more than {MAX_CONFIG_NODES} values once its YAML aliases are "
-                                      "expanded (an alias bomb?); a config is far smaller")
-            sizes[id(node)] = total
-        return sizes[id(node)]
-
-    expanded(data, 0)
-    return data
+        fn()
+    except ConfigError as err:
+        return err
+    return None
 
 
 def config_to_dict(config: TrainConfig) -> dict[str, Any]:

@@ -97,7 +97,8 @@ def rejection_sample(model, tokenizer, task, problems: Sequence[Problem], *, sam
         prompts = [task.format_prompt(p, tokenizer) for p in chunk]
         with torch.no_grad():
             ro = generate(model, tokenizer, prompts, num_samples=samples, temperature=temperature,
-                          max_new_tokens=max_new_tokens, seed=seed + 1000 * g, batch_size=batch_size)
+                          max_new_tokens=max_new_tokens, seed=seed + 1000 * g, batch_size=batch_size,
+                          score=False)
         finished = ro.finished.tolist()
         truncated += finished.count(False)
         for i, p in enumerate(chunk):

@@ -127,7 +127,8 @@ def evaluate(model, tokenizer, task, *, split: str = "test", n: int | None = Non
         chunk = problems[start:start + group]
         prompts = [task.format_prompt(p, tokenizer) for p in chunk]
         ro = generate(model, tokenizer, prompts, num_samples=k, temperature=temperature,
-                      max_new_tokens=max_new_tokens, seed=seed + 1000 * g, batch_size=batch_size)
+                      max_new_tokens=max_new_tokens, seed=seed + 1000 * g, batch_size=batch_size,
+                      score=False)
         tokens += int(ro.response_mask.sum())
         truncated += int((~ro.finished).sum())
         for i, p in enumerate(chunk):

@@ -380,18 +380,20 @@ def carry_optimizer_state(optimizer: torch.optim.Optimizer, saved: Mapping, save
         raise CheckpointError(f"the saved optimizer holds {len(saved_ids)} parameters; the model has {len(saved_names)}")
     by_name = {nm: saved.get("state", {}).get(i) for nm, i in zip(saved_names, saved_ids)}
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    carried = []
-    for nm, p in zip(names, params):
+    state, carried = {}, []
+    for i, (nm, p) in enumerate(zip(names, params)):
         st = by_name.get(nm)
         if not st:
             continue
         if tuple(st["exp_avg"].shape) != tuple(p.shape):
             raise CheckpointError(f"saved optimizer state of {nm} has shape {tuple(st['exp_avg'].shape)}, "
                                   f"the parameter {tuple(p.shape)}")
-        # moments to the parameter's device and dtype; the scalar ``step`` stays as saved
-        optimizer.state[p] = {k: v.to(device=p.device, dtype=p.dtype) if torch.is_tensor(v) and v.dim() else v
-                              for k, v in st.items()}
+        state[i] = dict(st)
         carried.append(nm)
+    # through load_state_dict: it places each tensor as this optimizer needs it (device and
+    # dtype of the parameter; ``step`` on the device for fused AdamW, on the CPU otherwise)
+    own = optimizer.state_dict()
+    optimizer.load_state_dict({"state": state, "param_groups": own["param_groups"]})
     return carried
 
 

@@ -32,8 +32,8 @@ class Rollout:
     """[N, T] bool: True on response tokens, the first EOS included; False after it."""
     response_ids: torch.Tensor
     """[N, T] long: ``input_ids[:, P:]`` (pad id where ``response_mask`` is False)."""
-    behaviour_logprobs: torch.Tensor
-    """[N, T] float32: log π(a_t | s_t) of each sampled token under the distribution it was
+    behaviour_logprobs: torch.Tensor | None
+    """[N, T] float32 (None when ``generate(score=False)``): log π(a_t | s_t) of each sampled token under the distribution it was
     sampled from, log softmax(z / τ) at the sampling temperature τ (τ = 1 for greedy;
     ``sequence_logprobs``), 0 where ``response_mask`` is False."""
     texts: list[str]
@@ -200,7 +200,7 @@ def neutral_generation_config(*, temperature: float, max_new_tokens: int, eos_id
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], *, num_samples: int = 1, temperature: float = 1.0,
-             max_new_tokens: int = 64, seed: int = 0, batch_size: int = 64) -> Rollout:
+             max_new_tokens: int = 64, seed: int = 0, batch_size: int = 64, score: bool = True) -> Rollout:
     """Sample ``num_samples`` responses per prompt with HF ``generate`` and score them.
 
     Sampling is plain ancestral sampling from softmax(z / temperature), exactly: the
@@ -231,6 +231,9 @@ def generate(model, tokenizer, prompts: list[str], *, num_samples: int = 1, temp
         max_new_tokens: response length cap.
         seed: sampling seed.
         batch_size: sequences per ``generate`` call.
+        score: compute ``behaviour_logprobs`` (one no-grad forward per chunk); False leaves
+            them None, for callers that need only the samples (evaluation, rejection
+            sampling, an on-policy step whose loss forward gives the old log-probs).
 
     Returns:
         ``Rollout`` with N = B·G rows, prompt-major.
@@ -294,11 +297,11 @@ def generate(model, tokenizer, prompts: list[str], *, num_samples: int = 1, temp
         attention_mask[:, P:] = response_mask.long()
 
         logps = []
-        for start in range(0, N, batch_size):
+        for start in range(0, N, batch_size) if score else ():
             sl = slice(start, start + batch_size)
             logps.append(sequence_logprobs(model, input_ids[sl].to(device), attention_mask[sl].to(device),
                                            response_mask[sl].to(device), temperature=score_temperature).float().cpu())
-        behaviour_logprobs = torch.cat(logps)
+        behaviour_logprobs = torch.cat(logps) if score else None
     finally:
         model.generation_config = own_config
         model.train(was_training)

@@ -1,0 +1,112 @@
+"""One SmolLM2-135M-Instruct RL step (batch 2 prompts x 4 samples x 64 new tokens), before and after.
+
+    python bench/rl_step.py [--steps 3] [--before-rev 78b1270] [--objective rlvr] [--rounds 1]
+
+"before" is the training core at git revision ``--before-rev`` (exported with ``git archive``
+into a temporary folder; default: main before the step speed-up) run with the environment
+it had (OpenMP's default spin-waiting: ``OMP_WAIT_POLICY`` removed); "after" is this
+checkout run as the ``opdgeo`` CLI runs it (``OMP_WAIT_POLICY=PASSIVE``, set by
+``opdgeo.cli``). Both run the same config in their own subprocess, alternately when
+``--rounds`` > 1, with the precision ``optim.bf16_autocast: auto`` picks (fp32 on a CPU
+without native bf16). The step time is the loop's ``train/step_time`` (rollout, scoring,
+loss, backward, AdamW); the first step of each process is a warm-up and not counted. The
+last lines are ``name: value`` pairs; ``speedup`` = median before / median after, measured
+in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def config_overrides(objective: str, steps: int, out: str) -> list[str]:
+    over = ["model.student=smollm2", f"objective={objective}", "optim.batch_size=2", "optim.micro_batch_size=1",
+            "rollout.group_size=4", "rollout.max_new_tokens=64", "task.spec=arithmetic:difficulty=2",
+            "task.num_problems=64", f"optim.steps={steps}", "optim.lr=1e-6", "run.progress=false",
+            f"run.out_dir={out}", "checkpoint.save_trainer_state=false"]
+    return over + (["model.teacher=smollm2"] if objective == "opd" else [])
+
+
+def worker(objective: str, steps: int, out: str, after: bool) -> None:
+    if after:
+        import opdgeo.cli  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads, as the CLI does)
+    import torch
+
+    from opdgeo.training.config import load_config
+    from opdgeo.training.loop import train
+
+    history = train(load_config(None, config_overrides(objective, steps, out))).history
+    print("RESULT " + json.dumps({
+        "step_time": [h.values["train/step_time"] for h in history],
+        "tokens": [h.values["train/tokens"] for h in history],
+        "threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+    }), flush=True)
+
+
+def run_side(name: str, src: Path, objective: str, steps: int, tmp: Path, index: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env["PYTHONPATH"] = str(src)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--objective", objective,
+           "--steps", str(steps), "--out", str(tmp / f"{name}-{index}")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=3, help="steps per process (the first is a warm-up)")
+    ap.add_argument("--rounds", type=int, default=1, help="alternating before/after processes per side")
+    ap.add_argument("--objective", default="rlvr", choices=("rlvr", "opd"))
+    ap.add_argument("--before-rev", default="78b1270")
+    ap.add_argument("--worker", choices=("before", "after"), help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        worker(a.objective, a.steps, a.out, a.worker == "after")
+        return
+    import platform
+
+    with tempfile.TemporaryDirectory(prefix="rl-step-") as tmp:
+        tmp = Path(tmp)
+        before_src = tmp / "before"
+        before_src.mkdir()
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", a.before_rev, "src"], capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(before_src)], input=archive.stdout, check=True)
+        sides = {"before": before_src / "src", "after": ROOT / "src"}
+        times: dict[str, list[float]] = {"before": [], "after": []}
+        info = {}
+        for r in range(a.rounds):
+            for name, src in sides.items():
+                res = run_side(name, src, a.objective, a.steps, tmp, r)
+                times[name] += res["step_time"][1:]
+                info[name] = res
+                print(f"{name} round {r}: steps {[round(t, 2) for t in res['step_time']]} s "
+                      f"(tokens {res['tokens']}, threads {res['threads']}, OMP_WAIT_POLICY {res['omp_wait_policy']})",
+                      flush=True)
+    import torch
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"cpu: {platform.processor() or platform.machine()} capability {torch.backends.cpu.get_cpu_capability()}")
+    print(f"before_rev: {a.before_rev}")
+    print(f"objective: {a.objective}")
+    print(f"before_median_step_s: {med['before']:.4g}")
+    print(f"after_median_step_s: {med['after']:.4g}")
+    print(f"speedup: {med['before'] / med['after']:.4g}")
+    print(f"after_vs_31s: {31.0 / med['after']:.4g}")
+
+
+if __name__ == "__main__":
+    main()

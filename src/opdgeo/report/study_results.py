@@ -1,0 +1,210 @@
+"""The study's results as read from its run folder (documented schemas only), grouped by
+seed: a run of the plan and its other seeds (``study.json``'s ``seed_of``).
+
+- ``study.json`` — the plan (written by `opdgeo.study`);
+- ``diagnose/compare/<run>/summary.json`` and ``matrices.csv`` — `opdgeo compare`;
+- ``diagnose/trajectory/<stage>/trajectory.csv``, ``summary.json``, ``overlap.csv`` —
+  `opdgeo trajectory`;
+- ``eval/<name>/eval.json`` — the study's eval stages;
+- ``.study/stages/*.json`` — stage markers (their ``seconds``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+__all__ = ["StudyResults", "load_results", "trajectory_means", "num"]
+
+
+def _read_json(p: Path):
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _read_csv(p: Path) -> list[dict]:
+    try:
+        with p.open(newline="") as f:
+            return list(csv.DictReader(f))
+    except OSError:
+        return []
+
+
+def num(x) -> float | None:
+    """A CSV/JSON cell as a float; None for empty/missing/non-numeric."""
+    if x is None or x == "":
+        return None
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+@dataclass
+class StudyResults:
+    """Everything the report needs, read from the run folder.
+
+    Attributes:
+        info: ``study.json``.
+        compare: ``{run: summary.json}``.
+        matrices: ``{run: rows of matrices.csv}``.
+        traj_means: ``{run: [{step, progress, stable_rank, fro_norm, rel_fro_norm,
+            hill_alpha, sim_to_final}]}`` — mean over matrices per checkpoint, from
+            ``trajectory.csv``.
+        traj_summary: ``{run: its entry of a trajectory summary.json}`` (``locking_step``...).
+        overlap: rows of ``overlap.csv``.
+        evals: ``{name: eval.json}``.
+        markers: ``{stage: marker}``.
+        figures: ``{name: path}`` of figure files written by trajectory.
+    """
+
+    info: dict
+    compare: dict = field(default_factory=dict)
+    matrices: dict = field(default_factory=dict)
+    traj_means: dict = field(default_factory=dict)
+    traj_summary: dict = field(default_factory=dict)
+    overlap: list = field(default_factory=list)
+    evals: dict = field(default_factory=dict)
+    markers: dict = field(default_factory=dict)
+    figures: dict = field(default_factory=dict)
+
+    def runs(self, group: str | None = None) -> list[str]:
+        """The plan's runs (seed-0 instances only), optionally of one group."""
+        return [r["name"] for r in self.info.get("runs", [])
+                if not r.get("seed_of") and (group is None or r.get("group") == group)]
+
+    def all_runs(self) -> list[str]:
+        """Every run of the plan, every seed."""
+        return [r["name"] for r in self.info.get("runs", [])]
+
+    def by_seed(self, name: str) -> dict[int, str]:
+        """``{seed: run}`` of ``name`` and its other seeds."""
+        out = {}
+        for r in self.info.get("runs", []):
+            if r["name"] == name or r.get("seed_of") == name:
+                out[int(r.get("seed", 0) or 0)] = r["name"]
+        return dict(sorted(out.items())) or {0: name}
+
+    def replicas(self, name: str) -> list[str]:
+        """``name`` and its other seeds, by seed."""
+        return list(self.by_seed(name).values())
+
+    def values(self, name: str, get: Callable[["StudyResults", str], float | None]) -> list[float]:
+        """``get(self, run)`` over the seeds of ``name`` (seeds without a value left out)."""
+        vals = [get(self, r) for r in self.replicas(name)]
+        return [v for v in vals if v is not None]
+
+    def trajectory(self, run: str) -> tuple[list[float], list[float]]:
+        """``(progress in [0, 1], mean stable rank)`` per checkpoint of one run."""
+        pts = [m for m in self.traj_means.get(run, []) if m.get("stable_rank") is not None]
+        return [(m.get("progress") or 0.0) / 100.0 for m in pts], [m["stable_rank"] for m in pts]
+
+    def run_info(self, name: str) -> dict:
+        for r in self.info.get("runs", []):
+            if r["name"] == name:
+                return r
+        return {}
+
+    def setting(self, key: str, default):
+        return self.info.get("diagnose", {}).get(key, default)
+
+    def acc(self, name: str) -> float | None:
+        e = self.evals.get(name)
+        return num(e.get("accuracy")) if e else None
+
+    def acc_n(self, name: str) -> int | None:
+        e = self.evals.get(name)
+        return int(e["n_samples"]) if e and e.get("n_samples") else None
+
+    def srank_series(self, run: str) -> list[float]:
+        return [m["stable_rank"] for m in self.traj_means.get(run, []) if m.get("stable_rank") is not None]
+
+    def band(self, run: str) -> tuple[float, float] | None:
+        s = self.srank_series(run)
+        return (min(s), max(s)) if s else None
+
+
+_TRAJ_METRICS = ("stable_rank", "fro_norm", "rel_fro_norm", "hill_alpha", "sim_to_final")
+
+
+def trajectory_means(rows: list[dict]) -> dict[str, list[dict]]:
+    """Mean over matrices of each trajectory metric, per run and checkpoint (progress order).
+
+    NaN/empty cells are left out of the mean (a metric with no finite value is None).
+    """
+    acc: dict[tuple[str, int], dict] = {}
+    for r in rows:
+        try:
+            key = (r["run"], int(float(r["step"])))
+        except (KeyError, TypeError, ValueError):
+            continue
+        slot = acc.setdefault(key, {"progress": num(r.get("progress")), **{m: [] for m in _TRAJ_METRICS}})
+        for m in _TRAJ_METRICS:
+            v = num(r.get(m))
+            if v is not None:
+                slot[m].append(v)
+    out: dict[str, list[dict]] = defaultdict(list)
+    for (run, step), slot in acc.items():
+        rec = {"step": step, "progress": slot["progress"]}
+        for m in _TRAJ_METRICS:
+            vals = slot[m]
+            rec[m] = sum(vals) / len(vals) if vals else None
+        out[run].append(rec)
+    for run in out:
+        out[run].sort(key=lambda r: r["step"])
+    return dict(out)
+
+
+def load_results(out: Path) -> StudyResults:
+    """Read every result file of the study in ``out`` (missing files are simply absent)."""
+    out = Path(out)
+    res = StudyResults(info=_read_json(out / "study.json") or {})
+    cdir = out / "diagnose" / "compare"
+    if cdir.is_dir():
+        for d in sorted(cdir.iterdir()):
+            s = _read_json(d / "summary.json")
+            if s is not None:
+                res.compare[d.name] = s
+                res.matrices[d.name] = _read_csv(d / "matrices.csv")
+    # One trajectory folder per stage (``main`` = SFT/OPD/RLVR with the cross-run overlap,
+    # then one per other run); a run is taken from the first folder that holds it.
+    tdir = out / "diagnose" / "trajectory"
+    folders = sorted(tdir.iterdir(), key=lambda d: (d.name != "main", d.name)) if tdir.is_dir() else []
+    rows: list[dict] = []
+    seen: set[str] = set()
+    for d in folders:
+        part = _read_csv(d / "trajectory.csv")
+        runs_here = {r.get("run") for r in part} - seen
+        rows += [r for r in part if r.get("run") in runs_here]
+        seen |= runs_here
+        summ = _read_json(d / "summary.json") or {}
+        node = summ.get("runs", summ) if isinstance(summ, dict) else {}
+        if isinstance(node, dict):
+            for run, v in node.items():
+                if run in runs_here and isinstance(v, dict):
+                    res.traj_summary.setdefault(run, v)
+        res.overlap += _read_csv(d / "overlap.csv")
+        for p in sorted(d.rglob("*.png")):
+            res.figures[f"{d.name}/{p.stem}"] = p
+    res.traj_means = trajectory_means(rows)
+    edir = out / "eval"
+    if edir.is_dir():
+        for d in sorted(edir.iterdir()):
+            e = _read_json(d / "eval.json")
+            if e is not None:
+                res.evals[d.name] = e
+    mdir = out / ".study" / "stages"
+    if mdir.is_dir():
+        for p in sorted(mdir.glob("*.json")):
+            m = _read_json(p)
+            if m is not None:
+                res.markers[p.stem] = m
+    return res
