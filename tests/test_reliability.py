@@ -23,22 +23,16 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 # ------------------------------------------------------------------ checkpoint swap
 
-class _Model:
-    """The part of a ``PreTrainedModel`` that ``save_checkpoint`` uses: bf16 parameters
-    and ``save_pretrained``."""
+def _Model(seed: int):
+    """The part of a ``PreTrainedModel`` that ``save_checkpoint`` uses: a module of bf16
+    parameters with a ``config`` (the export streams its state dict tensor by tensor)."""
+    import torch
+    from transformers import PretrainedConfig
 
-    def __init__(self, seed: int):
-        import torch
-
-        self.w = torch.full((4, 4), float(seed), dtype=torch.bfloat16)
-
-    def parameters(self):
-        return [self.w]
-
-    def save_pretrained(self, folder, safe_serialization=True):
-        from safetensors.torch import save_file
-
-        save_file({"w": self.w}, os.path.join(folder, "model.safetensors"))
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(torch.full((4, 4), float(seed), dtype=torch.bfloat16))
+    model.config = PretrainedConfig()
+    return model
 
 
 def _save_and_die(run: Path, point: str, seed: int) -> int:

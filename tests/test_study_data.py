@@ -149,7 +149,8 @@ def test_paper_dry_run_on_local_copies(tmp_path, monkeypatch, capsys):
     assert "data plan (deduplicated" in text and "OpenR1-Math-220k" in text and "DAPO-Math-17k" in text
     line = next(ln for ln in text.splitlines() if ln.strip().startswith("opd (+"))
     assert " 7 " in line and " 3 " in line and " 64 " in line and "6378.67" in line  # rows, distinct, batch, epochs
-    sft_line = next(ln for ln in text.splitlines() if ln.strip().startswith("sft (+1)"))
+    # sft_proj16 and its freeze-only control read the same demonstrations as sft
+    sft_line = next(ln for ln in text.splitlines() if ln.strip().startswith("sft (+2)"))
     assert "320" in sft_line and "300" in sft_line and "5.12" in sft_line
     assert "eval:aime-2024" in text and "mixing sweep (alpha: run): 1: opd" in text and "0: mix_0" in text
     assert not (tmp_path / "none").exists()

@@ -88,6 +88,9 @@ def export_hf(model: torch.nn.Module, folder: Path, dtype: torch.dtype, *,
     sharded = distributed.is_sharded(model)
     if not main and not sharded:
         return
+    if not sharded and _has_fused_experts(model):
+        _export_converted(model, folder, dtype, max_shard_bytes)
+        return
     names = hf_names(model)
     groups = _shard_plan(model, names, dtype, max_shard_bytes)
     sd = model.state_dict()
@@ -111,6 +114,24 @@ def export_hf(model: torch.nn.Module, folder: Path, dtype: torch.dtype, *,
         total = sum(sd[n].numel() * torch.tensor([], dtype=dtype).element_size() for n in names)
         (folder / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    _write_configs(model, folder, dtype)
+
+
+def _has_fused_experts(model: torch.nn.Module) -> bool:
+    """True when the live model holds tensors of 3 or more dimensions (transformers 5 fuses MoE
+    experts into [E, ., .] tensors in memory but stores them per expert on disk)."""
+    return any(t.ndim >= 3 for t in model.state_dict().values())
+
+
+def _export_converted(model: torch.nn.Module, folder: Path, dtype: torch.dtype, max_shard_bytes: int) -> None:
+    """One process, a model whose on-disk layout differs from its in-memory one: transformers'
+    own ``save_pretrained`` (which converts fused experts back to the per-expert layout) on a
+    ``dtype`` copy of the state dict, the live model untouched. Costs one ``dtype`` copy of the
+    weights, which the streamed path avoids for every other model."""
+    plain = distributed.unwrap(model)
+    sd = {n: t.detach().to(dtype=dtype if t.is_floating_point() else t.dtype) for n, t in plain.state_dict().items()}
+    plain.save_pretrained(folder, state_dict=sd, max_shard_size=max_shard_bytes, safe_serialization=True)
+    del sd
     _write_configs(model, folder, dtype)
 
 
