@@ -255,7 +255,8 @@ def _cpu_model() -> str:
 def _pairs(root: Path, preset: str, args) -> dict[str, tuple[Path, Path, int]]:
     """``{label: (base, tuned, layer factor)}``: the whole layer, or one pair per distinct cost."""
     shapes = {t: (m // args.shrink, n // args.shrink) for t, (m, n) in SHAPES[preset].items()}
-    groups = {t: {t: shapes[t]} for t in PER_SHAPE} if args.per_shape else {"layer": shapes}
+    only = [t for t in args.shapes.split(",") if t] if args.shapes else list(PER_SHAPE)
+    groups = {t: {t: shapes[t]} for t in PER_SHAPE if t in only} if args.per_shape else {"layer": shapes}
     out = {}
     for label, group in groups.items():
         t0 = time.perf_counter()
@@ -358,6 +359,7 @@ def main() -> None:
     parser.add_argument("--per-shape", action="store_true",
                         help="one matrix per distinct cost (q, k, gate), extrapolated to the layer")
     parser.add_argument("--sweep", action="store_true", help="time each --metrics choice and --precision instead")
+    parser.add_argument("--shapes", default="", help="with --per-shape: a subset of q,k,gate (the sums then cover it only)")
     parser.add_argument("--k", type=int, default=512)
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--workers", type=int, default=1)

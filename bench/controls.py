@@ -57,8 +57,8 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from safetensors.torch import load_file
 
+    from opdgeo.training.checkpointing import load_trainer_state
     from opdgeo.training.loop import load_policy, monitor_settings, origin_matrices, train
     from opdgeo.training.monitor import probe, start_monitor
     from opdgeo.training.projection import SUBSPACE_FILE, load_subspaces, project_gradients_
@@ -86,7 +86,7 @@ def main() -> None:
         cfg = config(tmp / "probe", args.steps, run={"monitor_every": 10})
         student, _ = load_policy(cfg.model.student, init_seed=cfg.model.init_seed)
         origin = origin_matrices(cfg, student)
-        final = load_file(str(tmp / "plain" / f"step-{args.steps:06d}" / "trainer_state" / "master.safetensors"))
+        final = dict(load_trainer_state(tmp / "plain" / f"step-{args.steps:06d}").master)
         probe_times = {}
         for matrices in ("attention", "all"):
             settings = dataclasses.replace(monitor_settings(cfg), matrices=matrices)

@@ -15,7 +15,6 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from opdgeo.checkpoints import open_checkpoint
 from opdgeo.training import checkpointing as ckpt
@@ -50,7 +49,7 @@ def _config(out, **sections):
 
 
 def _master(run, step):
-    return load_file(str(run / ckpt.step_dir_name(step) / "trainer_state" / "master.safetensors"))
+    return dict(ckpt.load_trainer_state(run / ckpt.step_dir_name(step)).master)
 
 
 def _records(run):

@@ -62,20 +62,20 @@ def test_rng_state_round_trip():
 
 def test_killed_save_leaves_no_half_checkpoint_and_resume_picks_last_complete(tmp_path, tiny, monkeypatch):
     model, tok = tiny
+    import safetensors.torch
+
     ckpt.save_checkpoint(tmp_path, 2, model, tok, trainer_state=_state(model, 2))
-    real = torch.save
-    calls = {"n": 0}
+    real = safetensors.torch.save_file
 
-    def dying_save(obj, f, *a, **k):  # the process "dies" in the middle of the trainer state
-        calls["n"] += 1
-        if calls["n"] == 2:
+    def dying_save(tensors, path, *a, **k):  # the process "dies" after DCP wrote the trainer state's shards
+        if "rng-rank" in str(path):
             raise KeyboardInterrupt("killed")
-        return real(obj, f, *a, **k)
+        return real(tensors, path, *a, **k)
 
-    monkeypatch.setattr(torch, "save", dying_save)
+    monkeypatch.setattr(safetensors.torch, "save_file", dying_save)
     with pytest.raises(KeyboardInterrupt):
         ckpt.save_checkpoint(tmp_path, 4, model, tok, trainer_state=_state(model, 4))
-    monkeypatch.setattr(torch, "save", real)
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
     assert not (tmp_path / "step-000004").exists()
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [2]
     assert ckpt.latest_resumable(tmp_path) == tmp_path / "step-000002"
@@ -96,7 +96,7 @@ def test_folder_without_trainer_state_is_not_resumable_and_bad_state_is_named(tm
     ckpt.save_checkpoint(tmp_path, 1, model, tok, trainer_state=_state(model, 1))
     ckpt.save_checkpoint(tmp_path, 2, model, tok, trainer_state=None)
     assert ckpt.latest_resumable(tmp_path) == tmp_path / "step-000001"
-    (tmp_path / "step-000001" / "trainer_state" / "optimizer.pt").write_bytes(b"garbage")
+    (tmp_path / "step-000001" / "trainer_state" / "dcp" / ".metadata").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="step-000001"):
         ckpt.load_trainer_state(tmp_path / "step-000001")
 

@@ -3,18 +3,15 @@
 - ``shard_for_rank`` — which items a rank owns (greedy LPT, balanced by cost, deterministic);
 - ``map_ordered`` — a thread-pool map that yields results in item order with a bounded
   number of items in flight (torch and LAPACK kernels release the GIL);
-- ``dist_context`` — ``torch.distributed`` set up from torchrun's environment variables,
-  a no-op ``(0, 1)`` for a plain process;
-- ``gather_to_rank0`` — collect one picklable object per rank on rank 0.
+- ``dist_context``, ``gather_to_rank0``, ``all_gather``, ``is_distributed`` — re-exported
+  from ``opdgeo.distributed``, which owns every torch.distributed call.
 
 Nothing here knows about checkpoints or metrics.
 """
 
 from __future__ import annotations
 
-import contextlib
 import heapq
-import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -124,90 +121,5 @@ def _map_threads(fn, it, workers):
                 fut.cancel()
 
 
-def is_distributed() -> bool:
-    """True when ``torch.distributed`` is initialized with more than one process."""
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-@contextlib.contextmanager
-def dist_context(device: str = "cpu", backend: str | None = None) -> Iterator[tuple[int, int]]:
-    """Initialize ``torch.distributed`` from torchrun's environment; yield ``(rank, world)``.
-
-    Launched by ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
-    ``MASTER_PORT`` set) with ``WORLD_SIZE > 1``, this initializes the default process group
-    (``gloo`` for CPU work, ``nccl`` for CUDA, unless ``backend`` says otherwise; on CUDA
-    the current device becomes ``cuda:LOCAL_RANK``) and destroys it on exit. A plain
-    process, a world of one, or a group initialized by the caller is left alone and yields
-    ``(0, 1)`` or the existing ``(rank, world)``.
-
-    Raises:
-        ConfigError: inconsistent torchrun variables.
-    """
-    import torch
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        yield dist.get_rank(), dist.get_world_size()
-        return
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        yield 0, 1
-        return
-    try:
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    except ValueError as err:
-        raise ConfigError(f"torchrun environment: RANK/WORLD_SIZE/LOCAL_RANK must be integers ({err})") from None
-    if not 0 <= rank < world:
-        raise ConfigError(f"torchrun environment: RANK={rank} not in [0, WORLD_SIZE={world})")
-    if world == 1:
-        yield 0, 1
-        return
-    if not dist.is_available():
-        raise ConfigError("launched with WORLD_SIZE > 1 but this torch build has no torch.distributed")
-    use_cuda = str(device).startswith("cuda")
-    if backend is None:
-        backend = "nccl" if use_cuda else "gloo"
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend=backend, rank=rank, world_size=world)
-    try:
-        yield rank, world
-    finally:
-        dist.destroy_process_group()
-
-
-def gather_to_rank0(obj: Any) -> list[Any] | None:
-    """Every rank's ``obj`` on rank 0, as a list indexed by rank; ``None`` on other ranks.
-
-    Without an initialized multi-process group this returns ``[obj]``. ``obj`` must be
-    picklable (rows of numbers and strings). Uses ``gather_object`` on gloo and
-    ``all_gather_object`` otherwise (nccl's object collectives need every rank's device).
-    """
-    import torch.distributed as dist
-
-    if not is_distributed():
-        return [obj]
-    world = dist.get_world_size()
-    out: list[Any] = [None] * world
-    if dist.get_backend() == "gloo":
-        dist.gather_object(obj, out if dist.get_rank() == 0 else None, dst=0)
-    else:
-        dist.all_gather_object(out, obj)
-    return out if dist.get_rank() == 0 else None
-
-
-def all_gather(obj: Any) -> list[Any]:
-    """Every rank's ``obj`` on every rank (``[obj]`` without a multi-process group).
-
-    Used to share a per-rank error so that all ranks fail together instead of one rank
-    waiting forever in a collective.
-    """
-    import torch.distributed as dist
-
-    if not is_distributed():
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
+# The collectives live in ``opdgeo.distributed`` (the package's one owner of torch.distributed).
+from opdgeo.distributed import all_gather, dist_context, gather_to_rank0, is_distributed  # noqa: E402

@@ -60,9 +60,9 @@ def train_cmd(config_path, overrides, resume, out_dir, no_progress, project_from
     from opdgeo.training.loop import train
 
     result = train(config, resume=resume)
-    from accelerate import PartialState
+    import os
 
-    if PartialState().is_main_process:
+    if os.environ.get("RANK", "0") == "0":  # the launcher's rank 0 (train has ended the process group)
         last = result.history[-1].values if result.history else {}
         summary = ", ".join(f"{k} {last[k]:.4g}" for k in ("train/loss", "rlvr/reward", "rlvr/accuracy") if k in last)
         click.echo(f"{result.out_dir}: step {result.final_step}" + (f" ({summary})" if summary else ""))

@@ -155,9 +155,9 @@ def warm_top_subspaces(
     Stopping rule (Wedin 1972, sin θ theorem for singular subspaces): if the Ritz values
     are at least ``α + δ`` and the rest of the spectrum is at most ``α``, the largest
     angle Θ between the computed and the exact top-k subspaces (left and right) satisfies
-    ``sin Θ <= sqrt(||W V − U Σ̃||_F² + ||Wᵀ U − V Σ̃||_F²) / δ``. Here ``α = σ_{k+1}(W+)``
-    when ``S`` (all singular values of W+) is given — the value the remaining spectrum
-    converges to — else its rigorous Weyl bound ``σ_{k+1}(W0) + ||ΔW||_F``.
+    ``sin Θ <= sqrt(||W V − U Σ̃||_F² + ||Wᵀ U − V Σ̃||_F²) / δ``. Here α stands for
+    σ_{k+1}(W+), the value the rest of the spectrum converges to: exact when ``S`` (all
+    singular values of W+) is given, else its Weyl upper bound ``σ_{k+1}(W0) + ||ΔW||_F``.
 
     Declining up front (no work): with ``δ = ||ΔW||_2`` (``delta_norm``), Weyl's bounds
     ``σ_k(W+) >= σ_k(W0) − δ =: lo`` and ``σ_{k+1}(W+) <= σ_{k+1}(W0) + δ =: a``, the
@@ -188,19 +188,10 @@ def warm_top_subspaces(
 
     Source: SPEC §1 (principal angles of the top-k subspaces); Wedin, BIT 12 (1972) 99–111.
     """
-    if w.ndim != 2 or V0.ndim != 2 or V0.shape[0] != w.shape[1]:
-        raise ValueError(f"w must be [m, n] and V0 [n, >=k]; got {tuple(w.shape)} and {tuple(V0.shape)}")
-    m, n = w.shape
-    p = min(m, n)
-    if not 1 <= k <= min(p, V0.shape[1]):
-        raise ValueError(f"k must be in [1, {min(p, V0.shape[1])}]; got {k}")
-    if sigma0.ndim != 1 or sigma0.shape[0] != p:
-        raise ValueError(f"sigma0 must hold all {p} singular values of W0; got shape {tuple(sigma0.shape)}")
     delta_norm = delta_fro if delta_norm is None else delta_norm
-    for label, value in (("delta_fro", delta_fro), ("delta_norm", delta_norm)):
-        if not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"{label} must be a finite number >= 0; got {value}")
-    if k == p:
+    _check_inputs(w, V0, k, sigma0, delta_fro, delta_norm)
+    m, n = w.shape
+    if k == min(m, n):
         return WarmStart(None, None, None, False, 0, math.inf, math.inf, "full")
     predicted = _prior(sigma0, k, delta_norm, tol)
     budget = iteration_budget(m, n, k) if max_iter is None else int(max_iter)
@@ -210,6 +201,19 @@ def warm_top_subspaces(
     if predicted > budget:
         return WarmStart(None, None, None, False, 0, math.inf, predicted, "budget")
     return _iterate(w.to(torch.float64), V0[:, :k].to(torch.float64), alpha, tol, budget, predicted)
+
+
+def _check_inputs(w, V0, k, sigma0, delta_fro, delta_norm) -> None:
+    if w.ndim != 2 or V0.ndim != 2 or V0.shape[0] != w.shape[1]:
+        raise ValueError(f"w must be [m, n] and V0 [n, >=k]; got {tuple(w.shape)} and {tuple(V0.shape)}")
+    p = min(w.shape)
+    if not 1 <= k <= min(p, V0.shape[1]):
+        raise ValueError(f"k must be in [1, {min(p, V0.shape[1])}]; got {k}")
+    if sigma0.ndim != 1 or sigma0.shape[0] != p:
+        raise ValueError(f"sigma0 must hold all {p} singular values of W0; got shape {tuple(sigma0.shape)}")
+    for label, value in (("delta_fro", delta_fro), ("delta_norm", delta_norm)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{label} must be a finite number >= 0; got {value}")
 
 
 def _iterate(w, V, alpha: float, tol: float, budget: int, predicted: float) -> WarmStart:

@@ -6,13 +6,15 @@ A run folder holds::
     metrics.jsonl          one JSON record per optimizer step ({"step": 1, "train/loss": ...})
     step-000010/           Hugging Face layout: config.json, generation_config.json,
                            model.safetensors (bf16 by default), tokenizer files
-        trainer_state/     master.safetensors (fp32 master weights), optimizer.pt,
-                           scheduler.pt, rng.pt (tensors only), state.json (step, data position, RNG)
+        trainer_state/     dcp/ (torch.distributed.checkpoint: fp32 master weights and
+                           AdamW state, sharded per rank), rng-rank<r>.safetensors,
+                           state.json (step, data position, scheduler, param groups, RNG)
 
 Every step folder is written under a temporary name in the same directory, fsynced, and
 renamed: a killed run leaves either a complete folder or none (a leftover temporary
-folder is ignored and removed at resume). The ``.pt`` files hold only tensors, numbers,
-strings and containers and are read with ``torch.load(weights_only=True)``.
+folder is ignored and removed at resume). Only tensors go through DCP; everything else is
+JSON, and nothing is unpickled except DCP's metadata, through an allow-list
+(``training/sharded.py``).
 """
 
 from __future__ import annotations
@@ -29,9 +31,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from safetensors import SafetensorError
+
+from opdgeo import distributed
 from opdgeo.checkpoints.steps import STEP_RE, list_step_dirs, step_dir_name
 from opdgeo.errors import CheckpointError
 from opdgeo.files import atomic_folder, atomic_write_text, clean_temporaries, restore_aside
+from opdgeo.training import sharded
 
 __all__ = [
     "STEP_RE",
@@ -40,6 +46,7 @@ __all__ = [
     "latest_resumable",
     "save_checkpoint",
     "load_trainer_state",
+    "load_into",
     "TrainerState",
     "rng_state",
     "set_rng_state",
@@ -119,34 +126,14 @@ class TrainerState:
 
 
 def _write_trainer_state(folder: Path, state: TrainerState) -> None:
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True)
-    # clone: tied parameters share storage, which safetensors refuses to write twice
-    save_file({k: v.detach().to("cpu").clone().contiguous() for k, v in state.master.items()}, folder / "master.safetensors")
-    torch.save(dict(state.optimizer), folder / "optimizer.pt")
-    torch.save(dict(state.scheduler), folder / "scheduler.pt")
+    """``trainer_state/`` through ``torch.distributed.checkpoint`` (``sharded.save_state``);
+    collective when distributed (``state`` holds this rank's shards and RNG)."""
     rng = dict(state.rng)
-    torch.save({"torch": rng["torch"], "numpy_keys": rng["numpy_keys"]}, folder / "rng.pt")
-    meta = {
-        "step": state.step,
-        "data_position": state.data_position,
-        "numpy_meta": rng["numpy_meta"],
-        "python_rng": rng["python"],
-        "extra": dict(state.extra),
-    }
-    (folder / "state.json").write_text(json.dumps(meta))
-
-
-def _save_hf_weights(model: torch.nn.Module, folder: Path, dtype: torch.dtype) -> None:
-    """``save_pretrained`` of a ``dtype`` copy: tied weights stay tied (saved once) and
-    ``config.json`` records the stored dtype; the live fp32 model is untouched."""
-    import copy
-
-    if all(p.dtype == dtype for p in model.parameters()):
-        model.save_pretrained(folder, safe_serialization=True)
-        return
-    copy.deepcopy(model).to(dtype).save_pretrained(folder, safe_serialization=True)
+    meta = {"step": state.step, "data_position": state.data_position, "scheduler": dict(state.scheduler),
+            "extra": dict(state.extra)}
+    sharded.save_state(folder, meta=meta, master=state.master, optimizer=state.optimizer,
+                       rng_tensors={"torch": rng["torch"], "numpy_keys": rng["numpy_keys"]},
+                       rng_meta={"numpy_meta": rng["numpy_meta"], "python": rng["python"]})
 
 
 def save_checkpoint(
@@ -157,11 +144,15 @@ def save_checkpoint(
     *,
     dtype: str = "bfloat16",
     trainer_state: TrainerState | None = None,
+    max_shard_bytes: int = sharded.MAX_SHARD_BYTES,
 ) -> Path:
     """Write ``run_dir/step-NNNNNN/`` atomically and return its path.
 
-    The HF weights are written with ``save_pretrained`` (safetensors) in ``dtype``; the
-    live model is not modified. The folder is assembled under a temporary name
+    The HF weights are streamed tensor by tensor in ``dtype`` (``sharded.export_hf``:
+    ``model.safetensors``, or ``model-0000k-of-0000n.safetensors`` plus an index above
+    ``max_shard_bytes``); the live model is neither modified nor copied. Under
+    ``torch.distributed`` every rank must call this (FSDP2 shards are gathered one tensor
+    at a time, DCP writes each rank's trainer-state shards) and rank 0 renames. The folder is assembled under a temporary name
     (``opdgeo.files.atomic_folder``: ``run_dir/.tmp-step-NNNNNN-PID-…``), every file and
     directory is fsynced, then it is renamed into place (an existing folder of that step is
     replaced). Any exception leaves no ``step-NNNNNN`` behind.
@@ -171,40 +162,124 @@ def save_checkpoint(
     """
     final = Path(run_dir) / step_dir_name(step)
     try:
-        with atomic_folder(final) as tmp:
-            _save_hf_weights(model, tmp, DTYPES[dtype])
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-            if trainer_state is not None:
-                _write_trainer_state(tmp / "trainer_state", trainer_state)
+        if distributed.is_distributed():
+            _save_collective(final, model, tokenizer, DTYPES[dtype], trainer_state, max_shard_bytes)
+        else:
+            with atomic_folder(final) as tmp:
+                _fill_step_folder(tmp, model, tokenizer, DTYPES[dtype], trainer_state, max_shard_bytes)
     except OSError as err:
         raise CheckpointError(f"{final}: cannot write checkpoint: {err}") from None
     return final
 
 
+def _fill_step_folder(tmp: Path, model, tokenizer, dtype: torch.dtype, trainer_state: TrainerState | None,
+                      max_shard_bytes: int) -> None:
+    """The step folder's content (collective when distributed; rank 0 writes the HF files)."""
+    sharded.export_hf(model, tmp, dtype, max_shard_bytes=max_shard_bytes)
+    if tokenizer is not None and _rank() == 0:
+        tokenizer.save_pretrained(tmp)
+    if trainer_state is not None:
+        _write_trainer_state(tmp / "trainer_state", trainer_state)
+
+
+def _save_collective(final: Path, model, tokenizer, dtype: torch.dtype, trainer_state: TrainerState | None,
+                     max_shard_bytes: int) -> None:
+    """Every rank fills rank 0's temporary folder; rank 0 alone renames it into place."""
+    if _rank() == 0:
+        with atomic_folder(final) as tmp:
+            distributed.broadcast_object(str(tmp))
+            _fill_step_folder(tmp, model, tokenizer, dtype, trainer_state, max_shard_bytes)
+            distributed.barrier()  # every rank's shards are written before the rename
+    else:
+        tmp = Path(distributed.broadcast_object(None))
+        _fill_step_folder(tmp, model, tokenizer, dtype, trainer_state, max_shard_bytes)
+        distributed.barrier()
+    distributed.barrier()  # the folder exists (or not) for every rank after the call
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def load_trainer_state(step_dir: str | Path) -> TrainerState:
-    """Read ``step_dir/trainer_state/`` (``weights_only=True``; never unpickles code).
+    """Read ``step_dir/trainer_state/`` whole, in this process (CPU tensors; the optimizer
+    state keyed as it was saved). DCP's metadata is read with a restricted unpickler and
+    tensors with ``weights_only``: nothing in the folder can run code.
 
     Raises:
         CheckpointError: a missing or unreadable file, named.
     """
-    from safetensors import SafetensorError
+    folder = Path(step_dir) / "trainer_state"
+    try:
+        meta = json.loads((folder / "state.json").read_text())
+        master, state = sharded.unflatten(sharded.read_state_tensors(folder), meta["optimizer_keys"])
+        rng = _read_rng(folder, meta, rank=0)
+    except (OSError, ValueError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError, SafetensorError) as err:
+        raise CheckpointError(f"{folder}: cannot read trainer state: {_first_line(err)}") from None
+    optimizer = {"state": state, "param_groups": sharded.restore_groups(meta["param_groups"])}
+    return TrainerState(step=int(meta["step"]), data_position=int(meta["data_position"]), master=master,
+                        optimizer=optimizer, scheduler=meta["scheduler"], rng=rng, extra=meta.get("extra", {}))
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _read_rng(folder: Path, meta: Mapping[str, Any], *, rank: int) -> dict[str, Any]:
+    """Rank ``rank``'s RNG state (rank 0's when the run had fewer ranks)."""
     from safetensors.torch import load_file
+
+    rank = rank if rank < len(meta["rng"]) else 0
+    tensors = load_file(str(folder / f"rng-rank{rank}.safetensors"))
+    info = meta["rng"][rank]
+    return {"torch": tensors["torch"], "numpy_keys": tensors["numpy_keys"], "numpy_meta": info["numpy_meta"],
+            "python": info["python"]}
+
+
+def load_into(step_dir: str | Path, model: torch.nn.Module, optimizer, scheduler) -> int:
+    """Restore a run IN PLACE from ``step_dir/trainer_state/``: the (possibly FSDP2-sharded)
+    weights, the optimizer state, the scheduler and this rank's RNG; returns the step.
+
+    Collective when distributed. DCP reshards, so the state of a run with W ranks loads
+    into another number of ranks (ranks beyond the saved ones take rank 0's RNG state).
+
+    Raises:
+        CheckpointError: a missing, unreadable or mismatched trainer state, named.
+    """
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     folder = Path(step_dir) / "trainer_state"
     try:
         meta = json.loads((folder / "state.json").read_text())
-        master = load_file(folder / "master.safetensors")
-        optimizer = torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu")
-        scheduler = torch.load(folder / "scheduler.pt", weights_only=True, map_location="cpu")
-        rng_t = torch.load(folder / "rng.pt", weights_only=True, map_location="cpu")
-    except (OSError, ValueError, RuntimeError, SafetensorError, KeyError, EOFError, pickle.UnpicklingError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{folder}: cannot read trainer state: {first}") from None
-    rng = {"torch": rng_t["torch"], "numpy_keys": rng_t["numpy_keys"],
-           "numpy_meta": meta["numpy_meta"], "python": meta["python_rng"]}
-    return TrainerState(step=int(meta["step"]), data_position=int(meta["data_position"]), master=master,
-                        optimizer=optimizer, scheduler=scheduler, rng=rng, extra=meta.get("extra", {}))
+        keys = sharded.state_keys(folder)
+        master, _ = get_state_dict(model, optimizer)
+        state = _optimizer_template(keys, master)
+        sharded.load_state(folder, master=master, optimizer_state=state)
+        groups = sharded.restore_groups(meta["param_groups"])
+        set_state_dict(model, optimizer, model_state_dict=master, optim_state_dict={"state": state, "param_groups": groups})
+        rng = _read_rng(folder, meta, rank=_rank())
+    except (OSError, ValueError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError, SafetensorError) as err:
+        raise CheckpointError(f"{folder}: cannot read trainer state: {_first_line(err)}") from None
+    scheduler.load_state_dict(meta["scheduler"])
+    set_rng_state(rng)
+    return int(meta["step"])
+
+
+def _optimizer_template(keys: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+                        master: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Tensors for DCP to load the optimizer state into: shaped (and sharded) like the
+    parameter where the saved tensor has the parameter's shape, else plain (AdamW's step)."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for k, (shape, dtype) in keys.items():
+        if not k.startswith("optimizer/"):
+            continue
+        fqn, _, key = k.removeprefix("optimizer/").rpartition("/")
+        p = master.get(fqn)
+        like = p is not None and tuple(p.shape) == shape
+        out.setdefault(fqn, {})[key] = torch.zeros_like(p, dtype=dtype) if like else torch.zeros(shape, dtype=dtype)
+    return out
 
 
 # ---------------------------------------------------------------------------- metrics

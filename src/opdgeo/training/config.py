@@ -2,7 +2,7 @@
 
 A config file is a mapping with one section per dataclass below (``model``, ``task``,
 ``rollout``, ``optim``, ``objective``, ``token_keep``, ``project``, ``checkpoint``,
-``run``); ``objective`` may also be
+``distributed``, ``run``); ``objective`` may also be
 just the objective's name (``objective: opd``). ``--set key=value`` overrides use dotted
 keys (``optim.lr=1e-5``) and are parsed as YAML scalars, then coerced to the field's type.
 
@@ -43,6 +43,7 @@ __all__ = [
     "OptimConfig",
     "ObjectiveConfig",
     "CheckpointConfig",
+    "DistributedConfig",
     "RunConfig",
     "TokenKeepConfig",
     "ProjectConfig",
@@ -67,6 +68,8 @@ SAVE_DTYPES = ("bfloat16", "float16", "float32")
 TOKEN_KEEP_MODES = ("none", "topkl", "random")
 PROJECT_MODES = ("project", "freeze")
 MONITOR_MATRICES = ("attention", "all")
+TEACHER_DTYPES = ("auto", "bfloat16", "float32")
+STRATEGIES = ("auto", "none", "ddp", "fsdp")  # opdgeo.distributed.STRATEGIES
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,13 @@ class ModelConfig:
     for ``objective: opd`` (and for any ``advantage`` weight on ``opd``)."""
     init_seed: int = 0
     """Seed for building ``tiny:`` models (ignored for loaded models)."""
+    teacher_dtype: str = "auto"
+    """dtype the teacher (and any other no-gradient scoring model) is loaded in:
+    ``bfloat16``, ``float32``, or ``auto`` = bf16 where the device computes bf16 natively
+    (CUDA Ampere+, AVX-512-BF16/AMX CPUs), fp32 elsewhere (an AVX2 CPU emulates bf16)."""
+    activation_checkpointing: bool = False
+    """Recompute each student decoder layer's activations in backward instead of keeping
+    them (``torch.utils.checkpoint``): less memory, about one more forward per step."""
 
 
 @dataclass(frozen=True)
@@ -264,6 +274,19 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    """How several processes share the student (``opdgeo.distributed``)."""
+
+    strategy: str = "auto"
+    """``none`` (one process), ``ddp`` (DistributedDataParallel: full replicas, summed
+    gradients), ``fsdp`` (FSDP2 ``fully_shard`` per decoder layer: parameters, gradients
+    and AdamW state sharded over ranks), or ``auto``: ``none`` in one process, ``ddp``
+    under a launcher with several processes."""
+    cpu_offload: bool = False
+    """``fsdp`` only: keep parameter, gradient and optimizer shards in CPU memory."""
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """The run folder, seed and reporting."""
 
@@ -312,6 +335,7 @@ class TrainConfig:
     token_keep: TokenKeepConfig = field(default_factory=TokenKeepConfig)
     project: ProjectConfig = field(default_factory=ProjectConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -756,12 +780,30 @@ def validate(config: TrainConfig, *, check_paths: bool = True) -> list[str]:
         e.append(f"run.report_to: {', '.join(missing)} not installed (pip install {' '.join(missing)})")
     if len(set(run.report_to)) != len(run.report_to):
         e.append(f"run.report_to: a tracker is listed twice; got {list(run.report_to)}")
+    return e + _engine_problems(config)
+
+
+def _engine_problems(config: TrainConfig) -> list[str]:
+    """Problems of the precision and distributed settings."""
+    e: list[str] = []
+    if config.model.teacher_dtype not in TEACHER_DTYPES:
+        e.append(f"model.teacher_dtype: must be one of {', '.join(TEACHER_DTYPES)}; got {config.model.teacher_dtype!r}")
+    d = config.distributed
+    if d.strategy not in STRATEGIES:
+        e.append(f"distributed.strategy: must be one of {', '.join(STRATEGIES)}; got {d.strategy!r}")
+    if d.cpu_offload and d.strategy != "fsdp":
+        e.append(f"distributed.cpu_offload: applies to strategy fsdp; got strategy {d.strategy!r}")
+    if d.strategy == "fsdp":
+        if config.project.start is not None:
+            e.append("project.from: the subspace projection needs whole gradients; use strategy ddp or none, not fsdp")
+        if config.run.monitor_every:
+            e.append("run.monitor_every: the geometry monitor reads whole weights; use strategy ddp or none, not fsdp")
     return e
 
 
 RESUME_FREE = frozenset({("optim", "steps"), ("checkpoint", "every"), ("run", "progress"), ("run", "out_dir"),
                          ("run", "answer_log_every"), ("run", "answer_log_samples"), ("run", "report_to"),
-                         ("run", "report_offline")})
+                         ("run", "report_offline"), ("distributed", "strategy")})
 """Keys ``--resume`` may change: they extend or report a run without changing its updates."""
 
 

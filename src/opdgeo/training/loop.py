@@ -8,8 +8,7 @@
     batches    = [with_advantages(...) ...]             # per-token weights: the ONLY difference
     n_tokens   = all_reduce_sum(counted tokens)         # global token count
     for epoch in ppo_epochs:
-        backward_micro_batches(...)                     # loss = Σ per-token / n_tokens
-        all_reduce_gradients(...)                       # sum over ranks
+        backward_micro_batches(...)                     # loss = Σ per-token / n_tokens; DDP/FSDP2 sum over ranks
         project_gradients_(...)                         # subspace projection (when on)
         hooks.after_backward                            # gradient hook point
         optimizer_step(...)                             # clip + AdamW
@@ -33,12 +32,14 @@ The study's controls (SPEC §3, issue 5) are parameters of this loop:
 - ``run.monitor_every``: geometry of the update since the origin, every N steps, with the
   trajectory's functions (``monitor.py``), to ``metrics.jsonl`` and the progress bar.
 
-Data parallelism (``accelerate launch --num_processes W``): the global batch of
-``batch_size`` prompts is cut into micro-batches of ``micro_batch_size`` prompts; micro-
-batch ``c`` of step ``s`` is generated with its own seed derived from (run seed, s, c), and
-rank ``r`` takes micro-batches ``r·k .. r·k+k-1``. So the union over ranks is exactly the
-single-process batch, the token count is all-reduced before the loss, and the gradients
-are summed over ranks: 2 ranks take the same step as 1 process, to float tolerance.
+Data parallelism (``torchrun`` or ``accelerate launch``; ``distributed.strategy``): the
+global batch of ``batch_size`` prompts is cut into micro-batches of ``micro_batch_size``
+prompts; micro-batch ``c`` of step ``s`` is generated with its own seed derived from (run
+seed, s, c), and rank ``r`` takes micro-batches ``r·k .. r·k+k-1``. So the union over
+ranks is exactly the single-process batch, the token count is all-reduced before the
+loss, and PyTorch's DDP or FSDP2 (``opdgeo.distributed.wrap_model``) SUMS the gradients
+over ranks in the last micro-batch's backward (``no_sync`` before it): 2 ranks take the
+same step as 1 process, to float tolerance.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ from typing import Any
 
 import torch
 
+from opdgeo import distributed
 from opdgeo.errors import ConfigError
 from opdgeo.locking import holds_run_folder
 from opdgeo.training import checkpointing as ckpt
@@ -73,7 +75,7 @@ from opdgeo.training.controls import (
     topkl_keep_mask,
 )
 from opdgeo.training.losses import masked_mean, masked_sum, policy_gradient_loss, sft_loss
-from opdgeo.training.precision import autocast_context, resolve_bf16_autocast
+from opdgeo.training.precision import autocast_context, native_bf16, resolve_bf16_autocast
 from opdgeo.training.progress import StepProgress
 from opdgeo.training.trackers import Trackers, open_trackers
 from opdgeo.training.monitor import MonitorSettings, probe, restore_monitor, start_monitor
@@ -103,13 +105,15 @@ __all__ = [
     "demonstration_batch",
     "backward_micro_batches",
     "load_policy",
+    "inference_model",
+    "teacher_dtype",
+    "activation_checkpointing_",
     "sample_micro_batch",
     "score_micro_batch",
     "with_advantages",
     "optimizer_step",
     "step_metrics",
     "all_reduce_sum",
-    "all_reduce_gradients",
     "all_reduce_max",
     "behaviour_policy",
     "clip_range",
@@ -290,50 +294,10 @@ def demonstration_batch(tokenizer, prompts: Sequence[str], responses: Sequence[s
 # ------------------------------------------------------------------ distributed
 
 
-def _dist():
-    import torch.distributed as dist
-
-    return dist if dist.is_available() and dist.is_initialized() else None
-
-
-def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    """Sum a float64 tensor over ranks (identity in one process)."""
-    dist = _dist()
-    if dist is not None and dist.get_world_size() > 1:
-        values = values.clone()
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values
-
-
-def all_reduce_max(value: float) -> float:
-    """Maximum of a float over ranks (identity in one process)."""
-    dist = _dist()
-    if dist is not None and dist.get_world_size() > 1:
-        t = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return float(t[0])
-    return value
-
-
-def all_reduce_gradients(params: Sequence[torch.nn.Parameter]) -> None:
-    """Sum the gradients over ranks, in one flat buffer (a missing gradient counts as 0)."""
-    dist = _dist()
-    if dist is None or dist.get_world_size() == 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    offset = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
-        p.grad = flat[offset:offset + n].view_as(p).clone()
-        offset += n
-
-
-def _barrier() -> None:
-    dist = _dist()
-    if dist is not None and dist.get_world_size() > 1:
-        dist.barrier()
+# The collectives live in ``opdgeo.distributed`` (re-exported here for the loop's users).
+all_reduce_sum = distributed.all_reduce_sum
+all_reduce_max = distributed.all_reduce_max
+_barrier = distributed.barrier
 
 
 # ---------------------------------------------------------------------- models
@@ -358,7 +322,38 @@ def behaviour_policy(config: TrainConfig, student, tokenizer, teacher, *, device
         return teacher
     model, tok = load_policy(policy, init_seed=config.model.init_seed)
     check_same_tokenizer(tokenizer, tok, names=("student", "rollout.policy"))
-    return model.to(device).eval().requires_grad_(False)
+    return inference_model(model, config, device)
+
+
+def teacher_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """``model.teacher_dtype``: ``auto`` is bf16 where ``device`` computes bf16 natively, else fp32."""
+    if setting == "auto":
+        return torch.bfloat16 if native_bf16(device) else torch.float32
+    return ckpt.DTYPES[setting]
+
+
+def inference_model(model, config: TrainConfig, device: torch.device):
+    """A scoring-only model: on ``device`` in ``model.teacher_dtype``, eval mode, no gradients
+    (its log-probs enter the loss as constants, under ``torch.no_grad``)."""
+    return model.to(device=device, dtype=teacher_dtype(config.model.teacher_dtype, device)).eval().requires_grad_(False)
+
+
+def activation_checkpointing_(model: torch.nn.Module) -> None:
+    """Recompute every decoder layer's activations in backward (``torch.utils.checkpoint``,
+    non-reentrant) instead of saving them: a layer keeps only its input for backward.
+    In place; forwards without gradient (generation, scoring) run the layer as is. The
+    recomputation is the same computation, so gradients are unchanged (tested)."""
+    from torch.utils.checkpoint import checkpoint
+
+    for layer in distributed.decoder_layers(model):
+        inner = layer.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            if not torch.is_grad_enabled():
+                return _inner(*args, **kwargs)
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        layer.forward = forward
 
 
 def _checkpoint_dtype(config: TrainConfig) -> torch.dtype:
@@ -403,27 +398,18 @@ def origin_matrices(config: TrainConfig, student) -> dict[str, torch.Tensor]:
 
 
 def start_from_checkpoint(student, source: str) -> int:
-    """Load a step folder into the student (its fp32 ``trainer_state/master.safetensors`` when
-    present, else its weights) and return its step (from ``trainer_state`` or the folder name).
+    """Load a step folder into the student (the fp32 master weights of its ``trainer_state/``
+    when present, else its weights) and return its step (from ``trainer_state`` or the folder name).
 
     Raises:
         CheckpointError: unreadable weights, or tensors that do not fit the student.
     """
-    import json
-
-    from safetensors.torch import load_file
-
     from opdgeo.checkpoints import open_checkpoint
-    from opdgeo.errors import CheckpointError
 
     folder = Path(source)
-    master = folder / "trainer_state" / "master.safetensors"
-    if master.is_file():
-        try:
-            weights = load_file(str(master))
-            step = int(json.loads((folder / "trainer_state" / "state.json").read_text())["step"])
-        except (OSError, ValueError, KeyError) as err:
-            raise CheckpointError(f"{folder / 'trainer_state'}: cannot read: {str(err).splitlines()[0]}") from None
+    if (folder / "trainer_state" / "state.json").is_file():
+        state = ckpt.load_trainer_state(folder)
+        weights, step = dict(state.master), state.step
     else:
         ck = open_checkpoint(folder)
         weights = {n: ck.load(n) for n in ck.names()}
@@ -629,34 +615,46 @@ def backward_micro_batches(model, batches: Sequence[MicroBatch], *, config: Trai
     gradient of the token-level mean over the global batch. Returns this rank's sums
     (``loss``, ``clipped``, ``ratio``) for logging.
     """
-    obj = config.objective
     eps_low, eps_high = clip_range(config)
     sums = {"loss": 0.0, "clipped": 0.0, "ratio": 0.0, "ratio_max": 0.0}
-    for mb in batches:
-        if not mb.loss_mask.any():
-            # no token counts (e.g. every group filtered): its loss and gradient are exactly 0,
-            # so no forward; ``all_reduce_gradients`` treats a missing gradient as 0
+    alone = not distributed.is_distributed()
+    for i, mb in enumerate(batches):
+        if alone and not mb.loss_mask.any():
+            # no token counts (e.g. every group filtered): its loss and gradient are exactly 0, so
+            # no forward. Only in one process: under DDP/FSDP every rank's forward and backward
+            # take part in collectives, so every rank runs every micro-batch.
             continue
-        with _autocast(config.optim.bf16_autocast, device):
-            lp = _logprobs(model, mb).float()  # [n, T]
-        if obj.name == "sft":
-            per_token = sft_loss(lp, mb.loss_mask)
-        else:
-            # the student before this step's updates, no gradient (on-policy RLVR with one inner
-            # pass: this very forward, detached; ratio exactly 1 as with a separate forward)
-            old = mb.old_logprobs if mb.old_logprobs is not None else lp.detach()
-            out = policy_gradient_loss(lp, old, mb.advantages, mb.loss_mask, eps_low=eps_low, eps_high=eps_high)
-            per_token = out.loss
-            sums["clipped"] += float(out.clipped.sum())
-            sums["ratio"] += float(masked_sum(out.ratio, mb.loss_mask))
-            if mb.loss_mask.any():
-                sums["ratio_max"] = max(sums["ratio_max"], float(out.ratio[mb.loss_mask].max()))
-        loss = masked_mean(per_token, mb.loss_mask, denominator=global_tokens)
-        loss.backward()
+        # gradients are reduced over ranks once, in the last micro-batch's backward
+        with distributed.no_sync(model, sync=i == len(batches) - 1):
+            loss = _micro_batch_loss(model, mb, config, eps=(eps_low, eps_high), global_tokens=global_tokens,
+                                     device=device, sums=sums)
+            loss.backward()
         sums["loss"] += float(loss.detach())
+    if alone:  # a step whose micro-batches were all skipped: zero gradients, so AdamW steps as it would with them
+        for p in model.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
     return sums
 
 
+def _micro_batch_loss(model, mb: MicroBatch, config: TrainConfig, *, eps: tuple[float, float], global_tokens: float,
+                      device: torch.device, sums: dict[str, float]) -> torch.Tensor:
+    """Σ per-token loss / global_tokens of one micro-batch (adds its clip/ratio counts to ``sums``)."""
+    with _autocast(config.optim.bf16_autocast, device):
+        lp = _logprobs(model, mb).float()  # [n, T]
+    if config.objective.name == "sft":
+        per_token = sft_loss(lp, mb.loss_mask)
+    else:
+        # the student before this step's updates, no gradient (on-policy RLVR with one inner pass:
+        # this very forward, detached; the ratio is exactly 1, as with a separate forward)
+        old = mb.old_logprobs if mb.old_logprobs is not None else lp.detach()
+        out = policy_gradient_loss(lp, old, mb.advantages, mb.loss_mask, eps_low=eps[0], eps_high=eps[1])
+        per_token = out.loss
+        sums["clipped"] += float(out.clipped.sum())
+        sums["ratio"] += float(masked_sum(out.ratio, mb.loss_mask))
+        if mb.loss_mask.any():
+            sums["ratio_max"] = max(sums["ratio_max"], float(out.ratio[mb.loss_mask].max()))
+    return masked_mean(per_token, mb.loss_mask, denominator=global_tokens)
 
 
 def clip_range(config: TrainConfig) -> tuple[float, float]:
@@ -673,9 +671,11 @@ def optimizer_step(model, optimizer, *, grad_clip: float | None) -> float:
     pre-clip gradient 2-norm."""
     params = [p for p in model.parameters() if p.requires_grad]
     if grad_clip is not None:
-        norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
     else:
-        norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+        norms = [p.grad.norm() for p in params if p.grad is not None]  # none when no micro-batch counted a token
+        norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2: a DTensor over ranks
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return norm
@@ -775,20 +775,30 @@ def train(config: TrainConfig, *, resume: bool = False, hooks: Hooks | None = No
             processes, or a model/task cannot be loaded.
     """
     import transformers
-    from accelerate import Accelerator
-
-    from opdgeo.models import check_same_tokenizer
-    from opdgeo.training.data import log_answers, training_problems
 
     transformers.utils.logging.disable_progress_bar()
     hooks = hooks or Hooks()
-    # cpu=True on CPU-only hosts: accelerate then sets up MULTI_CPU (gloo) under a launcher
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
-    is_main = accelerator.is_main_process
-    # "auto" becomes what this device computes natively; config.yaml records the result
-    config = dataclasses.replace(config, optim=dataclasses.replace(
-        config.optim, bf16_autocast=resolve_bf16_autocast(config.optim.bf16_autocast, device)))
+    world = distributed.launched_world()
+    strategy = distributed.resolve_strategy(config.distributed.strategy, world)
+    if world > 1 and strategy == "none":
+        raise ConfigError(f"distributed.strategy: 'none' cannot train {world} processes (nothing would sum their "
+                          "gradients); use ddp or fsdp")
+    ctx = distributed.init(single_process_group=strategy == "fsdp")
+    try:
+        return _train(config, strategy, ctx, resume=resume, hooks=hooks)
+    finally:
+        distributed.destroy(ctx)
+
+
+def _train(config: TrainConfig, strategy: str, ctx: distributed.Context, *, resume: bool, hooks: Hooks) -> RunResult:
+    from opdgeo.models import check_same_tokenizer
+    from opdgeo.training.data import log_answers, training_problems
+
+    rank, world, device, is_main = ctx.rank, ctx.world, ctx.device, ctx.is_main
+    # "auto" becomes what this device computes natively / this launch uses; config.yaml records the result
+    config = dataclasses.replace(
+        config, optim=dataclasses.replace(config.optim, bf16_autocast=resolve_bf16_autocast(config.optim.bf16_autocast, device)),
+        distributed=dataclasses.replace(config.distributed, strategy=strategy))
     o, obj = config.optim, config.objective
     n_micro = o.batch_size // o.micro_batch_size
     my_micro = rank_micro_batches(n_micro, rank, world)  # ConfigError before any model loads
@@ -802,11 +812,13 @@ def train(config: TrainConfig, *, resume: bool = False, hooks: Hooks | None = No
     torch.manual_seed(config.run.seed)
     student, tokenizer = load_policy(config.model.student, init_seed=config.model.init_seed)
     student = student.to(device=device, dtype=torch.float32).eval()  # fp32 master weights
+    if config.model.activation_checkpointing:
+        activation_checkpointing_(student)
     teacher = None
     if obj.name != "sft" and (obj.weights().get("opd", 0.0) != 0.0 or config.rollout.policy == "teacher"):
         teacher, teacher_tok = load_policy(config.model.teacher, init_seed=config.model.init_seed)
         check_same_tokenizer(tokenizer, teacher_tok)
-        teacher = teacher.to(device).eval().requires_grad_(False)
+        teacher = inference_model(teacher, config, device)
     behaviour = behaviour_policy(config, student, tokenizer, teacher, device=device)
     # the run's origin W0 (the monitor's and the projection's ΔW = W − W0), in the checkpoint dtype
     needs_origin = bool(config.run.monitor_every) or config.project.start is not None
@@ -825,6 +837,7 @@ def train(config: TrainConfig, *, resume: bool = False, hooks: Hooks | None = No
                                                           rank=pj.rank), device)
         freeze_outside(student, projection)
 
+    model = _wrap(student, strategy, ctx, config)  # what the loss runs through
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = adamw(params, o)
     if isinstance(pj.start, str) and resume_from is None:
@@ -835,16 +848,12 @@ def train(config: TrainConfig, *, resume: bool = False, hooks: Hooks | None = No
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s + first) / o.lr)
 
     # ---- resume
-    if resume_from is not None:
-        state = ckpt.load_trainer_state(resume_from)
-        student.load_state_dict({k: v.to(device) for k, v in state.master.items()})
-        optimizer.load_state_dict(state.optimizer)
-        scheduler.load_state_dict(state.scheduler)
-        ckpt.set_rng_state(state.rng)
-        start = state.step
+    if resume_from is not None:  # DCP, in place, resharded to this launch
+        start = ckpt.load_into(resume_from, student, optimizer, scheduler)
     if isinstance(pj.start, int) and start >= pj.start:  # resumed after projection began
         projection = _on_device(load_subspaces(run_dir / SUBSPACE_FILE)[0], device)
         freeze_outside(student, projection)
+        model = _wrap(student, strategy, ctx, config)
     if is_main:
         ckpt.remove_partial(run_dir)
         ckpt.truncate_metrics(run_dir / "metrics.jsonl", start)
@@ -885,13 +894,12 @@ def train(config: TrainConfig, *, resume: bool = False, hooks: Hooks | None = No
             grad_norm = 0.0
             params = [p for p in student.parameters() if p.requires_grad]
             for epoch in range(o.ppo_epochs):
-                sums = backward_micro_batches(student, batches, config=config, global_tokens=global_tokens,
+                sums = backward_micro_batches(model, batches, config=config, global_tokens=global_tokens,
                                               device=device)
                 if epoch == 0:
                     first_sums = sums
-                all_reduce_gradients(params)
                 projecting = projection is not None and pj.mode == "project"
-                if projecting:  # after the all-reduce, before clipping and the step
+                if projecting:  # after the reduction over ranks, before clipping and the step
                     kept = project_gradients_(named_params, projection)
                     if epoch == 0:
                         extra.update(kept.as_metrics())
@@ -899,7 +907,7 @@ def train(config: TrainConfig, *, resume: bool = False, hooks: Hooks | None = No
                     extra.update(hooks.after_backward(HookContext(step + 1, student, config, run_dir, rank, world)) or {})
                 if global_tokens > 0:
                     before = weights_before_step(named_params, projection) if projection is not None else None
-                    norm = optimizer_step(student, optimizer, grad_clip=o.grad_clip)
+                    norm = optimizer_step(model, optimizer, grad_clip=o.grad_clip)
                     grad_norm = norm if epoch == 0 else grad_norm
                     if before is not None:  # AdamW's whole update D -> D V_K V_Kᵀ (freeze: measured only)
                         _worst_of(extra, project_updates_(named_params, projection, before,
@@ -931,24 +939,34 @@ def train(config: TrainConfig, *, resume: bool = False, hooks: Hooks | None = No
             # checkpoint
             every = config.checkpoint.every
             if (every and (step + 1) % every == 0) or step + 1 == o.steps:
-                if is_main:
-                    written.append(_save(run_dir, step + 1, student, tokenizer, optimizer, scheduler, config, world))
-                _barrier()
+                written.append(_save(run_dir, step + 1, student, tokenizer, optimizer, scheduler, config, world))
             # projection from step S: take V_K of ΔW_S now, project every later gradient
             if isinstance(pj.start, int) and step + 1 == pj.start:
                 projection = _on_device(projection_subspaces(origin, _rounded(named_params, origin, config),
                                                              rank=pj.rank), device)
                 freeze_outside(student, projection)
+                model = _wrap(student, strategy, ctx, config)  # DDP reduces the trainable set it was built with
                 if is_main:
                     _save_subspaces(run_dir, projection, config, step=step + 1)
     return RunResult(out_dir=run_dir, final_step=max(start, o.steps),
                      checkpoints=tuple(written), history=tuple(history), resumed_from=resume_from)
 
 
-def _save(run_dir: Path, step: int, model, tokenizer, optimizer, scheduler, config: TrainConfig, world: int) -> Path:
+def _wrap(student, strategy: str, ctx: distributed.Context, config: TrainConfig):
+    """The student as the loss runs it: DDP, FSDP2 (bf16 compute exactly when autocast is on) or itself."""
+    return distributed.wrap_model(student, strategy, ctx, bf16_compute=bool(config.optim.bf16_autocast),
+                                  cpu_offload=config.distributed.cpu_offload)
+
+
+def _save(run_dir: Path, step: int, student, tokenizer, optimizer, scheduler, config: TrainConfig, world: int) -> Path:
+    """The step folder (every rank calls this: FSDP2 shards and DCP writes are collective)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
     state = None
     if config.checkpoint.save_trainer_state:
-        state = ckpt.TrainerState(step=step, data_position=step * config.optim.batch_size, master=model.state_dict(),
-                                  optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                                  rng=ckpt.rng_state(), extra={"objective": config.objective.name, "world_size": world})
-    return ckpt.save_checkpoint(run_dir, step, model, tokenizer, dtype=config.checkpoint.dtype, trainer_state=state)
+        master, optim = get_state_dict(student, optimizer)  # FSDP2: this rank's shards
+        state = ckpt.TrainerState(step=step, data_position=step * config.optim.batch_size, master=master,
+                                  optimizer=optim, scheduler=scheduler.state_dict(), rng=ckpt.rng_state(),
+                                  extra={"objective": config.objective.name, "world_size": world,
+                                         "strategy": config.distributed.strategy})
+    return ckpt.save_checkpoint(run_dir, step, student, tokenizer, dtype=config.checkpoint.dtype, trainer_state=state)

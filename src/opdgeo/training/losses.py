@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["PolicyLoss", "policy_gradient_loss", "sft_loss", "masked_mean", "masked_sum"]
+__all__ = ["PolicyLoss", "policy_gradient_loss", "sft_loss", "masked_mean", "masked_sum", "linear_logprobs"]
 
 
 class PolicyLoss(NamedTuple):
@@ -147,3 +147,58 @@ def masked_mean(
     if d.item() == 0:
         return total * 0.0
     return total / d
+
+
+def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    z = torch.nn.functional.linear(hidden, weight)  # [r, V]: one chunk of logits
+    z = z.to(torch.promote_types(z.dtype, torch.float32))  # bf16 -> fp32; float64 stays
+    if temperature != 1.0:
+        z = z / temperature
+    return z.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(z, dim=-1)
+
+
+def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, chunk_rows: int,
+                    temperature: float = 1.0) -> torch.Tensor:
+    """Log-probs of ``targets`` under ``softmax(hidden @ weightᵀ / τ)``, never holding the
+    [R, V] logits for backward.
+
+    ::
+
+        logp_r = z_r[a_r] − logsumexp_v z_r[v],   z_r = h_r Wᵀ / τ   (float32)
+
+    Rows are processed in chunks of ``chunk_rows``; each chunk's projection, fp32 cast and
+    log-softmax run inside ``torch.utils.checkpoint`` (non-reentrant), so backward keeps only
+    ``hidden`` and ``weight`` (which the model holds anyway) and recomputes one chunk of
+    logits at a time: saved memory falls from R·V fp32 values to nothing beyond the inputs,
+    at the cost of one more projection per chunk. Without gradient it is a plain chunked
+    loop. Same values as the unchunked formula up to fp32 rounding (tested in float64).
+
+    Args:
+        hidden: ``[R, h]`` final hidden states (after the final norm).
+        weight: ``[V, h]`` output projection (``lm_head.weight``).
+        targets: ``[R]`` long token ids.
+        chunk_rows: rows per chunk, ``>= 1``.
+        temperature: τ > 0.
+
+    Returns:
+        ``[R]`` float32 (float64 for float64 inputs).
+
+    Raises:
+        ValueError: inconsistent shapes or ``chunk_rows < 1``.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1] or targets.shape != hidden.shape[:1]:
+        raise ValueError(f"hidden [R, h], weight [V, h], targets [R] expected; got {tuple(hidden.shape)}, "
+                         f"{tuple(weight.shape)}, {tuple(targets.shape)}")
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1; got {chunk_rows}")
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    parts = []
+    for s in range(0, hidden.shape[0], chunk_rows):
+        h, t = hidden[s:s + chunk_rows], targets[s:s + chunk_rows]
+        parts.append(checkpoint(_chunk_logprobs, h, weight, t, temperature, use_reentrant=False) if grad
+                     else _chunk_logprobs(h, weight, t, temperature))
+    if not parts:
+        return hidden.new_zeros((0,), dtype=torch.promote_types(hidden.dtype, torch.float32))
+    return torch.cat(parts)

@@ -10,6 +10,7 @@ the importance ratio is exactly exp(0) = 1 for identical weights and batch shape
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -83,10 +84,12 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     """Per-token log-probs of the response tokens: log softmax(z_t / τ)[a_t].
 
     For response token t of row i (at ``input_ids[i, P+t]``, P = L − T) the logits come
-    from position P+t−1. Only the last T+1 positions' logits are computed
-    (``logits_to_keep``), and log-probs are formed as gathered logit − logsumexp over the
-    vocabulary, in float32, in chunks of at most ``chunk_elements`` logits: the float32
-    log_softmax over [N, L, V] is never materialized (V = 49k for SmolLM2, 152k for Qwen3).
+    from position P+t−1 (only the last T+1 positions reach the head, ``logits_to_keep``).
+    The output head itself is replaced, for this call, by ``losses.linear_logprobs``:
+    gathered logit − logsumexp over the vocabulary in float32, in chunks of at most
+    ``chunk_elements`` logits, each recomputed in backward, so neither the [N, T, V]
+    logits nor their float32 log-softmax are ever held for backward (V = 49k for SmolLM2,
+    152k for Qwen3).
     Differentiable (no ``no_grad`` here; callers decide).
 
     Args:
@@ -108,22 +111,40 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0; got {temperature}")
     T = response_mask.shape[1]
-    out = model(input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask), logits_to_keep=T + 1, use_cache=False)
-    logits = out.logits[:, :-1, :]  # [N, T, V]: position P+t-1 predicts token P+t
-    targets = input_ids[:, L - T:]  # [N, T]
-    V = logits.shape[-1]
-    flat_logits = logits.reshape(N * T, V)  # [N*T, V]
-    flat_targets = targets.reshape(N * T, 1)
-    rows = max(1, chunk_elements // V)
-    parts = []
-    for s in range(0, N * T, rows):
-        z = flat_logits[s:s + rows].float()
-        if temperature != 1.0:
-            z = z / temperature
-        parts.append(z.gather(1, flat_targets[s:s + rows]).squeeze(1) - torch.logsumexp(z, dim=-1))
-    logp = torch.cat(parts).reshape(N, T)
+    targets = input_ids[:, L - T:]  # [N, T]: position P+t-1 predicts token P+t
+    with _head_as_logprobs(model, targets, chunk_elements=chunk_elements, temperature=temperature):
+        out = model(input_ids=input_ids, attention_mask=attention_mask,
+                    position_ids=position_ids_from_mask(attention_mask), logits_to_keep=T + 1, use_cache=False)
+    logp = out.logits  # [N, T]: the output head returned log-probs, not logits
     return torch.where(response_mask.bool(), logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
+
+
+@contextlib.contextmanager
+def _head_as_logprobs(model, targets: torch.Tensor, *, chunk_elements: int, temperature: float):
+    """Within the block, the model's output head returns the sampled tokens' log-probs
+    ``[N, T]`` (``losses.linear_logprobs``: chunks of ``chunk_elements`` logits, each
+    recomputed in backward) instead of ``[N, T+1, V]`` logits. The head still runs inside
+    the model's forward, so DDP and FSDP2 see an ordinary forward (FSDP2's unsharded weight)."""
+    from opdgeo.training.losses import linear_logprobs
+
+    inner = getattr(model, "module", model)
+    if getattr(inner.config, "final_logit_softcapping", None):
+        raise ConfigError(f"{type(inner).__name__}: logit soft-capping is applied after the output head; "
+                          "sequence_logprobs does not support it")
+    head = inner.get_output_embeddings()
+    N, T = targets.shape
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:  # hidden [N, T+1, h]
+        h = hidden[:, :-1, :].reshape(N * T, hidden.shape[-1])  # [N*T, h]
+        rows = max(1, chunk_elements // head.weight.shape[0])
+        return linear_logprobs(h, head.weight, targets.reshape(N * T), chunk_rows=rows,
+                               temperature=temperature).reshape(N, T)
+
+    head.forward = forward
+    try:
+        yield
+    finally:
+        del head.forward  # back to the class's forward
 
 
 def _check_args(prompts, num_samples, temperature, max_new_tokens, batch_size):

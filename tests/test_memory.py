@@ -1,0 +1,117 @@
+"""Memory options of training: chunked log-probs without saved logits, activation
+checkpointing, the bf16 teacher; values against float64 references."""
+
+import pytest
+import torch
+
+from opdgeo.training.losses import linear_logprobs
+
+
+def _saved_bytes(fn):
+    """Bytes of the tensors autograd saves for backward while ``fn`` runs (distinct storages)."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+def test_chunked_logprobs_equal_the_float64_formula_and_save_no_logits():
+    g = torch.Generator().manual_seed(0)
+    R, h, V = 37, 16, 301
+    hidden = torch.randn(R, h, generator=g, requires_grad=True)
+    weight = torch.randn(V, h, generator=g, requires_grad=True)
+    targets = torch.randint(0, V, (R,), generator=g)
+    for tau in (1.0, 0.7):
+        ref = torch.log_softmax(hidden.detach().double() @ weight.detach().double().T / tau, dim=-1)
+        ref = ref.gather(1, targets[:, None]).squeeze(1)
+        for rows in (1, 5, R, 1000):
+            out = linear_logprobs(hidden, weight, targets, chunk_rows=rows, temperature=tau)
+            torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-5)
+    # gradients equal the float64 autograd of the same formula
+    out, chunked = _saved_bytes(lambda: linear_logprobs(hidden, weight, targets, chunk_rows=4))
+    gh, gw = torch.autograd.grad(out.sum(), (hidden, weight))
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    ref = torch.log_softmax(h64 @ w64.T, dim=-1).gather(1, targets[:, None]).sum()
+    rh, rw = torch.autograd.grad(ref, (h64, w64))
+    torch.testing.assert_close(gh.double(), rh, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gw.double(), rw, rtol=1e-4, atol=1e-5)
+    # saved for backward: only the inputs; the plain formula keeps [R, V] logits (and more)
+    def plain():
+        z = hidden @ weight.T
+        return z.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(z, dim=-1)
+
+    _, unchunked = _saved_bytes(plain)
+    assert chunked <= (R * h + V * h) * 4 + R * 8 < unchunked
+    assert unchunked >= R * V * 4
+    with pytest.raises(ValueError, match="chunk_rows"):
+        linear_logprobs(hidden, weight, targets, chunk_rows=0)
+
+
+def _tiny(seed=0):
+    from opdgeo.models import build_model, char_tokenizer, tiny_qwen3_config
+
+    return build_model(tiny_qwen3_config("quick", len(char_tokenizer())), seed=seed)
+
+
+def _batch():
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 40, (3, 14), generator=g)
+    att = torch.ones_like(ids)
+    att[0, :4] = 0  # left padding
+    resp = torch.ones(3, 6, dtype=torch.bool)
+    resp[1, 4:] = False
+    return ids, att, resp
+
+
+def test_sequence_logprobs_match_the_models_own_logits_in_float64():
+    from opdgeo.training.rollout import sequence_logprobs, position_ids_from_mask
+
+    model = _tiny().double()
+    ids, att, resp = _batch()
+    lp = sequence_logprobs(model, ids, att, resp, chunk_elements=50)  # several chunks of rows
+    logits = model(input_ids=ids, attention_mask=att, position_ids=position_ids_from_mask(att)).logits
+    ref = torch.log_softmax(logits[:, -7:-1], dim=-1).gather(2, ids[:, -6:, None]).squeeze(2)
+    torch.testing.assert_close(lp, torch.where(resp, ref, torch.zeros_like(ref)), rtol=0, atol=1e-12)
+    assert type(model.get_output_embeddings()).forward is model.get_output_embeddings().forward.__func__  # restored
+
+
+def test_activation_checkpointing_same_gradients_less_saved_memory():
+    from opdgeo.training.loop import activation_checkpointing_
+    from opdgeo.training.rollout import sequence_logprobs
+
+    ids, att, resp = _batch()
+
+    def grads_and_saved(model):
+        model.zero_grad(set_to_none=True)
+        lp, saved = _saved_bytes(lambda: sequence_logprobs(model, ids, att, resp))
+        lp.sum().backward()
+        return {k: p.grad.clone() for k, p in model.named_parameters()}, saved
+
+    plain, saved_plain = grads_and_saved(_tiny())
+    ckpt_model = _tiny()
+    activation_checkpointing_(ckpt_model)
+    ckpt, saved_ckpt = grads_and_saved(ckpt_model)
+    for k in plain:
+        torch.testing.assert_close(ckpt[k], plain[k], rtol=1e-6, atol=1e-7)
+    assert saved_ckpt < 0.7 * saved_plain  # a measured ratio, asserted only as a direction
+    with torch.no_grad():  # generation and scoring run the layers as they are
+        _, saved = _saved_bytes(lambda: sequence_logprobs(ckpt_model, ids, att, resp))
+    assert saved == 0
+
+
+def test_teacher_dtype_auto_follows_native_bf16_and_is_frozen():
+    from opdgeo.training.config import load_config
+    from opdgeo.training.loop import inference_model, teacher_dtype
+    from opdgeo.training.precision import native_bf16
+
+    cpu = torch.device("cpu")
+    assert teacher_dtype("auto", cpu) == (torch.bfloat16 if native_bf16(cpu) else torch.float32)
+    assert teacher_dtype("bfloat16", cpu) == torch.bfloat16 and teacher_dtype("float32", cpu) == torch.float32
+    cfg = load_config(None, ["model.student=tiny:quick", "model.teacher_dtype=bfloat16"])
+    t = inference_model(_tiny(), cfg, cpu)
+    assert not t.training and all(p.dtype == torch.bfloat16 and not p.requires_grad for p in t.parameters())
