@@ -24,13 +24,13 @@ Not supported (``CheckpointError``): other PEFT methods than LoRA, DoRA
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
 from pathlib import Path
 
 import torch
 
+from opdgeo.checkpoints.reader import read_json_object
 from opdgeo.errors import CheckpointError
 
 __all__ = ["ADAPTER_CONFIG", "AdapterCheckpoint", "is_adapter", "open_adapter"]
@@ -47,12 +47,7 @@ def is_adapter(path) -> bool:
 
 def _config(folder: Path) -> dict:
     path = folder / ADAPTER_CONFIG
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot parse ({e})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: not a JSON object")
+    config = read_json_object(path)
     kind = config.get("peft_type", "LORA")
     if kind != "LORA":
         raise CheckpointError(f"{path}: peft_type {kind} is not supported (LoRA adapters only)")

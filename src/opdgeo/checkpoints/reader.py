@@ -152,10 +152,8 @@ class Checkpoint:
         return self._keys[name]
 
 
-def _read_config(folder: Path) -> dict:
-    path = folder / "config.json"
-    if not path.is_file():
-        return {}
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object (a config); CheckpointError naming the file otherwise."""
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -163,6 +161,11 @@ def _read_config(folder: Path) -> dict:
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: not a JSON object")
     return config
+
+
+def _read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    return read_json_object(path) if path.is_file() else {}
 
 
 def _read_index(path: Path) -> dict[str, str]:
