@@ -1,4 +1,4 @@
-"""Cost of the study's controls on the tiny preset (issue 5).
+"""Cost of the study's controls on the tiny preset.
 
 Measures, with the real training loop (``opdgeo.training.loop.train``) on the ``tiny:student``
 preset (OPD towards ``tiny:teacher``, 8 prompts x 8 samples, 32 new tokens per step):

@@ -1,5 +1,5 @@
 """``opdgeo compare`` through the command line: outputs, and one line + exit 2 for every
-bad input of issue 2."""
+bad input."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The study's controls end to end on tiny CPU models (SPEC §3 Controls, issue 5).
+"""The study's controls end to end on tiny CPU models (SPEC §3 Controls).
 
 Each run is a few steps of the real loop (``opdgeo.training.loop.train``) with the
 ``tiny:quick`` student; the OPD teacher is ``tiny:teacher`` (another architecture sharing

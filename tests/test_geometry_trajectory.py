@@ -13,7 +13,7 @@ from opdgeo.geometry.lowrank import exact_svd, hill_alpha, randomized_top_svd, s
 from opdgeo.geometry.overlap import jaccard, jaccard_baseline, one_sided_overlap
 from opdgeo.geometry.subspace import locking_step, subspace_similarity
 
-# The accuracy contract of randomized_top_svd (issue 4), against a full float64 SVD.
+# The accuracy contract of randomized_top_svd, against a full float64 SVD.
 SIGMA1_RTOL = 1e-4
 TOP32_RTOL = 1e-3
 SIM_ATOL = 1e-3

@@ -1,4 +1,4 @@
-"""`opdgeo study`: the whole study end to end (issue 6).
+"""`opdgeo study`: the whole study end to end.
 
 ``run_study(preset, out)`` builds the preset's stages (`opdgeo.study.pipeline`) and runs
 them with caching and resume (`opdgeo.study.stages`); ``plan_text(preset, out)`` is the

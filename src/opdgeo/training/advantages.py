@@ -3,7 +3,7 @@
 Pure torch; no I/O, config or distributed calls. Each function returns the per-token
 weight that the one policy-gradient core (``losses.policy_gradient_loss``) multiplies
 with the importance ratio. Composition of several named signals (the study's objective
-mixing, issue 5) is ``combine_advantages``.
+mixing) is ``combine_advantages``.
 
 Shapes: ``B`` prompts, ``G`` samples per prompt, ``N = B*G`` sequences, ``T`` response tokens.
 """

@@ -214,7 +214,7 @@ class ObjectiveConfig:
     filter_zero_variance: bool = True
     """Drop groups whose rewards are all equal (DAPO dynamic filtering)."""
     advantage: Mapping[str, float] | None = None
-    """Objective mixing (issue 5): weights of the named signals ``rlvr`` / ``opd``,
+    """Objective mixing: weights of the named signals ``rlvr`` / ``opd``,
     A = Σ w_k A_k, not re-normalized. None: ``{name: 1}``. Not allowed with ``sft``."""
 
     def weights(self) -> dict[str, float]:

@@ -18,7 +18,7 @@ The three objectives differ only in the per-token weight: 1 on demonstration tok
 (SFT, ``sft_loss``), the group-normalized verifiable reward (RLVR) or
 log π_teacher - log π_student on the sampled token (OPD), both in the clipped surrogate.
 
-The study's controls (SPEC §3, issue 5) are parameters of this loop:
+The study's controls (SPEC §3) are parameters of this loop:
 
 - ``token_keep``: per sample, keep ceil(ρ·T) tokens of the OPD signal (top signed gap or a
   seeded random draw) and rescale by T/Σm (``with_advantages``; ``controls.py``);
