@@ -32,6 +32,7 @@ from pathlib import Path
 from opdgeo.errors import ConfigError
 from opdgeo.tasks.base import Problem, Task
 from opdgeo.tasks.dedup import DedupCounts, select_problems
+from opdgeo.files import atomic_write_text
 
 DATA_FILE = "data.json"
 """The run's data record, in the run folder."""
@@ -129,9 +130,7 @@ def training_problems(config, run_dir: str | Path | None = None, *, device=None,
     if run_dir is not None and is_main:
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = run_dir / (DATA_FILE + ".tmp")
-        tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
-        tmp.replace(run_dir / DATA_FILE)
+        atomic_write_text(run_dir / DATA_FILE, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     return TrainingData(task=task, problems=problems, record=record)
 
 
@@ -191,7 +190,6 @@ def append_answer_log(run_dir: str | Path, records: Sequence[AnswerRecord]) -> P
     Lines of the records' step or later are dropped first (a resumed run repeats the
     steps after its checkpoint: the log then holds each step once, as the metrics do).
     """
-    from opdgeo.files import atomic_write_text
 
     path = Path(run_dir) / ANSWERS_FILE
     if not records:

@@ -25,6 +25,7 @@ import torch
 
 from opdgeo.errors import ConfigError
 from opdgeo.tasks.base import Problem
+from opdgeo.files import atomic_write_text
 
 DEMONSTRATIONS_FILE = "demonstrations.jsonl"
 """Kept demonstrations, in the run folder."""
@@ -152,23 +153,17 @@ def read_demonstrations(run_dir: str | Path) -> tuple[list[Problem], dict] | Non
     return demos, meta
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 def write_demonstrations(run_dir: str | Path, result: RejectionSample, settings: dict) -> Path:
     """Write ``demonstrations.jsonl`` then ``demonstrations.json`` (atomically each); the path of the first."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     rows = [{"id": p.id, "prompt": p.prompt, "answer": p.answer, "solution": p.solution, "sample": j}
             for p, j in zip(result.demonstrations, result.kept_sample)]
-    _write_atomic(run_dir / DEMONSTRATIONS_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    atomic_write_text(run_dir / DEMONSTRATIONS_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     counts = {k: v for k, v in asdict(result).items() if k not in ("demonstrations", "kept_sample")}
     meta = {"settings": settings, **counts, "kept": result.kept,
             "kept_fraction": result.kept / result.prompts if result.prompts else math.nan}
-    _write_atomic(run_dir / DEMONSTRATIONS_META, json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(run_dir / DEMONSTRATIONS_META, json.dumps(meta, indent=2) + "\n")
     return run_dir / DEMONSTRATIONS_FILE
 
 

@@ -79,6 +79,7 @@ from opdgeo.training.precision import autocast_context, native_bf16, resolve_bf1
 from opdgeo.training.progress import StepProgress
 from opdgeo.training.trackers import Trackers, open_trackers
 from opdgeo.training.monitor import MonitorSettings, probe, restore_monitor, start_monitor
+from opdgeo.files import atomic_write_text
 from opdgeo.training.projection import (
     SUBSPACE_FILE,
     carry_optimizer_state,
@@ -754,9 +755,7 @@ def _write_config(run_dir: Path, config: TrainConfig) -> None:
     import yaml
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / "config.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
-    tmp.replace(run_dir / "config.yaml")
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
 
 
 @holds_run_folder  # one writer per run folder (opdgeo.locking)

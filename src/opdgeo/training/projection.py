@@ -55,6 +55,7 @@ import torch
 from opdgeo.checkpoints import is_geometry_matrix
 from opdgeo.errors import CheckpointError, ConfigError
 from opdgeo.geometry.spectrum import top_singular_subspaces
+from opdgeo.files import atomic_write
 
 __all__ = [
     "SUBSPACE_FILE",
@@ -409,11 +410,9 @@ def save_subspaces(path: str | Path, subspaces: Mapping[str, torch.Tensor], meta
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     tensors = {name: v.detach().to(torch.float64).contiguous().cpu() for name, v in subspaces.items()}
-    save_file(tensors, str(tmp), metadata={str(k): str(v) for k, v in (metadata or {}).items()})
-    tmp.replace(path)
-    return path
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def load_subspaces(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
