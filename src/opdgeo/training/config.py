@@ -169,8 +169,15 @@ class OptimConfig:
     rollouts depend on this value (each micro-batch has its own generation seed), not on
     the number of processes."""
     ppo_epochs: int = 1
-    """Inner optimizer passes over each rollout batch. The "old" log-probs are computed once,
-    without gradient, before the first pass, so the ratio is exactly 1 there."""
+    """Inner passes over each rollout batch. The "old" log-probs are those of the rollout
+    (the policy that generated it), so the ratio is exactly 1 at the first optimizer step."""
+    ppo_mini_batch_size: int | None = None
+    """Prompts per optimizer step within a rollout batch (global, over all ranks; None: the
+    whole ``batch_size``, one step per batch). Each of the ``ppo_epochs`` passes cuts the
+    batch into ``batch_size / ppo_mini_batch_size`` mini-batches of whole micro-batches, in
+    an order drawn from the run's seed, and takes one optimizer step per mini-batch; the
+    token-level mean of each step is over that mini-batch's tokens (on every rank). Must be
+    a multiple of ``micro_batch_size`` that divides ``batch_size``."""
     lr: float = 1e-5
     """Peak learning rate."""
     schedule: str = "constant"
@@ -735,6 +742,10 @@ def validate(config: TrainConfig, *, check_paths: bool = True) -> list[str]:
         e.append(f"optim.micro_batch_size: must divide optim.batch_size = {o.batch_size}; got {o.micro_batch_size}")
     if o.ppo_epochs < 1:
         e.append(f"optim.ppo_epochs: must be >= 1; got {o.ppo_epochs}")
+    mini = o.ppo_mini_batch_size
+    if mini is not None and (mini < 1 or o.batch_size % mini or mini % max(o.micro_batch_size, 1)):
+        e.append(f"optim.ppo_mini_batch_size: must divide optim.batch_size = {o.batch_size} and be a multiple of "
+                 f"optim.micro_batch_size = {o.micro_batch_size}; got {mini}")
     if not o.lr > 0:
         e.append(f"optim.lr: must be > 0; got {o.lr}")
     if o.schedule not in SCHEDULES:

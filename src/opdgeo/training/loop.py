@@ -509,7 +509,7 @@ def _needs_behaviour_logprobs(config: TrainConfig) -> bool:
     """Whether the rollout must score its samples. Not for on-policy RLVR with one inner
     pass: its old log-probs are then the loss forward's own, detached (``backward_micro_batches``),
     bit-identical to a separate no-grad forward of the same weights and batch, which is saved."""
-    return (config.rollout.off_policy or config.optim.ppo_epochs > 1
+    return (config.rollout.off_policy or config.optim.ppo_epochs > 1 or num_mini_batches(config.optim) > 1
             or config.objective.weights().get("opd", 0.0) != 0.0)
 
 
@@ -658,6 +658,128 @@ def _micro_batch_loss(model, mb: MicroBatch, config: TrainConfig, *, eps: tuple[
     return masked_mean(per_token, mb.loss_mask, denominator=global_tokens)
 
 
+@dataclass(frozen=True)
+class Update:
+    """What the optimizer steps on one rollout batch report (``update_policy``)."""
+
+    sums: Mapping[str, float]
+    """This rank's loss sums of the first pass (``backward_micro_batches``; ``loss`` and ``nll``
+    weighted by each mini-batch's share of the batch's tokens)."""
+    grad_norm: float
+    """Pre-clip gradient norm of the first optimizer step (0 when none was taken)."""
+    extra: Mapping[str, float]
+    """Projection metrics (first step; updates: the worst over the steps) and the hook's."""
+    global_tokens: float
+    """Counted tokens of the whole batch, all ranks."""
+
+
+def num_mini_batches(optim) -> int:
+    """Optimizer steps per pass over a rollout batch: ``batch_size / ppo_mini_batch_size`` (1 by default)."""
+    return optim.batch_size // (optim.ppo_mini_batch_size or optim.batch_size)
+
+
+def mini_batch_share(num_micro_batches: int, optim, world: int) -> int:
+    """Micro-batches of one mini-batch that each of ``world`` ranks takes.
+
+    Raises:
+        ConfigError: a mini-batch's micro-batches do not split evenly over the processes.
+    """
+    per_mini = num_micro_batches // num_mini_batches(optim)
+    if per_mini % world:
+        raise ConfigError(f"optim.ppo_mini_batch_size / optim.micro_batch_size = {per_mini} micro-batches per "
+                          f"mini-batch cannot be split evenly over {world} processes")
+    return per_mini // world
+
+
+def mini_batch_order(num_micro_batches: int, num_mini: int, *, seed: int, step: int, epoch: int) -> list[tuple[int, ...]]:
+    """The mini-batches of inner pass ``epoch`` of step ``step``, in the order they are
+    stepped: each a tuple of global micro-batch positions (ascending).
+
+    One mini-batch is every micro-batch in order (today's single step). Otherwise the
+    positions are cut into consecutive blocks of ``num_mini`` and a permutation σ_b of each
+    block, drawn from a generator seeded by (run seed, step, epoch), sends the block's i-th
+    micro-batch to mini-batch σ_b[i]. Every mini-batch thus holds one micro-batch of each
+    block, so on any number of ranks over which a mini-batch splits evenly (each rank's
+    micro-batches are a run of whole blocks) every rank holds the same share of every
+    mini-batch, and 2 ranks step through the same mini-batches as 1 process. A pure function
+    of its arguments: a resumed run takes the same steps.
+    """
+    if num_mini == 1:
+        return [tuple(range(num_micro_batches))]
+    g = torch.Generator().manual_seed(_derive_seed("mini_batch", seed, step, epoch))
+    members: list[list[int]] = [[] for _ in range(num_mini)]
+    for block in range(0, num_micro_batches, num_mini):
+        for i, j in enumerate(torch.randperm(num_mini, generator=g).tolist()):
+            members[j].append(block + i)
+    return [tuple(m) for m in members]
+
+
+def update_policy(model, optimizer, batches: Sequence[MicroBatch], *, positions: range, optim, seed: int, step: int,
+                  config: TrainConfig, device: torch.device, projection: Mapping[str, torch.Tensor] | None = None,
+                  project_mode: str = "project", named_params: Mapping[str, torch.Tensor] | None = None,
+                  after_backward: Callable[[], Mapping[str, float] | None] | None = None) -> Update:
+    """The optimizer steps on one rollout batch: ``optim.ppo_epochs`` passes, each over
+    ``num_mini_batches(optim)`` mini-batches (``mini_batch_order``), one step per mini-batch.
+
+    Each step's loss is the token-level mean over its mini-batch's counted tokens on all
+    ranks (``backward_micro_batches`` with that count), its old log-probs those recorded at
+    rollout time. With a subspace ``projection`` the summed gradient is projected
+    (``project_mode == "project"``) before ``after_backward`` and the step, and AdamW's update
+    after it. A mini-batch without counted tokens takes no step.
+
+    Args:
+        batches: this rank's micro-batches, at global positions ``positions``.
+    """
+    n_micro = optim.batch_size // optim.micro_batch_size
+    local = torch.zeros(n_micro, dtype=torch.float64)
+    for pos, mb in zip(positions, batches):
+        local[pos] = float(mb.loss_mask.sum())
+    tokens = all_reduce_sum(local)  # [n_micro] counted tokens of every micro-batch, all ranks
+    global_tokens = float(tokens.sum())
+    first: dict[str, float] = {}
+    extra: dict[str, float] = {}
+    grad_norm, steps, projected = 0.0, 0, False
+    projecting = projection is not None and project_mode == "project"
+    for epoch in range(optim.ppo_epochs):
+        for mini in mini_batch_order(n_micro, num_mini_batches(optim), seed=seed, step=step, epoch=epoch):
+            n_tokens = float(tokens[list(mini)].sum())
+            mine = [batches[p - positions.start] for p in mini if p in positions]
+            sums = backward_micro_batches(model, mine, config=config, global_tokens=n_tokens, device=device)
+            if epoch == 0:
+                _add_sums(first, sums, share=n_tokens / global_tokens if global_tokens else 1.0)
+            if projecting:  # after the reduction over ranks, before clipping and the step
+                kept = project_gradients_(named_params, projection)
+                if not projected:  # the first step's gradient
+                    extra.update(kept.as_metrics())
+                    projected = True
+            if after_backward is not None:
+                extra.update(after_backward() or {})
+            if n_tokens > 0:
+                before = weights_before_step(named_params, projection) if projection is not None else None
+                norm = optimizer_step(model, optimizer, grad_clip=optim.grad_clip)
+                grad_norm = norm if steps == 0 and epoch == 0 else grad_norm
+                steps += 1
+                if before is not None:  # AdamW's whole update D -> D V_K V_Kᵀ (freeze: measured only)
+                    _worst_of(extra, project_updates_(named_params, projection, before,
+                                                      project=projecting).as_metrics())
+            else:  # nothing to learn from (e.g. every group filtered): no update
+                optimizer.zero_grad(set_to_none=True)
+    return Update(sums=MappingProxyType(first), grad_norm=grad_norm, extra=MappingProxyType(extra),
+                  global_tokens=global_tokens)
+
+
+def _add_sums(total: dict[str, float], sums: Mapping[str, float], *, share: float) -> None:
+    """Accumulate one mini-batch's sums: the means (``loss``, ``nll``, normalized by the
+    mini-batch's tokens) weighted by its share of the batch's tokens, counts added, maxima kept."""
+    for k, v in sums.items():
+        if k == "ratio_max":
+            total[k] = max(total.get(k, v), v)
+        elif k in ("loss", "nll"):
+            total[k] = total.get(k, 0.0) + v * share
+        else:
+            total[k] = total.get(k, 0.0) + v
+
+
 def clip_range(config: TrainConfig) -> tuple[float, float]:
     """``(eps_low, eps_high)`` of the surrogate: the objective's on-policy, the symmetric
     ``rollout.offpolicy_eps`` when another policy generated the responses."""
@@ -801,6 +923,7 @@ def _train(config: TrainConfig, strategy: str, ctx: distributed.Context, *, resu
     o, obj = config.optim, config.objective
     n_micro = o.batch_size // o.micro_batch_size
     my_micro = rank_micro_batches(n_micro, rank, world)  # ConfigError before any model loads
+    mini_batch_share(n_micro, o, world)
     run_dir = Path(config.run.out_dir)
     resume_from = _prepare_run_dir(run_dir, config, resume=resume)
     _barrier()
@@ -886,33 +1009,16 @@ def _train(config: TrainConfig, strategy: str, ctx: distributed.Context, *, resu
                 mb = score_micro_batch(mb, student=student, teacher=teacher, task=task, problems=problems,
                                        config=config, device=device)
                 batches.append(with_advantages(mb, config, keep_seed=sparsify_seed(config.run.seed, step, c)))
-            global_tokens = float(all_reduce_sum(torch.tensor([sum(float(mb.loss_mask.sum()) for mb in batches)],
-                                                              dtype=torch.float64))[0])
-            # loss -> step (ppo_epochs inner passes over the same rollouts)
-            extra: dict[str, float] = {}
-            grad_norm = 0.0
-            params = [p for p in student.parameters() if p.requires_grad]
-            for epoch in range(o.ppo_epochs):
-                sums = backward_micro_batches(model, batches, config=config, global_tokens=global_tokens,
-                                              device=device)
-                if epoch == 0:
-                    first_sums = sums
-                projecting = projection is not None and pj.mode == "project"
-                if projecting:  # after the reduction over ranks, before clipping and the step
-                    kept = project_gradients_(named_params, projection)
-                    if epoch == 0:
-                        extra.update(kept.as_metrics())
-                if hooks.after_backward is not None:
-                    extra.update(hooks.after_backward(HookContext(step + 1, student, config, run_dir, rank, world)) or {})
-                if global_tokens > 0:
-                    before = weights_before_step(named_params, projection) if projection is not None else None
-                    norm = optimizer_step(model, optimizer, grad_clip=o.grad_clip)
-                    grad_norm = norm if epoch == 0 else grad_norm
-                    if before is not None:  # AdamW's whole update D -> D V_K V_Kᵀ (freeze: measured only)
-                        _worst_of(extra, project_updates_(named_params, projection, before,
-                                                          project=projecting).as_metrics())
-                else:  # nothing to learn from (e.g. every group filtered): no update
-                    optimizer.zero_grad(set_to_none=True)
+            # loss -> step (ppo_epochs passes over the rollouts, one optimizer step per mini-batch)
+            after_backward = None
+            if hooks.after_backward is not None:
+                after_backward = functools.partial(hooks.after_backward,
+                                                   HookContext(step + 1, student, config, run_dir, rank, world))
+            update = update_policy(model, optimizer, batches, positions=my_micro, optim=o, seed=config.run.seed,
+                                   step=step, config=config, device=device, projection=projection,
+                                   project_mode=pj.mode, named_params=named_params, after_backward=after_backward)
+            extra: dict[str, float] = dict(update.extra)
+            first_sums, grad_norm, global_tokens = update.sums, update.grad_norm, update.global_tokens
             lr = optimizer.param_groups[0]["lr"]
             with warnings.catch_warnings():  # a skipped update still advances the schedule
                 warnings.filterwarnings("ignore", message="Detected call of")
