@@ -14,7 +14,7 @@ from opdgeo.training.loop import (
     micro_batch_seed,
     mini_batch_order,
     mini_batch_share,
-    sample_micro_batch,
+    rollout_micro_batch,
     score_micro_batch,
     step_prompts,
     train,
@@ -94,11 +94,11 @@ def _rollouts(cfg, teacher_dir):
     prompts = step_prompts(len(data.problems), 2, 0, cfg.run.seed)
     batches = []
     for c in range(2):
-        mb = sample_micro_batch(student, tok, data.task, data.problems, prompts[c:c + 1], config=cfg,
-                                seed=micro_batch_seed(cfg.run.seed, 0, c), device=CPU)
+        mb = rollout_micro_batch(student, tok, data.task, data.problems, prompts[c:c + 1], rollout=cfg.rollout,
+                                 seed=micro_batch_seed(cfg.run.seed, 0, c), device=CPU, bf16=False)
         mb = score_micro_batch(mb, student=student, teacher=teacher, task=data.task, problems=data.problems,
-                               config=cfg, device=CPU)
-        batches.append(with_advantages(mb, cfg))
+                               objective=cfg.objective, off_policy=False, device=CPU, bf16=False)
+        batches.append(with_advantages(mb, cfg.objective, group_size=cfg.rollout.group_size))
     return student, batches
 
 
