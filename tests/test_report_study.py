@@ -371,13 +371,13 @@ def test_the_mixing_panel_uses_the_matched_ends(tmp_path):
     end, ``mix_0``, in the mixing panel, not the main RLVR run."""
     import dataclasses
 
-    from opdgeo.study.presets import RunSpec
+    from opdgeo.study.presets import StudyRun
 
     out = make_fake_study(tmp_path / "s")
     p = get_preset("quick")
     mix = p.run("mix_0p5")
     runs = tuple(dataclasses.replace(r, steps=10) if r.name == "rlvr" else r for r in p.runs if r.seed_of is None)
-    runs += (RunSpec(name="mix_0", objective="rlvr", init="anchor", steps=mix.steps, batch_size=mix.batch_size,
+    runs += (StudyRun(name="mix_0", objective="rlvr", init="anchor", steps=mix.steps, batch_size=mix.batch_size,
                      samples_per_prompt=mix.samples_per_prompt, optim=mix.optim, group="mixing"),)
     q = dataclasses.replace(p, runs=runs)
     assert dict(q.mixing_panel())[0.0] == "mix_0"
