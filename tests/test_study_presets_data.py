@@ -169,3 +169,19 @@ def test_an_installed_wheel_finds_the_presets(tmp_path):
     assert Path(where).is_relative_to(site)
     for n in PRESET_NAMES:
         assert keys[n] == {s["name"]: s["key"] for s in SNAPSHOT[n]["stages"]}
+
+
+def test_study_and_report_modules_stay_small():
+    """No function over 80 lines and no file over 600 in opdgeo/study and opdgeo/report."""
+    import ast
+
+    too_long = []
+    for folder in ("study", "report"):
+        for p in sorted((ROOT / "src" / "opdgeo" / folder).glob("*.py")):
+            text = p.read_text()
+            if len(text.splitlines()) > 600:
+                too_long.append(f"{p.name}: {len(text.splitlines())} lines")
+            for node in ast.walk(ast.parse(text)):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                    too_long.append(f"{p.name}: {node.name} {node.end_lineno - node.lineno + 1} lines")
+    assert not too_long
