@@ -102,17 +102,17 @@ def test_a_users_study_file_loads_by_path(tmp_path):
 
 
 @pytest.mark.parametrize("edit,message", [
-    ("  opd: {objective: opd, optim: {lr: -1.0}}\n", r"mine\.yaml: runs\.opd: invalid training config: optim\.lr: must be > 0"),
-    ("  opd: {objective: opd, optim: {lrr: 1.0}}\n", r"mine\.yaml: runs\.opd: .*optim\.lrr: unknown key"),
-    ("  opd: {objective: opd, checkpoint: {every: 3}}\n", r"mine\.yaml: runs\.opd\.checkpoint\.every: set by the study"),
-    ("  opd: {objective: opd, model: {student: x}}\n", r"mine\.yaml: runs\.opd\.model\.student: set by the study"),
-    ("  opd: {objective: opd, study: {grup: main}}\n", r"mine\.yaml: runs\.opd\.study\.grup: unknown key"),
-    ("  opd: {objective: {name: opd, advantage: {opd: 0.5, rlvr: 0.2}}}\n", r"runs\.opd\.objective\.advantage: the study mixes"),
-    ("  opd: {objective: rlvr, rollout: {group_size: 1}}\n", r"runs\.opd: .*rollout\.group_size: RLVR needs >= 2"),
+    ("  bad: {objective: opd, optim: {lr: -1.0}}\n", r"mine\.yaml: runs\.bad: invalid training config: optim\.lr: must be > 0"),
+    ("  bad: {objective: opd, optim: {lrr: 1.0}}\n", r"mine\.yaml: runs\.bad: .*optim\.lrr: unknown key"),
+    ("  bad: {objective: opd, checkpoint: {every: 3}}\n", r"mine\.yaml: runs\.bad\.checkpoint\.every: set by the study"),
+    ("  bad: {objective: opd, model: {student: x}}\n", r"mine\.yaml: runs\.bad\.model\.student: set by the study"),
+    ("  bad: {objective: opd, study: {grup: main}}\n", r"mine\.yaml: runs\.bad\.study\.grup: unknown key"),
+    ("  bad: {objective: {name: opd, advantage: {opd: 0.5, rlvr: 0.2}}}\n", r"runs\.bad\.objective\.advantage: the study mixes"),
+    ("  bad: {objective: rlvr, rollout: {group_size: 1}}\n", r"runs\.bad: .*rollout\.group_size: RLVR needs >= 2"),
     ("  late: {study: {init: nope@0.2}, project: {rank: 4}}\n", r"mine\.yaml: .*runs\.late\.study\.init refers to run 'nope'"),
 ])
 def test_a_mistake_is_one_line_naming_the_file_and_key(tmp_path, edit, message):
-    p = _study_file(tmp_path, edit)  # appended under `runs:` (quick.yaml ends with its runs)
+    p = _study_file(tmp_path, edit)  # a run appended under `runs:` (quick.yaml ends with its runs)
     with pytest.raises(ConfigError, match=message) as err:
         load_preset(p)
     assert "\n" not in str(err.value)
@@ -185,3 +185,18 @@ def test_study_and_report_modules_stay_small():
                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
                     too_long.append(f"{p.name}: {node.name} {node.end_lineno - node.lineno + 1} lines")
     assert not too_long
+
+
+def test_the_cli_runs_a_users_study_file_and_names_its_mistakes(tmp_path, capsys):
+    from opdgeo.cli.main import main
+
+    good = tmp_path / "good.yaml"
+    good.write_text(Path(str(shipped_presets_dir() / "quick.yaml")).read_text())
+    main(["study", "--preset", str(good), "--dry-run"])
+    assert capsys.readouterr().out.startswith(f"opdgeo study --preset {good}: CI smoke test")
+    bad = _study_file(tmp_path, "  bad: {objective: opd, rollout: {group_size: 0}}\n")
+    with pytest.raises(SystemExit) as e:
+        main(["study", "--preset", str(bad), "--dry-run"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert f"{bad}: runs.bad: invalid training config" in err and "rollout.group_size: must be >= 1" in err
