@@ -13,7 +13,7 @@ import pytest
 from opdgeo.errors import ConfigError
 from opdgeo.study import get_preset
 from opdgeo.study.pipeline import train_config_dict
-from opdgeo.study.preset_file import PLACEHOLDERS, load_preset, shipped_presets_dir
+from opdgeo.study.preset_file import PLACEHOLDERS, STUDY_RUN_KEYS, load_preset, shipped_presets_dir
 from opdgeo.training.config import config_from_dict, config_to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,7 +68,7 @@ def test_the_view_writes_back_the_config_the_training_validation_accepted(name):
     p = get_preset(name)
     for rname, raw in data["runs"].items():
         merged = _merge(data.get("defaults") or {}, raw)
-        place = {**{"init": "anchor", "group": "main", "checkpoint_every": 0.2, "warmup_fraction": 0.0, "epochs": None},
+        place = {**STUDY_RUN_KEYS,
                  **merged.pop("study", {})}
         validated = config_from_dict(_training_dict(merged, place, study, rname), check_paths=False)
         run = p.run(rname)

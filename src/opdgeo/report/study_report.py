@@ -119,8 +119,9 @@ _RULE = (f"Verdict rule (every claim): true when the {100 * LEVEL:g} % confidenc
          "estimate and interval are those of the deciding comparison (all are in claims.json and the evidence).")
 
 
-def _matched_sentence(claims: list[dict]) -> str:
-    """Whether each ordering survives equal learning rate and origin (``sft_matched``)."""
+def _matched_sentence(claims: list[dict], matched: str | None) -> str:
+    """Whether each ordering survives equal learning rate and origin (the run ``matched``:
+    the plan's learning-rate-matched SFT control)."""
     by_id = {c["id"]: c for c in claims}
     parts = []
     for cid, c in by_id.items():
@@ -130,12 +131,12 @@ def _matched_sentence(claims: list[dict]) -> str:
         if c["holds"] is True and m["holds"] is True:
             word = "survives"
         elif c["holds"] is True:
-            word = "does not survive (" + _holds_text(m["holds"]) + " with sft_matched)"
+            word = "does not survive (" + _holds_text(m["holds"]) + f" with {matched})"
         else:
-            word = f"is {_holds_text(c['holds'])} with SFT and {_holds_text(m['holds'])} with sft_matched"
+            word = f"is {_holds_text(c['holds'])} with SFT and {_holds_text(m['holds'])} with {matched}"
         parts.append(f"{cid.removesuffix('_order')} {word}")
-    return ("Orderings at equal learning rate and origin (sft_matched: SFT from the anchor at the RL learning rate and "
-            "step count): " + "; ".join(parts) + ".") if parts else ""
+    return (f"Orderings at equal learning rate and origin ({matched}: SFT from the anchor at the RL learning rate and "
+            "step count): " + "; ".join(parts) + ".") if parts and matched else ""
 
 
 def render_html(res: StudyResults, tables: list[Table], claims: list[dict], figures: list[tuple[str, str, bytes]],
@@ -173,7 +174,7 @@ def render_html(res: StudyResults, tables: list[Table], claims: list[dict], figu
         parts.append(f"<tr><td>{e(c['claim'])}</td>" + "".join(
             f"<td class=\"{cls}\">{e(x)}</td>" if i == 4 else f"<td>{e(x)}</td>" for i, x in enumerate(cells)) + "</tr>\n")
     parts.append(f"</tbody>\n</table>\n<p class=\"note\">{e(_RULE)}</p>\n")
-    parts.append(f"<p>{e(_matched_sentence(claims))}</p>\n")
+    parts.append(f"<p>{e(_matched_sentence(claims, res.role('sft_matched')))}</p>\n")
     by_id = {t.id: t for t in tables}
     figs = {f[0]: f for f in figures}
 
@@ -224,7 +225,7 @@ def render_markdown(res: StudyResults, tables: list[Table], claims: list[dict], 
     lines += ["## Claims", "", "| " + " | ".join(_CLAIM_HEAD) + " |", "|" + "---|" * len(_CLAIM_HEAD)]
     for c in claims:
         lines.append("| " + " | ".join(x.replace("|", "/") for x in [c["claim"], *_claim_cells(c)]) + " |")
-    lines += ["", _RULE, "", _matched_sentence(claims), ""]
+    lines += ["", _RULE, "", _matched_sentence(claims, res.role("sft_matched")), ""]
     for t in tables:
         lines += [f"## {t.title}", "", t.to_markdown()]
     for fid, cap, _ in figures:
