@@ -110,9 +110,28 @@ def test_a_users_study_file_loads_by_path(tmp_path):
     ("  bad: {objective: {name: opd, advantage: {opd: 0.5, rlvr: 0.2}}}\n", r"runs\.bad\.objective\.advantage: the study mixes"),
     ("  bad: {objective: rlvr, rollout: {group_size: 1}}\n", r"runs\.bad: .*rollout\.group_size: RLVR needs >= 2"),
     ("  late: {study: {init: nope@0.2}, project: {rank: 4}}\n", r"mine\.yaml: .*runs\.late\.study\.init refers to run 'nope'"),
+    ("  late: {project: {rank: 4}}\n", r"mine\.yaml: .*runs\.late\.study\.init must be '<run>@<fraction>'"),
+    ("  late: {study: {checkpoint_every: 0}}\n", r"mine\.yaml: .*runs\.late\.study\.checkpoint_every must be in \(0, 1\]"),
 ])
 def test_a_mistake_is_one_line_naming_the_file_and_key(tmp_path, edit, message):
     p = _study_file(tmp_path, edit)  # a run appended under `runs:` (quick.yaml ends with its runs)
+    with pytest.raises(ConfigError, match=message) as err:
+        load_preset(p)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("old,new,message", [
+    ("eval: {n_problems: 6,", "eval: {n_problems: many,", r"mine\.yaml: eval\.n_problems: expected an integer; got 'many'"),
+    ("sft_steps: 6, sft_lr: 3.0e-3", "sft_steps: 6, sft_lr: fast", r"mine\.yaml: teacher\.sft_lr: expected a number"),
+    ("seeds: [0, 1]", "sed: [0, 1]", r"mine\.yaml: sed: unknown key"),
+    ("diagnose: {k: 16,", "diagnose: {kk: 16,", r"mine\.yaml: diagnose\.kk: unknown key"),
+    ("seeded: [sft, opd, rlvr]", "seeded: [sft, opdd]", r"mine\.yaml: seeded: 'opdd' is not a run"),
+])
+def test_a_study_level_mistake_is_one_line_naming_the_file_and_key(tmp_path, old, new, message):
+    text = Path(str(shipped_presets_dir() / "quick.yaml")).read_text()
+    assert old in text
+    p = tmp_path / "mine.yaml"
+    p.write_text(text.replace(old, new))
     with pytest.raises(ConfigError, match=message) as err:
         load_preset(p)
     assert "\n" not in str(err.value)

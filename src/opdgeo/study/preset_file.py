@@ -110,8 +110,18 @@ def _section(cls, raw, key: str, **fixed):
     bad = [k for k in raw if k not in known]
     if bad:
         raise ConfigError(f"{key}.{bad[0]}: unknown key (known: {', '.join(sorted(known))})")
+    import typing
+
+    from opdgeo.training.config import _coerce  # the training config's own type checks and messages
+
+    hints, errors, values = typing.get_type_hints(cls), [], {}
+    for k, v in raw.items():
+        value = _coerce(v, hints[k], f"{key}.{k}", errors)
+        values[k] = dict(value) if isinstance(value, Mapping) else value
+    if errors:
+        raise ConfigError(errors[0])
     try:
-        return cls(**{**raw, **fixed})
+        return cls(**{**values, **fixed})
     except TypeError as err:
         raise ConfigError(f"{key}: {err}") from None
 
