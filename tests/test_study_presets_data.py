@@ -13,7 +13,7 @@ import pytest
 from opdgeo.errors import ConfigError
 from opdgeo.study import get_preset
 from opdgeo.study.pipeline import train_config_dict
-from opdgeo.study.preset_file import PLACEHOLDERS, load_preset, shipped_presets_dir
+from opdgeo.study.preset_file import PLACEHOLDERS, STUDY_RUN_KEYS, load_preset, shipped_presets_dir
 from opdgeo.training.config import config_from_dict, config_to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,7 +68,7 @@ def test_the_view_writes_back_the_config_the_training_validation_accepted(name):
     p = get_preset(name)
     for rname, raw in data["runs"].items():
         merged = _merge(data.get("defaults") or {}, raw)
-        place = {**{"init": "anchor", "group": "main", "checkpoint_every": 0.2, "warmup_fraction": 0.0, "epochs": None},
+        place = {**STUDY_RUN_KEYS,
                  **merged.pop("study", {})}
         validated = config_from_dict(_training_dict(merged, place, study, rname), check_paths=False)
         run = p.run(rname)
@@ -102,17 +102,36 @@ def test_a_users_study_file_loads_by_path(tmp_path):
 
 
 @pytest.mark.parametrize("edit,message", [
-    ("  opd: {objective: opd, optim: {lr: -1.0}}\n", r"mine\.yaml: runs\.opd: invalid training config: optim\.lr: must be > 0"),
-    ("  opd: {objective: opd, optim: {lrr: 1.0}}\n", r"mine\.yaml: runs\.opd: .*optim\.lrr: unknown key"),
-    ("  opd: {objective: opd, checkpoint: {every: 3}}\n", r"mine\.yaml: runs\.opd\.checkpoint\.every: set by the study"),
-    ("  opd: {objective: opd, model: {student: x}}\n", r"mine\.yaml: runs\.opd\.model\.student: set by the study"),
-    ("  opd: {objective: opd, study: {grup: main}}\n", r"mine\.yaml: runs\.opd\.study\.grup: unknown key"),
-    ("  opd: {objective: {name: opd, advantage: {opd: 0.5, rlvr: 0.2}}}\n", r"runs\.opd\.objective\.advantage: the study mixes"),
-    ("  opd: {objective: rlvr, rollout: {group_size: 1}}\n", r"runs\.opd: .*rollout\.group_size: RLVR needs >= 2"),
+    ("  bad: {objective: opd, optim: {lr: -1.0}}\n", r"mine\.yaml: runs\.bad: invalid training config: optim\.lr: must be > 0"),
+    ("  bad: {objective: opd, optim: {lrr: 1.0}}\n", r"mine\.yaml: runs\.bad: .*optim\.lrr: unknown key"),
+    ("  bad: {objective: opd, checkpoint: {every: 3}}\n", r"mine\.yaml: runs\.bad\.checkpoint\.every: set by the study"),
+    ("  bad: {objective: opd, model: {student: x}}\n", r"mine\.yaml: runs\.bad\.model\.student: set by the study"),
+    ("  bad: {objective: opd, study: {grup: main}}\n", r"mine\.yaml: runs\.bad\.study\.grup: unknown key"),
+    ("  bad: {objective: {name: opd, advantage: {opd: 0.5, rlvr: 0.2}}}\n", r"runs\.bad\.objective\.advantage: the study mixes"),
+    ("  bad: {objective: rlvr, rollout: {group_size: 1}}\n", r"runs\.bad: .*rollout\.group_size: RLVR needs >= 2"),
     ("  late: {study: {init: nope@0.2}, project: {rank: 4}}\n", r"mine\.yaml: .*runs\.late\.study\.init refers to run 'nope'"),
+    ("  late: {project: {rank: 4}}\n", r"mine\.yaml: .*runs\.late\.study\.init must be '<run>@<fraction>'"),
+    ("  late: {study: {checkpoint_every: 0}}\n", r"mine\.yaml: .*runs\.late\.study\.checkpoint_every must be in \(0, 1\]"),
 ])
 def test_a_mistake_is_one_line_naming_the_file_and_key(tmp_path, edit, message):
-    p = _study_file(tmp_path, edit)  # appended under `runs:` (quick.yaml ends with its runs)
+    p = _study_file(tmp_path, edit)  # a run appended under `runs:` (quick.yaml ends with its runs)
+    with pytest.raises(ConfigError, match=message) as err:
+        load_preset(p)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("old,new,message", [
+    ("eval: {n_problems: 6,", "eval: {n_problems: many,", r"mine\.yaml: eval\.n_problems: expected an integer; got 'many'"),
+    ("sft_steps: 6, sft_lr: 3.0e-3", "sft_steps: 6, sft_lr: fast", r"mine\.yaml: teacher\.sft_lr: expected a number"),
+    ("seeds: [0, 1]", "sed: [0, 1]", r"mine\.yaml: sed: unknown key"),
+    ("diagnose: {k: 16,", "diagnose: {kk: 16,", r"mine\.yaml: diagnose\.kk: unknown key"),
+    ("seeded: [sft, opd, rlvr]", "seeded: [sft, opdd]", r"mine\.yaml: seeded: 'opdd' is not a run"),
+])
+def test_a_study_level_mistake_is_one_line_naming_the_file_and_key(tmp_path, old, new, message):
+    text = Path(str(shipped_presets_dir() / "quick.yaml")).read_text()
+    assert old in text
+    p = tmp_path / "mine.yaml"
+    p.write_text(text.replace(old, new))
     with pytest.raises(ConfigError, match=message) as err:
         load_preset(p)
     assert "\n" not in str(err.value)
@@ -169,3 +188,34 @@ def test_an_installed_wheel_finds_the_presets(tmp_path):
     assert Path(where).is_relative_to(site)
     for n in PRESET_NAMES:
         assert keys[n] == {s["name"]: s["key"] for s in SNAPSHOT[n]["stages"]}
+
+
+def test_study_and_report_modules_stay_small():
+    """No function over 80 lines and no file over 600 in opdgeo/study and opdgeo/report."""
+    import ast
+
+    too_long = []
+    for folder in ("study", "report"):
+        for p in sorted((ROOT / "src" / "opdgeo" / folder).glob("*.py")):
+            text = p.read_text()
+            if len(text.splitlines()) > 600:
+                too_long.append(f"{p.name}: {len(text.splitlines())} lines")
+            for node in ast.walk(ast.parse(text)):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                    too_long.append(f"{p.name}: {node.name} {node.end_lineno - node.lineno + 1} lines")
+    assert not too_long
+
+
+def test_the_cli_runs_a_users_study_file_and_names_its_mistakes(tmp_path, capsys):
+    from opdgeo.cli.main import main
+
+    good = tmp_path / "good.yaml"
+    good.write_text(Path(str(shipped_presets_dir() / "quick.yaml")).read_text())
+    main(["study", "--preset", str(good), "--dry-run"])
+    assert capsys.readouterr().out.startswith(f"opdgeo study --preset {good}: CI smoke test")
+    bad = _study_file(tmp_path, "  bad: {objective: opd, rollout: {group_size: 0}}\n")
+    with pytest.raises(SystemExit) as e:
+        main(["study", "--preset", str(bad), "--dry-run"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert f"{bad}: runs.bad: invalid training config" in err and "rollout.group_size: must be >= 1" in err

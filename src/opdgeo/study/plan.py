@@ -30,7 +30,8 @@ from dataclasses import dataclass
 
 from opdgeo.study.presets import ModelSpec, StudyPreset, StudyRun
 
-__all__ = ["count_parameters", "model_arch", "MemoryEstimate", "memory_estimate", "plan_rows", "format_plan"]
+__all__ = ["count_parameters", "model_arch", "MemoryEstimate", "memory_estimate", "plan_rows", "format_plan",
+           "preset_argument"]
 
 
 def count_parameters(arch: dict) -> int:
@@ -191,13 +192,25 @@ def plan_rows(preset: StudyPreset, stages, statuses: dict[str, str] | None = Non
     return rows
 
 
+def preset_argument(preset: StudyPreset) -> str:
+    """What ``--preset`` takes for ``preset``: a shipped preset's name, else its file."""
+    from pathlib import Path
+
+    from opdgeo.study.preset_file import shipped_presets_dir
+
+    shipped = Path(str(shipped_presets_dir())).resolve()
+    if not preset.path or Path(preset.path).resolve().parent == shipped:
+        return preset.name
+    return preset.path
+
+
 def format_plan(preset: StudyPreset, stages, statuses: dict[str, str] | None = None, *,
                 launcher: str | None = None,
                 data_plan: str | None = None) -> str:
     """The plain-text plan: stages, data, sizes, memory estimate with its formula, time, launch."""
     demos = "the task's solutions" if preset.demonstrations is None else preset.demonstrations
     evals = f"suite {preset.eval.suite}" if preset.eval.suite else f"{preset.eval.split} split of the task"
-    lines = [f"opdgeo study --preset {preset.name}: {preset.description}",
+    lines = [f"opdgeo study --preset {preset_argument(preset)}: {preset.description}",
              f"task: {preset.task} (dedup {'on' if preset.dedup else 'off'}); SFT demonstrations: {demos}; "
              f"evaluation: {evals}; checkpoints: {preset.dtype}", ""]
     rows = plan_rows(preset, stages, statuses)
@@ -248,7 +261,7 @@ def format_plan(preset: StudyPreset, stages, statuses: dict[str, str] | None = N
         lines += ["", "expected time: " + ", ".join(f"{k}: ~{v} min" for k, v in preset.expected_minutes.items())]
     if preset.device == "cuda" or launcher:
         lines += ["", "launch on GPUs (training stages run through the public CLI):",
-                  f"  opdgeo study --preset {preset.name} --out runs/study-{preset.name} "
+                  f"  opdgeo study --preset {preset_argument(preset)} --out runs/study-{preset.name} "
                   f"--launcher \"{launcher or 'accelerate launch --num_processes 8'}\""]
     return "\n".join(lines) + "\n"
 

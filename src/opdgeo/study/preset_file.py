@@ -110,8 +110,18 @@ def _section(cls, raw, key: str, **fixed):
     bad = [k for k in raw if k not in known]
     if bad:
         raise ConfigError(f"{key}.{bad[0]}: unknown key (known: {', '.join(sorted(known))})")
+    import typing
+
+    from opdgeo.training.config import _coerce  # the training config's own type checks and messages
+
+    hints, errors, values = typing.get_type_hints(cls), [], {}
+    for k, v in raw.items():
+        value = _coerce(v, hints[k], f"{key}.{k}", errors)
+        values[k] = dict(value) if isinstance(value, Mapping) else value
+    if errors:
+        raise ConfigError(errors[0])
     try:
-        return cls(**{**raw, **fixed})
+        return cls(**{**values, **fixed})
     except TypeError as err:
         raise ConfigError(f"{key}: {err}") from None
 
@@ -202,7 +212,7 @@ def _run(name: str, merged: dict, study: dict) -> StudyRun:
 
 def _training_dict(merged: dict, place: dict, study: dict, name: str) -> dict:
     """The run's training config with the study's own values (placeholder paths) filled in."""
-    from opdgeo.study.data import task_section
+    from opdgeo.study.data import task_fields
 
     cfg = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in merged.items()}
     obj = cfg.setdefault("objective", {})
@@ -220,23 +230,12 @@ def _training_dict(merged: dict, place: dict, study: dict, name: str) -> dict:
                              "dtype": study["dtype"]}
     needs_teacher = obj.get("name") == "opd" or obj.get("advantage") is not None
     cfg["model"] = {"student": PLACEHOLDERS["student"], "teacher": PLACEHOLDERS["teacher"] if needs_teacher else None}
-    probe = StudyRun(name=name, objective=str(obj.get("name")), init=str(place["init"]), steps=1, batch_size=1,
-                     optim=OptimSpec(lr=1.0))
-    cfg["task"] = task_section(_TaskOwner(**study), probe)
+    cfg["task"] = task_fields(study["task"], study["dedup"], study["demonstrations"],
+                              demonstrations_apply=obj.get("name") == "sft")
     if "project" in cfg:
         cfg["project"] = {**cfg["project"], "from": PLACEHOLDERS["from"], "origin": PLACEHOLDERS["origin"]}
     cfg["run"] = {**cfg.get("run", {}), "out_dir": PLACEHOLDERS["out_dir"], "seed": 0, "progress": True}
     return cfg
-
-
-@dataclasses.dataclass(frozen=True)
-class _TaskOwner:
-    """The preset fields `task_section` reads, before the preset exists."""
-
-    task: str
-    dedup: bool
-    demonstrations: str | None
-    dtype: str
 
 
 def _view(name: str, t, place: dict, extra: tuple, *, projected: bool) -> StudyRun:
