@@ -62,11 +62,12 @@ def _ddp(out: Path) -> None:
 
 
 class GatherRecorder:
-    """Wraps ``opdgeo.integrations.weights.full_matrix`` (where the callbacks gather a sharded
-    parameter): counts the gathers and, at each one, how many tensors returned by earlier
-    gathers still hold their memory (storage weak references) — 0 throughout means one
-    matrix at a time. Meaningful for gathered parameters only (a plain parameter's value
-    is its own storage, alive with the model)."""
+    """Wraps ``opdgeo.integrations.weights.full_matrix`` (where the callbacks gather a parameter):
+    counts the gathers and, at each one, how many values returned by earlier gathers are still
+    held by the callbacks (storage weak references) — 0 throughout means one matrix at a time.
+    Each value is handed on as a private copy, so only the callbacks' own references count:
+    not the parameter's storage (a plain parameter), nor a collective's buffer that the
+    process group releases later (gloo's work objects can outlive the call by a moment)."""
 
     def __init__(self):
         import opdgeo.integrations.transformers as callbacks
@@ -83,7 +84,7 @@ class GatherRecorder:
         self._refs = [r for r in self._refs if not r.expired()]
         self.max_alive = max(self.max_alive, len(self._refs))
         self.calls += 1
-        out = self.original(p)
+        out = self.original(p).clone()
         self._refs.append(StorageWeakRef(out.untyped_storage()))
         return out
 
