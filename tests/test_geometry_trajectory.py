@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from opdgeo.geometry.lowrank import exact_svd, hill_alpha, randomized_top_svd, stable_rank, stable_rank_of
+from opdgeo.geometry.lowrank import (
+    EXACT_SVD_MAX_DIM,
+    exact_svd,
+    hill_alpha,
+    randomized_top_svd,
+    stable_rank,
+    stable_rank_of,
+    top_svd,
+)
 from opdgeo.geometry.overlap import jaccard, jaccard_baseline, one_sided_overlap
 from opdgeo.geometry.subspace import locking_step, subspace_similarity
 
@@ -180,6 +188,36 @@ def test_randomized_svd_rejects_bad_matrices():
         randomized_top_svd(w, 1)
     with pytest.raises(TypeError):
         randomized_top_svd(torch.randn(8, 8), 1, dtype=torch.float16)
+
+
+@pytest.mark.parametrize("shape", [(EXACT_SVD_MAX_DIM, 300), (500, EXACT_SVD_MAX_DIM), (EXACT_SVD_MAX_DIM + 1, 300)])
+def test_top_svd_route_by_size(shape):
+    """Up to EXACT_SVD_MAX_DIM the exact thin SVD (bitwise its top k), above it the randomized one (bitwise);
+    both meet the accuracy contract against numpy on a slow power-law spectrum (where the two differ)."""
+    r = min(shape)
+    a, s_ref, v_ref = _with_spectrum(np.arange(1, r + 1, dtype=np.float64) ** -0.3, *shape, seed=10)
+    w = torch.from_numpy(a)
+    got = top_svd(w, 32)
+    if r <= EXACT_SVD_MAX_DIM:
+        u, s, v = exact_svd(w)
+        ref = (u[:, :32], s[:32], v[:, :32])
+    else:
+        ref = randomized_top_svd(w, 32)
+        assert not torch.equal(got[1], exact_svd(w)[1][:32])  # negative control: not the exact route
+    assert all(torch.equal(x, y) for x, y in zip(got, ref))
+    _check_values(got[1].numpy(), s_ref)
+    assert subspace_similarity(got[2], torch.from_numpy(v_ref), K=16) >= 1 - SIM_ATOL
+
+
+def test_top_svd_zero_and_bad_arguments():
+    u, s, v = top_svd(torch.zeros(30, 20), 4)  # the randomized route's convention for a zero matrix
+    assert all(torch.equal(x, y) for x, y in zip((u, s, v), randomized_top_svd(torch.zeros(30, 20), 4)))
+    with pytest.raises(ValueError, match="k must be"):
+        top_svd(torch.randn(30, 20), 21)
+    w = torch.randn(8, 8)
+    w[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        top_svd(w, 2)
 
 
 @pytest.mark.parametrize("shape", [(30, 20), (20, 30)])

@@ -27,14 +27,14 @@ HERE = Path(__file__).parent
 def _num(cell: str) -> float:
     return float(cell) if cell else float("nan")  # trajectory.csv writes NaN as an empty cell
 
-def _table(path: Path) -> dict:
+def table(path: Path) -> dict:
     with open(path) as f:
         reader = csv.DictReader(f)
         assert tuple(reader.fieldnames) == COLUMNS
         return {(int(r["step"]), r["name"]): r for r in reader}
 
 
-def _assert_rows_equal(mine: dict, ref_rows: list[dict], *, rtol: float) -> None:
+def assert_rows_equal(mine: dict, ref_rows: list[dict], *, rtol: float) -> None:
     ref = {(int(r["step"]), r["name"]): r for r in ref_rows}
     assert set(mine) == set(ref)
     for key, row in mine.items():
@@ -53,12 +53,12 @@ def _geometry_logs(trainer) -> dict[int, dict]:
 def test_monitor_equals_trajectory_on_the_trainers_checkpoints(tmp_path):
     mon = GeometryMonitor(every=2, dtype="float32", matrices="all")
     trainer = run_trainer(tmp_path / "run", [mon], origin=tmp_path / "origin")
-    mine = _table(tmp_path / "run" / "geometry" / "trajectory.csv")
+    mine = table(tmp_path / "run" / "geometry" / "trajectory.csv")
     assert {s for s, _ in mine} == {2, 4, 6}
     ref = trajectory(tmp_path / "run", tmp_path / "origin", matrices="all", overlap=False)  # checkpoint-N folders
     assert ref.summary["runs"]["run"]["steps"] == [2, 4, 6]
     # the same function on the same weights: equal to round-off (randomized SVD with the same seed)
-    _assert_rows_equal(mine, ref.rows, rtol=1e-9)
+    assert_rows_equal(mine, ref.rows, rtol=1e-9)
     # logged through the trainer (log_history, so every report_to integration): the per-step means
     logs = _geometry_logs(trainer)
     assert sorted(logs) == [2, 4, 6] and "geometry/sim_prev" not in logs[2] and "geometry/sim_prev" in logs[4]
@@ -87,11 +87,11 @@ def test_bf16_monitor_equals_trajectory_on_bf16_checkpoints_and_origin_from_a_ch
     for s in (3, 6):
         (bf16 / f"checkpoint-{s}").rename(runs / f"checkpoint-{s}")
     ref = trajectory({"run": runs}, bf16 / "origin", overlap=False)
-    mine = _table(tmp_path / "run" / "geometry" / "trajectory.csv")
-    _assert_rows_equal(mine, ref.rows, rtol=1e-9)
+    mine = table(tmp_path / "run" / "geometry" / "trajectory.csv")
+    assert_rows_equal(mine, ref.rows, rtol=1e-9)
     fp32 = trajectory({"run": tmp_path / "run"}, tmp_path / "origin", overlap=False)
     with pytest.raises(AssertionError):
-        _assert_rows_equal(mine, fp32.rows, rtol=1e-6)
+        assert_rows_equal(mine, fp32.rows, rtol=1e-6)
     logs = _geometry_logs(trainer)
     # the same run with W0 read from the origin checkpoint (no copy kept) logs the same numbers
     from_disk = GeometryMonitor(every=3, origin=tmp_path / "origin", out=tmp_path / "disk")
@@ -100,7 +100,7 @@ def test_bf16_monitor_equals_trajectory_on_bf16_checkpoints_and_origin_from_a_ch
         for key in ("geometry/stable_rank", "geometry/fro_norm", "geometry/density", "geometry/sim_prev"):
             if key in rec:
                 assert rec[key] == pytest.approx(logs[step][key], rel=1e-9), (step, key)
-    assert _table(tmp_path / "disk" / "trajectory.csv").keys() == mine.keys()
+    assert table(tmp_path / "disk" / "trajectory.csv").keys() == mine.keys()
 
 
 def test_final_step_is_probed_once_and_bad_arguments(tmp_path):
@@ -141,7 +141,7 @@ def test_trl_sft_trainer(tmp_path):
     trainer.train()
     assert sorted(_geometry_logs(trainer)) == [2, 4]
     ref = trajectory(tmp_path / "sft", tmp_path / "origin", overlap=False)
-    _assert_rows_equal(_table(tmp_path / "sft" / "geometry" / "trajectory.csv"), ref.rows, rtol=1e-9)
+    assert_rows_equal(table(tmp_path / "sft" / "geometry" / "trajectory.csv"), ref.rows, rtol=1e-9)
 
 
 def _free_port() -> int:
@@ -150,8 +150,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(mode: str, out: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+def torchrun(mode: str, out: Path, **extra_env) -> None:
+    env = {**os.environ, **extra_env, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
            "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
            str(HERE / "integrations_tiny.py"), mode, str(out)]
@@ -161,20 +161,25 @@ def _torchrun(mode: str, out: Path) -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="compares CPU processes (gloo)")
 def test_two_process_ddp_rank0_equals_trajectory(tmp_path):
-    _torchrun("ddp", tmp_path / "run")
-    mine = _table(tmp_path / "run" / "geometry" / "trajectory.csv")
+    torchrun("ddp", tmp_path / "run")
+    mine = table(tmp_path / "run" / "geometry" / "trajectory.csv")
     ref = trajectory(tmp_path / "run", tmp_path / "origin", overlap=False)
-    _assert_rows_equal(mine, ref.rows, rtol=1e-9)
+    assert_rows_equal(mine, ref.rows, rtol=1e-9)
     state = json.loads((tmp_path / "run" / "checkpoint-6" / "trainer_state.json").read_text())
     assert [h["step"] for h in state["log_history"] if "geometry/stable_rank" in h] == [2, 4, 6]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="compares CPU processes (gloo)")
 def test_fsdp2_gathers_one_matrix_at_a_time_and_equals_unsharded(tmp_path):
-    _torchrun("fsdp", tmp_path)
+    torchrun("fsdp", tmp_path)
     res = json.loads((tmp_path / "fsdp.json").read_text())
     assert set(res["fsdp"]) == set(res["ref"]) and len(res["ref"]) == 14
     for name, (sr, fro, dens) in res["ref"].items():
         got = res["fsdp"][name]
         assert got[0] == pytest.approx(sr, rel=1e-4) and got[1] == pytest.approx(fro, rel=1e-4), name
         assert got[2] == pytest.approx(dens, abs=2e-3), name
+    # every rank gathered each of the 14 matrices once for the origin and once for the probe, and no gathered
+    # matrix was alive when the next gather began: one matrix at a time, never the whole model
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"gathers-{rank}.json").read_text()) == {"calls": 28, "max_alive": 0}, rank
+

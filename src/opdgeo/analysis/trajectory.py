@@ -93,8 +93,10 @@ class TrajectoryOptions:
         sim_k: K of Sim_K (16 in the paper).
         lock_threshold: the locking level of Sim_K (our addition: 0.8).
         eta: relative tolerance of the bf16 visible-update rule (SPEC §1).
-        oversample, n_iter, tol, seed: settings of ``geometry.randomized_top_svd``.
-        exact_svd: use full float64 SVDs instead (reference; slow).
+        oversample, n_iter, tol, seed: settings of ``geometry.randomized_top_svd``, the route
+            of ``geometry.top_svd`` for matrices with min(m, n) > 192 (narrower ones take the
+            exact SVD).
+        exact_svd: use full float64 SVDs for every matrix (reference; slow on large ones).
         workers: matrices processed at once (threads).
         keep_spectra: keep each ΔW_t's top singular values in ``TrajectoryResult.spectra``.
         allow_pickle: allow ``pytorch_model*.bin`` (loaded with ``weights_only=True``).

@@ -13,9 +13,10 @@ For ΔW = W_t − W0 (float64, exact for bf16/fp16/fp32 inputs):
 - ``hill_alpha``: Hill tail index of the top ``k_hill`` singular values
   (``geometry.lowrank.hill_alpha``);
 - the top ``K' = min(max(k_hill, sim_k), min(m, n))`` singular values ``S`` and right
-  singular vectors ``V`` (``randomized_top_svd``, or a full float64 SVD with
-  ``exact_svd``), kept so that ``subspace_similarity`` of two updates can follow
-  (``sim(a, b, K)``).
+  singular vectors ``V`` (``geometry.lowrank.top_svd``: the exact float64 thin SVD when
+  min(m, n) ≤ ``EXACT_SVD_MAX_DIM`` = 192, where it is the cheaper route, the randomized
+  top-K' SVD above; a full float64 SVD of every matrix with ``exact_svd``), kept so that
+  ``subspace_similarity`` of two updates can follow (``sim(a, b, K)``).
 
 Conventions (documented in docs/trajectory.md): a metric that is undefined is NaN — the
 stable rank of a zero update; the Hill index when min(m, n) < k_hill or
@@ -31,13 +32,13 @@ from dataclasses import dataclass
 
 import torch
 
-from opdgeo.geometry.lowrank import exact_svd, hill_alpha, randomized_top_svd, stable_rank
+from opdgeo.geometry.lowrank import exact_svd, hill_alpha, stable_rank, top_svd
 from opdgeo.geometry.subspace import subspace_similarity
 
 __all__ = ["RANK_RTOL", "UpdateMetrics", "sim", "update_metrics"]
 
 # A singular value at or below RANK_RTOL · σ1 counts as zero (numerical rank): the
-# float32 iteration of ``randomized_top_svd`` leaves ~1e-7 σ1 on zero singular values.
+# float32 iteration of the randomized top-k SVD leaves ~1e-7 σ1 on zero singular values.
 RANK_RTOL = 1e-6
 
 
@@ -102,8 +103,8 @@ def update_metrics(w0: torch.Tensor, w_t: torch.Tensor, options=None, *, w0_norm
         _, s, v = exact_svd(d)
         s, v = s[:kk], v[:, :kk]
     else:
-        _, s, v = randomized_top_svd(d, kk, oversample=options.oversample, n_iter=options.n_iter, tol=options.tol,
-                                     seed=options.seed)
+        _, s, v = top_svd(d, kk, oversample=options.oversample, n_iter=options.n_iter, tol=options.tol,
+                          seed=options.seed)
     del d
     srank = stable_rank(fro**2, min(float(s[0]), fro))
     out = UpdateMetrics(fro, rel, srank, nan, s, v)

@@ -1,11 +1,27 @@
-"""Top of the spectrum of an update ΔW: randomized top-k SVD, stable rank, Hill index (SPEC §2).
+"""Top of the spectrum of an update ΔW: top-k SVD, stable rank, Hill index (SPEC §2).
 
 The trajectory diagnostics need only the top of the spectrum of each ΔW_t = W_t − W0
 (σ1 for the stable rank, the top-k singular values for the Hill index, the top-K right
 singular vectors for Sim_K) plus ‖ΔW_t‖_F, which is exact and cheap. A full SVD of a
 6144 × 2048 matrix costs O(m n²); the randomized subspace iteration here costs
 O(m n l) per iteration with l = k + oversample, so about 10-30× less for the same
-accuracy on the spectra that trained updates have.
+accuracy on the spectra that trained updates have. On small matrices it is the other way
+round (a fixed cost per iteration, a handful of iterations): ``top_svd`` takes the exact
+thin SVD up to ``EXACT_SVD_MAX_DIM`` and the randomized one above.
+
+Numerical notes on ``randomized_top_svd``: the iteration runs in float32 by default
+(twice the matmul throughput of float64; its rounding only perturbs the subspace, which
+enters the Ritz values quadratically); the final Rayleigh-Ritz step ``Qᵀ w`` and the
+small SVD are float64, so the returned values carry float64 accuracy within the captured
+subspace. Scaling by ‖w‖_F keeps tiny (or huge) updates inside the float32 range. Inside
+the loop ``orth`` is a Cholesky QR on a float64 Gram matrix (only the span matters
+there, and it is ~5× cheaper than Householder on tall blocks); the final basis is
+re-orthonormalized by Householder QR in float64. Stopping rule: the singular values of
+Z = AᵀQ are the Ritz values of the current subspace, so each iteration checks
+convergence for free; Ritz values increase monotonically towards σ_j, and their change
+per iteration bounds the remaining error up to the factor 1/(1 − ρ), ρ the
+per-iteration contraction. A larger oversampling costs more per iteration but converges
+in fewer: 64 was the fastest for k = 32 on trained-like spectra (bench/trajectory.py).
 """
 
 from __future__ import annotations
@@ -14,12 +30,21 @@ import math
 
 import torch
 
-__all__ = ["randomized_top_svd", "exact_svd", "stable_rank", "stable_rank_of", "hill_alpha"]
+__all__ = ["EXACT_SVD_MAX_DIM", "top_svd", "randomized_top_svd", "exact_svd", "stable_rank", "stable_rank_of",
+           "hill_alpha"]
 
 # Absolute floor of the convergence test, in units of the current σ1 estimate: changes of
 # the Ritz values below this are rounding noise of the float32 iteration (eps32 ≈ 6e-8
 # times a small factor), so a test below it would never pass on rank-deficient updates.
 _RITZ_NOISE_FLOOR = 1e-6
+
+EXACT_SVD_MAX_DIM = 192
+"""``top_svd`` takes the exact float64 thin SVD when min(m, n) ≤ this, the randomized one
+above. Measured (bench/svd_route.py, bench/RESULTS.md; k = 32 so l = 96, one thread,
+torch 2.13 CPU, two runs): the exact SVD took 0.05-0.47 of the randomized time at
+min(m, n) = 128-160 and 0.3-0.8 at 192 (square, 1024 × 192 and 192 × 1024; slow i^-0.3
+and fast i^-1 power-law spectra), 0.5-1.3 at 224-256 (break-even), and 1.1-14× at
+384-1024, where the randomized route wins."""
 
 
 def _check_matrix(w: torch.Tensor) -> None:
@@ -58,6 +83,76 @@ def _orth_fast(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.to(y.dtype), r
 
 
+def _check_svd_args(w: torch.Tensor, k, oversample, n_iter, tol, dtype) -> None:
+    """Validate the arguments of :func:`randomized_top_svd` / :func:`top_svd` (their Raises)."""
+    _check_matrix(w)
+    m, n = w.shape
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(m, n):
+        raise ValueError(f"k must be an integer in [1, min(m, n) = {min(m, n)}]; got {k!r}")
+    if isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0:
+        raise ValueError(f"oversample must be an integer >= 0; got {oversample!r}")
+    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0:
+        raise ValueError(f"n_iter must be an integer >= 0; got {n_iter!r}")
+    if not (isinstance(tol, (int, float)) and tol > 0 and math.isfinite(tol)):
+        raise ValueError(f"tol must be a finite number > 0; got {tol!r}")
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"dtype must be torch.float32 or torch.float64; got {dtype}")
+
+
+def _float64_and_norm(w: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``(w in float64, ‖w‖_F)``; raises ValueError on a non-finite entry (one pass)."""
+    w64 = w.to(torch.float64)
+    scale = float(torch.linalg.matrix_norm(w64))  # non-finite iff an entry is (or the norm overflows)
+    if not math.isfinite(scale):
+        raise ValueError("matrix has non-finite entries (or a norm beyond float64)")
+    return w64, scale
+
+
+def _zero_top_svd(m: int, n: int, k: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The convention for a zero matrix: S = 0, the first k coordinate vectors as U and V."""
+    eye_m = torch.eye(m, k, dtype=torch.float64, device=device)
+    eye_n = torch.eye(n, k, dtype=torch.float64, device=device)
+    return eye_m, torch.zeros(k, dtype=torch.float64, device=device), eye_n
+
+
+def _exact_top(w64: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top k of :func:`exact_svd` (float64), contiguous."""
+    u, s, v = exact_svd(w64)
+    return u[:, :k].contiguous(), s[:k].contiguous(), v[:, :k].contiguous()
+
+
+def _subspace_basis(a: torch.Tensor, k: int, l: int, n_iter: int, tol: float, seed: int) -> torch.Tensor:
+    """``Q [m, l]``, an orthonormal basis that captures the top-k left singular subspace of ``a``.
+
+    The subspace iteration of :func:`randomized_top_svd` in ``a``'s dtype: Q = orth(A Ω),
+    then Z = AᵀQ, Q = orth(A orth(Z)) until the top-k Ritz values σ(Z) stop moving
+    (``tol`` relative plus the float32 noise floor) or ``n_iter`` iterations.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    omega = torch.randn(a.shape[1], l, generator=gen, dtype=a.dtype).to(a.device)  # [n, l]
+    q, _ = _orth_fast(a @ omega)  # [m, l]
+    prev = None
+    for _ in range(n_iter):
+        qz, r = _orth_fast(a.T @ q)  # Aᵀq = qz r: [n, l]; σ(r) are the Ritz values
+        ritz = torch.linalg.svdvals(r)[:k]
+        if prev is not None:
+            change = (ritz - prev).abs()
+            if bool((change <= tol * ritz + _RITZ_NOISE_FLOOR * ritz[0]).all()):  # scale-free test
+                break
+        prev = ritz
+        q, _ = _orth_fast(a @ qz)
+    return q
+
+
+def _rayleigh_ritz(q: torch.Tensor, w64: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k ``(U, S, V)`` of ``w64`` within span(q), all in float64."""
+    q64 = _orth(q.to(torch.float64))  # re-orthonormalize in float64 so U is orthonormal to 1e-15
+    b = q64.T @ w64  # [l, n] Rayleigh-Ritz in float64
+    ub, s, vh = torch.linalg.svd(b, full_matrices=False)
+    u = q64 @ ub[:, :k]  # [m, k]
+    return u, s[:k].contiguous(), vh[:k].T.contiguous()
+
+
 def randomized_top_svd(
     w: torch.Tensor,
     k: int,
@@ -71,40 +166,27 @@ def randomized_top_svd(
     """Top-k singular triplets of ``w`` by randomized subspace iteration.
 
     Algorithm (Halko, Martinsson & Tropp 2011, "Finding structure with randomness",
-    SIAM Review 53(2), Alg. 4.4 with the stopping rule below), with l = k + oversample::
+    SIAM Review 53(2), Alg. 4.4 with the stopping rule of the module docstring), with
+    l = k + oversample::
 
         A   = w in ``dtype`` (divided by ‖w‖_F first if that is outside [1e-15, 1e15])
         Q   = orth(A Ω),   Ω ~ N(0, 1)^{n×l}   (seeded)
-        repeat:  Z = Aᵀ Q;  Q = orth(A orth(Z))
+        repeat:  Z = Aᵀ Q;  Q = orth(A orth(Z))      until the top-k σ(Z) settle
         B   = Qᵀ w   (float64, l × n);   B = Û Σ Vᵀ
         U = Q Û[:, :k],   S = Σ[:k],   V = V[:, :k]
 
-    The singular values of Z = AᵀQ are the Ritz values of the current subspace, so each
-    iteration checks convergence for free: it stops when every one of the top-k Ritz
-    values moved by at most ``tol * σ̂_j + 1e-6 * σ̂_1`` since the previous iteration
-    (the second term is the float32 rounding floor), or after ``n_iter`` iterations.
-    Ritz values increase monotonically towards σ_j, and the change per iteration bounds
-    the remaining error up to the factor 1/(1 − ρ), ρ the per-iteration contraction.
-
-    Numerical notes: the iteration runs in ``dtype`` (float32 by default: twice the
-    matmul throughput of float64, and its rounding only perturbs the subspace, which
-    enters the Ritz values quadratically); the final Rayleigh-Ritz step ``Qᵀ w`` and the
-    small SVD are float64, so the returned values carry float64 accuracy within the
-    captured subspace. Scaling by ‖w‖_F keeps tiny (or huge) updates inside the float32
-    range. Inside the loop ``orth`` is a Cholesky QR on a float64 Gram matrix (only the
-    span matters there, and it is ~5× cheaper than Householder on tall blocks); the final
-    basis is re-orthonormalized by Householder QR in float64. When l ≥ min(m, n) the
-    randomized path gives no saving and an exact float64 SVD is returned instead.
+    It stops when every top-k Ritz value moved by at most ``tol * σ̂_j + 1e-6 * σ̂_1``
+    since the previous iteration, or after ``n_iter`` iterations. The iteration runs in
+    ``dtype``; the Rayleigh-Ritz step and the small SVD are float64 (numerical notes in
+    the module docstring). When l ≥ min(m, n) the randomized path gives no saving and an
+    exact float64 SVD is returned instead. :func:`top_svd` picks the cheaper of this and
+    an exact SVD by the matrix's size; the trajectory uses that.
 
     Defaults (oversample = 64, tol = 1e-4, n_iter = 40) meet, against a full float64
     SVD and for k = 32: σ1 to 1e-4 relative, the top-32 singular values to 1e-3
     relative and Sim_16 to 1e-3 absolute, on geometric and power-law spectra, flat tops,
     clusters straddling k, low-rank-plus-noise and rank-deficient matrices (tested in
-    ``tests/test_geometry_trajectory.py``; the worst cases measured, a slow i^-0.3
-    power law and a noise bulk inside the top 32, are 3e-5 on the top-32 values, with σ1
-    within 1e-14 and Sim_16 within 1e-7). A larger oversampling costs more per
-    iteration but converges in fewer: 64 was the fastest for k = 32 on trained-like
-    spectra (bench/trajectory.py).
+    ``tests/test_geometry_trajectory.py``; worst measured: 3e-5 on the top-32 values).
 
     Args:
         w: ``[m, n]`` floating-point matrix, finite; any device.
@@ -127,56 +209,60 @@ def randomized_top_svd(
         ValueError: ``w`` not 2-D, empty or non-finite; ``k``, ``oversample``,
             ``n_iter`` or ``tol`` out of range.
     """
-    _check_matrix(w)
+    _check_svd_args(w, k, oversample, n_iter, tol, dtype)
     m, n = w.shape
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(m, n):
-        raise ValueError(f"k must be an integer in [1, min(m, n) = {min(m, n)}]; got {k!r}")
-    if isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0:
-        raise ValueError(f"oversample must be an integer >= 0; got {oversample!r}")
-    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0:
-        raise ValueError(f"n_iter must be an integer >= 0; got {n_iter!r}")
-    if not (isinstance(tol, (int, float)) and tol > 0 and math.isfinite(tol)):
-        raise ValueError(f"tol must be a finite number > 0; got {tol!r}")
-    if dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"dtype must be torch.float32 or torch.float64; got {dtype}")
-
-    w64 = w.to(torch.float64)
-    scale = float(torch.linalg.matrix_norm(w64))  # ‖w‖_F; non-finite iff an entry is (one pass)
-    if not math.isfinite(scale):
-        raise ValueError("matrix has non-finite entries (or a norm beyond float64)")
+    w64, scale = _float64_and_norm(w)
     if scale == 0.0:
-        eye_m = torch.eye(m, k, dtype=torch.float64, device=w.device)
-        eye_n = torch.eye(n, k, dtype=torch.float64, device=w.device)
-        return eye_m, torch.zeros(k, dtype=torch.float64, device=w.device), eye_n
-
+        return _zero_top_svd(m, n, k, w.device)
     l = min(k + oversample, min(m, n))
     if l >= min(m, n):  # no saving: exact float64 SVD
-        u, s, v = exact_svd(w64)
-        return u[:, :k].contiguous(), s[:k].contiguous(), v[:, :k].contiguous()
-
+        return _exact_top(w64, k)
     if 1e-15 < scale < 1e15:  # entries safely inside the float32 range: no scaled copy
         a = w64.to(dtype)  # [m, n]
     else:
         a = (w64 / scale).to(dtype)  # [m, n], ‖a‖_F = 1
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    omega = torch.randn(n, l, generator=gen, dtype=dtype).to(w.device)  # [n, l]
-    q, _ = _orth_fast(a @ omega)  # [m, l]
-    prev = None
-    for _ in range(n_iter):
-        qz, r = _orth_fast(a.T @ q)  # Aᵀq = qz r: [n, l]; σ(r) are the Ritz values
-        ritz = torch.linalg.svdvals(r)[:k]
-        if prev is not None:
-            change = (ritz - prev).abs()
-            if bool((change <= tol * ritz + _RITZ_NOISE_FLOOR * ritz[0]).all()):  # scale-free test
-                break
-        prev = ritz
-        q, _ = _orth_fast(a @ qz)
+    q = _subspace_basis(a, k, l, n_iter, tol, seed)
+    return _rayleigh_ritz(q, w64, k)
 
-    q64 = _orth(q.to(torch.float64))  # re-orthonormalize in float64 so U is orthonormal to 1e-15
-    b = q64.T @ w64  # [l, n] Rayleigh-Ritz in float64
-    ub, s, vh = torch.linalg.svd(b, full_matrices=False)
-    u = q64 @ ub[:, :k]  # [m, k]
-    return u, s[:k].contiguous(), vh[:k].T.contiguous()
+
+def top_svd(
+    w: torch.Tensor,
+    k: int,
+    *,
+    oversample: int = 64,
+    n_iter: int = 40,
+    tol: float = 1e-4,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k singular triplets of ``w`` by the cheaper of two routes, each as accurate as
+    the randomized contract: the trajectory's (and so the training monitor's) SVD.
+
+    Route: min(m, n) ≤ ``EXACT_SVD_MAX_DIM`` (192) — the exact float64 thin SVD
+    (:func:`exact_svd`, LAPACK gesdd), truncated to k; otherwise
+    :func:`randomized_top_svd` with these settings (float32 iteration). The exact route
+    is at least as accurate (it is the reference the randomized one is tested against),
+    and on small matrices cheaper: see ``EXACT_SVD_MAX_DIM`` for the measured crossover.
+    The two routes agree to the randomized contract (σ1 1e-4, top-32 values 1e-3
+    relative, Sim_16 1e-3), not bitwise.
+
+    Args:
+        w, k, oversample, n_iter, tol, seed: as :func:`randomized_top_svd`.
+
+    Returns:
+        ``(U [m, k], S [k], V [n, k])`` float64 on ``w``'s device; a zero matrix gives
+        ``S = 0`` and coordinate vectors, as :func:`randomized_top_svd`.
+
+    Raises:
+        TypeError, ValueError: as :func:`randomized_top_svd`.
+    """
+    _check_svd_args(w, k, oversample, n_iter, tol, torch.float32)
+    m, n = w.shape
+    if min(m, n) > EXACT_SVD_MAX_DIM:
+        return randomized_top_svd(w, k, oversample=oversample, n_iter=n_iter, tol=tol, seed=seed)
+    w64, scale = _float64_and_norm(w)
+    if scale == 0.0:
+        return _zero_top_svd(m, n, k, w.device)
+    return _exact_top(w64, k)
 
 
 def exact_svd(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -237,7 +323,7 @@ def stable_rank_of(w: torch.Tensor) -> float:
 
     Convenience for :func:`stable_rank` (same formula and conventions); uses an exact
     spectral norm, so it costs a full SVD. The trajectory uses :func:`stable_rank` with
-    σ1 from :func:`randomized_top_svd` instead.
+    σ1 from :func:`top_svd` instead.
 
     Args:
         w: ``[m, n]`` floating-point matrix, finite.

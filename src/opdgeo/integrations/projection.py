@@ -45,7 +45,7 @@ from opdgeo import distributed
 from opdgeo.errors import CheckpointError, ConfigError
 from opdgeo.geometry.rowspace import out_of_span_energy, project_change
 from opdgeo.geometry.spectrum import top_singular_subspaces
-from opdgeo.integrations.weights import full_matrix, named_matrices
+from opdgeo.integrations.weights import full_matrix, matrix_shape, named_matrices
 from opdgeo.training.monitor import MATRIX_SETS, monitored_names
 
 __all__ = ["SubspaceProjection"]
@@ -121,11 +121,12 @@ class SubspaceProjection(TrainerCallback):
 
         self._trainer = calling_trainer()
         mats = named_matrices(model)
-        names = monitored_names(((n, tuple(p.shape)) for n, p in mats.items()), self.matrices)
+        names = monitored_names(((n, matrix_shape(p)) for n, p in mats.items()), self.matrices)
         if not names:
             raise ConfigError(f"SubspaceProjection: the model has no {self.matrices} block matrices")
         for name in names:
-            m, n = mats[name].shape
+            _local(mats[name])  # refuses LoRA, ZeRO-3 and non-row shards before any work
+            m, n = matrix_shape(mats[name])
             if self.rank > min(m, n):
                 raise ConfigError(f"SubspaceProjection rank must be <= min(m, n) = {min(m, n)} for {name}; "
                                   f"got {self.rank}")
@@ -170,9 +171,9 @@ class SubspaceProjection(TrainerCallback):
             if name not in ckpt:
                 raise CheckpointError(f"{path}: no tensor {name} (a projected matrix)")
             w = ckpt.load(name)
-            if tuple(w.shape) != tuple(p.shape):
+            if tuple(w.shape) != matrix_shape(p):
                 raise CheckpointError(f"{path}: tensor {name} has shape {list(w.shape)}; the model's is "
-                                      f"{list(p.shape)}")
+                                      f"{list(matrix_shape(p))}")
             out[name] = w
         return out
 

@@ -32,7 +32,7 @@ from transformers import TrainerCallback
 
 from opdgeo.errors import CheckpointError, ConfigError
 from opdgeo.integrations.projection import SubspaceProjection
-from opdgeo.integrations.weights import LiveWeights, full_matrix, is_sharded, named_matrices
+from opdgeo.integrations.weights import LiveWeights, full_matrix, is_sharded, matrix_shape, named_matrices
 from opdgeo.training.monitor import MonitorSettings, MonitorState, MatrixProbe, monitored_names, probe
 
 __all__ = ["GeometryMonitor", "SubspaceProjection", "calling_trainer", "log_through", "trajectory_rows"]
@@ -159,7 +159,8 @@ class GeometryMonitor(TrainerCallback):
             ``dtype`` on CPU (rank 0); or a checkpoint (folder or file) read one matrix at
             a time at every probe (no copy kept; the choice for a resumed run).
         dtype: ``"bfloat16"`` (default, as ``opdgeo train`` saves), ``"float16"`` or ``"float32"``.
-        out: folder of ``trajectory.csv`` (default ``<output_dir>/geometry``); ``False``: none.
+        out: folder of ``trajectory.csv`` (default ``<output_dir>/geometry``), written at
+            every checkpoint save and at the end of training; ``False``: none.
         run: the ``run`` column (default: the name of ``output_dir``).
         lock_probes, per_matrix: as ``MonitorSettings``.
 
@@ -192,22 +193,24 @@ class GeometryMonitor(TrainerCallback):
         self._trainer = None
         self._table: Path | None = None
         self._last: int | None = None  # the last probed step (every rank)
+        self._written = 0  # probes in the table on disk
 
     # ------------------------------------------------------------------ trainer events
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._trainer = calling_trainer()
         params = named_matrices(model)
-        names = monitored_names(((n, tuple(p.shape)) for n, p in params.items()), self.settings.matrices)
+        names = monitored_names(((n, matrix_shape(p)) for n, p in params.items()), self.settings.matrices)
         if not names:
             raise ConfigError(f"GeometryMonitor: the model has no {self.settings.matrices} matrices "
                               "(q/k/v/o[/gate/up/down] of the blocks)")
         self._params = {n: params[n] for n in names}
         self._sharded = any(is_sharded(p) for p in self._params.values())
-        self.probes, self.history, self._last = [], [], None
+        self.probes, self.history, self._last, self._written = [], [], None, 0
         dtype = _DTYPES[self.settings.dtype]
         if self.origin is not None:
-            origin = _CheckpointOrigin(self.origin, names, {n: tuple(p.shape) for n, p in self._params.items()}, dtype)
+            origin = _CheckpointOrigin(self.origin, names, {n: matrix_shape(p) for n, p in self._params.items()},
+                                       dtype)
         elif state.is_world_process_zero:
             origin = {n: full_matrix(p).to(device="cpu", dtype=dtype, copy=True) for n, p in self._params.items()}
         else:
@@ -227,9 +230,14 @@ class GeometryMonitor(TrainerCallback):
             self._probe(state)
         return control
 
+    def on_save(self, args, state, control, **kwargs):
+        self._write()
+        return control
+
     def on_train_end(self, args, state, control, **kwargs):
         if state.global_step > 0 and self._last != state.global_step:  # the final weights, once
             self._probe(state)
+        self._write()
         return control
 
     # ------------------------------------------------------------------------- probing
@@ -245,8 +253,15 @@ class GeometryMonitor(TrainerCallback):
         self.probes.append(result)
         self.history.append((state.global_step, result.matrices))
         log_through(self._trainer, state, result.as_metrics())
-        if self._table is not None:
+
+    def _write(self) -> None:
+        """Write the table (rank 0) at a checkpoint save and at the end of training, not at
+        every probe: ``sim_to_final`` is against the last probe, so each probe changes every
+        row and a write costs probes × matrices Sim_K's (measured: 0.43 s at the 100th probe
+        of 12 matrices, against 0.06 s for the probe itself)."""
+        if self._table is not None and self.history and self._written != len(self.history):
             self.write_table(self._table)
+            self._written = len(self.history)
 
     def write_table(self, path) -> Path:
         """Write ``trajectory.csv`` of the probes so far, atomically (rank 0)."""

@@ -32,7 +32,7 @@ import torch
 from opdgeo.errors import ConfigError
 
 __all__ = ["WRAPPER_PREFIXES", "LiveWeights", "LoraMatrix", "checkpoint_name", "full_matrix", "is_sharded",
-           "named_matrices"]
+           "matrix_shape", "named_matrices"]
 
 WRAPPER_PREFIXES = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
 """Name parts that wrappers insert anywhere and ``save_pretrained`` does not write (plus
@@ -55,7 +55,7 @@ class LoraMatrix:
 
     def __init__(self, layer):
         self.layer = layer
-        self.shape = layer.base_layer.weight.shape
+        self.shape = torch.Size(matrix_shape(layer.base_layer.weight))
 
     def dim(self) -> int:
         return 2
@@ -68,6 +68,12 @@ class LoraMatrix:
                 d = self.layer.get_delta_weight(adapter)
                 w = (w.to(torch.promote_types(w.dtype, d.dtype)) + d).to(w.dtype)
         return w
+
+
+def matrix_shape(p) -> tuple[int, ...]:
+    """The full (logical) shape of a parameter: a ZeRO-3 parameter's own ``shape`` is that of
+    its local flat partition (empty outside a gather), its full shape is ``ds_shape``."""
+    return tuple(p.ds_shape) if hasattr(p, "ds_id") else tuple(p.shape)
 
 
 def named_matrices(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -85,7 +91,7 @@ def named_matrices(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
         if type(p).__name__ == "FlatParameter" or "_flat_param" in name:
             raise ConfigError("the model is wrapped by FSDP1 (flat parameters); opdgeo's callbacks need FSDP2 "
                               "(accelerate fsdp_version: 2) or DeepSpeed ZeRO-3")
-        if p.dim() == 2 and ".lora_" not in name:
+        if len(matrix_shape(p)) == 2 and ".lora_" not in name:
             out[checkpoint_name(name)] = p
     out.update(lora)
     return out

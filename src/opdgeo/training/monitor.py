@@ -249,6 +249,7 @@ def probe(state: MonitorState, step: int, weights: Mapping[str, torch.Tensor]) -
     for name, w0 in state.origin.items():
         w1 = _rounded(weights[name], dtype)
         mp = probe_matrix(w0, w1, s)
+        del w1  # one gathered matrix at a time: released before the next one is read
         probes[name] = mp
         Vs[name] = mp.V
         srs.append(mp.stable_rank)
