@@ -219,3 +219,17 @@ def test_the_cli_runs_a_users_study_file_and_names_its_mistakes(tmp_path, capsys
     err = capsys.readouterr().err
     assert e.value.code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert f"{bad}: runs.bad: invalid training config" in err and "rollout.group_size: must be >= 1" in err
+
+
+def test_the_documented_example_file_loads(tmp_path):
+    """The example study file of docs/study.md ("The file") is a valid study."""
+    text = (ROOT / "docs" / "study.md").read_text()
+    block = text.split("### The file", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    p = tmp_path / "example.yaml"
+    p.write_text(block)
+    example = load_preset(p)
+    assert [r.name for r in example.runs if r.seed_of is None] == ["sft", "opd", "rlvr", "opd_topkl50", "mix_0p5", "opd_proj16"]
+    assert example.run("sft").optim.lr == 2e-4 and example.run("opd").optim.lr == 2e-5
+    assert example.run("mix_0p5").mix_alpha == 0.5 and example.run("opd_proj16").project_rank == 16
+    assert example.roles()["projection"] == [{"projected": "opd_proj16", "full": "opd", "freeze": None,
+                                              "start": "opd_proj16_start"}]
