@@ -126,6 +126,10 @@ def test_a_mistake_is_one_line_naming_the_file_and_key(tmp_path, edit, message):
     ("seeds: [0, 1]", "sed: [0, 1]", r"mine\.yaml: sed: unknown key"),
     ("diagnose: {k: 16,", "diagnose: {kk: 16,", r"mine\.yaml: diagnose\.kk: unknown key"),
     ("seeded: [sft, opd, rlvr]", "seeded: [sft, opdd]", r"mine\.yaml: seeded: 'opdd' is not a run"),
+    ("seeds: [0, 1]", "seeds: [0, one]", r"mine\.yaml: seeds\[1\]: expected an integer; got 'one'"),
+    ("dedup: true", "dedup: yes please", r"mine\.yaml: dedup: expected true/false"),
+    ("study: {init: base, group: main, checkpoint_every: 0.2}", "study: {init: base, group: main, checkpoint_every: often}",
+     r"mine\.yaml: runs\.sft\.study\.checkpoint_every: expected a number"),
 ])
 def test_a_study_level_mistake_is_one_line_naming_the_file_and_key(tmp_path, old, new, message):
     text = Path(str(shipped_presets_dir() / "quick.yaml")).read_text()
