@@ -237,18 +237,3 @@ def test_the_documented_example_file_loads(tmp_path):
     assert example.run("mix_0p5").mix_alpha == 0.5 and example.run("opd_proj16").project_rank == 16
     assert example.roles()["projection"] == [{"projected": "opd_proj16", "full": "opd", "freeze": None,
                                               "start": "opd_proj16_start"}]
-
-
-def test_default_stages_is_the_selection_when_none_is_given(tmp_path):
-    from opdgeo.study import plan_text
-
-    text = Path(str(shipped_presets_dir() / "quick.yaml")).read_text()
-    p = tmp_path / "mine.yaml"
-    p.write_text(text.replace("seeds: [0, 1]", "default_stages: [eval_sft]\nstep_seconds: {sft: 2, eval: 0.5}\n"
-                                               "measured_on: here\nseeds: [0, 1]"))
-    mine = load_preset(p)
-    assert mine.default_stages == ("eval_sft",) and mine.step_seconds == {"sft": 2.0, "eval": 0.5}
-    assert "measured seconds per step or stage (here): sft 2, eval 0.5" in plan_text(mine)
-    rows = [line.split()[0] for line in plan_text(mine).split("\n\n")[1].splitlines()]
-    assert rows == ["base", "teacher", "sft", "eval_sft"]  # the selection and its dependencies
-    assert len(plan_text(mine, select=["base"]).split("\n\n")[1].splitlines()) == 1

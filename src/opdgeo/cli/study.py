@@ -16,7 +16,7 @@ import click
 @click.option("--dry-run", is_flag=True, help="Validate and show the plan (stages, runs, sizes, GPU memory); run nothing.")
 @click.option("--stages", "stages", default=None,
               help="Comma-separated stage names or kinds (model, train, eval, compare, trajectory, report) to run, "
-                   "with their dependencies (default: the preset's default_stages, else all).")
+                   "with their dependencies (default: all).")
 @click.option("--launcher", default=None,
               help='Run training stages as subprocesses, e.g. "accelerate launch --num_processes 8" on GPUs.')
 def study_cmd(preset, out, fresh, dry_run, stages, launcher):

@@ -259,9 +259,6 @@ def format_plan(preset: StudyPreset, stages, statuses: dict[str, str] | None = N
                              f">= {int(n)} x 80 GiB GPUs.")
     if preset.expected_minutes:
         lines += ["", "expected time: " + ", ".join(f"{k}: ~{v} min" for k, v in preset.expected_minutes.items())]
-    if preset.step_seconds:
-        lines += ["measured seconds per step or stage" + (f" ({preset.measured_on})" if preset.measured_on else "")
-                  + ": " + ", ".join(f"{k} {v:g}" for k, v in preset.step_seconds.items())]
     if preset.device == "cuda" or launcher:
         lines += ["", "launch on GPUs (training stages run through the public CLI):",
                   f"  opdgeo study --preset {preset_argument(preset)} --out runs/study-{preset.name} "

@@ -27,11 +27,9 @@ from opdgeo.study.presets import PRESETS, DiagnoseSpec, EvalSpec, ModelSpec, Opt
 __all__ = ["preset_path", "load_preset", "shipped_presets_dir", "PLACEHOLDERS", "STUDY_RUN_KEYS"]
 
 _TOP = ("name", "description", "task", "dedup", "demonstrations", "dtype", "device", "torch_threads",
-        "expected_minutes", "step_seconds", "measured_on", "default_stages", "seeds", "seeded", "base", "teacher",
-        "eval", "diagnose", "defaults", "runs")
+        "expected_minutes", "seeds", "seeded", "base", "teacher", "eval", "diagnose", "defaults", "runs")
 _TOP_TYPES = {"name": str, "description": str, "task": str, "dedup": bool, "demonstrations": str | None, "dtype": str,
-              "device": str, "torch_threads": int | None, "expected_minutes": dict, "step_seconds": dict[str, float],
-              "measured_on": str, "default_stages": tuple[str, ...], "seeds": tuple[int, ...],
+              "device": str, "torch_threads": int | None, "expected_minutes": dict, "seeds": tuple[int, ...],
               "seeded": tuple[str, ...] | None}
 STUDY_RUN_KEYS = {"init": "anchor", "group": "main", "checkpoint_every": 0.2, "warmup_fraction": 0.0, "epochs": None}
 """The keys of a run's ``study`` section, with their defaults."""
@@ -175,8 +173,6 @@ def _build(data: Mapping, where: str) -> StudyPreset:
         runs=with_seeds(views, seeds, None if seeded is None else tuple(seeded)),
         eval=_section(EvalSpec, data.get("eval"), "eval"), diagnose=_section(DiagnoseSpec, data.get("diagnose"), "diagnose"),
         dtype=study["dtype"], device=data.get("device", "cpu"), expected_minutes=dict(data.get("expected_minutes") or {}),
-        step_seconds={k: float(v) for k, v in (data.get("step_seconds") or {}).items()},
-        measured_on=data.get("measured_on", ""), default_stages=tuple(data.get("default_stages") or ()),
         torch_threads=data.get("torch_threads"), dedup=study["dedup"], demonstrations=study["demonstrations"],
         seeds=seeds, path=where)
 

@@ -269,12 +269,6 @@ class StudyPreset:
         dtype: checkpoint storage dtype (every run's ``checkpoint.dtype``).
         device: ``"cpu"`` or ``"cuda"``.
         expected_minutes: documented wall time, ``{"cpu-2core": m, "1xH100": m, ...}``.
-        step_seconds: measured seconds per unit (``teacher_sft``, ``sft``, ``opd``, ``rlvr``:
-            one optimizer step; ``eval``, ``compare``, ``trajectory``: one stage; ``model``:
-            building the base model), for a time estimate of the selected stages; empty: only
-            ``expected_minutes`` is shown.
-        measured_on: where and how ``step_seconds`` were measured.
-        default_stages: the ``--stages`` selection when none is given (empty: every stage).
         torch_threads: intra-op threads for this process (None: torch's default).
         dedup: every run's ``task.dedup``.
         demonstrations: the SFT runs' ``task.demonstrations``.
@@ -293,9 +287,6 @@ class StudyPreset:
     dtype: str = "bfloat16"
     device: str = "cpu"
     expected_minutes: dict = field(default_factory=dict)
-    step_seconds: dict = field(default_factory=dict)
-    measured_on: str = ""
-    default_stages: tuple[str, ...] = ()
     torch_threads: int | None = None
     dedup: bool = True
     demonstrations: str | None = None
