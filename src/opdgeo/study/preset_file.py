@@ -28,9 +28,6 @@ __all__ = ["preset_path", "load_preset", "shipped_presets_dir", "PLACEHOLDERS", 
 
 _TOP = ("name", "description", "task", "dedup", "demonstrations", "dtype", "device", "torch_threads",
         "expected_minutes", "seeds", "seeded", "base", "teacher", "eval", "diagnose", "defaults", "runs")
-_TOP_TYPES = {"name": str, "description": str, "task": str, "dedup": bool, "demonstrations": str | None, "dtype": str,
-              "device": str, "torch_threads": int | None, "expected_minutes": dict, "seeds": tuple[int, ...],
-              "seeded": tuple[str, ...] | None}
 STUDY_RUN_KEYS = {"init": "anchor", "group": "main", "checkpoint_every": 0.2, "warmup_fraction": 0.0, "epochs": None}
 """The keys of a run's ``study`` section, with their defaults."""
 _STUDY_RUN_TYPES = {"init": str, "group": str, "checkpoint_every": int | float, "warmup_fraction": int | float,
@@ -105,6 +102,12 @@ def load_preset(path) -> StudyPreset:
     except ConfigError as err:
         msg = str(err)
         raise ConfigError(msg if msg.startswith(where) else f"{where}: {msg}") from None
+
+
+_TOP_TYPES = {"name": str, "description": str, "task": str, "dedup": bool, "demonstrations": str | None, "dtype": str,
+              "device": str, "torch_threads": int | None, "expected_minutes": dict, "seeds": tuple[int, ...],
+              "seeded": tuple[str, ...] | None}
+"""The type of each scalar top-level key (the sections are checked by their dataclasses)."""
 
 
 def _check_types(values: Mapping, types: Mapping, prefix: str) -> None:
