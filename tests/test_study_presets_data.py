@@ -126,6 +126,10 @@ def test_a_mistake_is_one_line_naming_the_file_and_key(tmp_path, edit, message):
     ("seeds: [0, 1]", "sed: [0, 1]", r"mine\.yaml: sed: unknown key"),
     ("diagnose: {k: 16,", "diagnose: {kk: 16,", r"mine\.yaml: diagnose\.kk: unknown key"),
     ("seeded: [sft, opd, rlvr]", "seeded: [sft, opdd]", r"mine\.yaml: seeded: 'opdd' is not a run"),
+    ("seeds: [0, 1]", "seeds: [0, one]", r"mine\.yaml: seeds\[1\]: expected an integer; got 'one'"),
+    ("dedup: true", "dedup: yes please", r"mine\.yaml: dedup: expected true/false"),
+    ("study: {init: base, group: main, checkpoint_every: 0.2}", "study: {init: base, group: main, checkpoint_every: often}",
+     r"mine\.yaml: runs\.sft\.study\.checkpoint_every: expected a number"),
 ])
 def test_a_study_level_mistake_is_one_line_naming_the_file_and_key(tmp_path, old, new, message):
     text = Path(str(shipped_presets_dir() / "quick.yaml")).read_text()
@@ -219,3 +223,17 @@ def test_the_cli_runs_a_users_study_file_and_names_its_mistakes(tmp_path, capsys
     err = capsys.readouterr().err
     assert e.value.code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert f"{bad}: runs.bad: invalid training config" in err and "rollout.group_size: must be >= 1" in err
+
+
+def test_the_documented_example_file_loads(tmp_path):
+    """The example study file of docs/study.md ("The file") is a valid study."""
+    text = (ROOT / "docs" / "study.md").read_text()
+    block = text.split("### The file", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    p = tmp_path / "example.yaml"
+    p.write_text(block)
+    example = load_preset(p)
+    assert [r.name for r in example.runs if r.seed_of is None] == ["sft", "opd", "rlvr", "opd_topkl50", "mix_0p5", "opd_proj16"]
+    assert example.run("sft").optim.lr == 2e-4 and example.run("opd").optim.lr == 2e-5
+    assert example.run("mix_0p5").mix_alpha == 0.5 and example.run("opd_proj16").project_rank == 16
+    assert example.roles()["projection"] == [{"projected": "opd_proj16", "full": "opd", "freeze": None,
+                                              "start": "opd_proj16_start"}]

@@ -30,6 +30,8 @@ _TOP = ("name", "description", "task", "dedup", "demonstrations", "dtype", "devi
         "expected_minutes", "seeds", "seeded", "base", "teacher", "eval", "diagnose", "defaults", "runs")
 STUDY_RUN_KEYS = {"init": "anchor", "group": "main", "checkpoint_every": 0.2, "warmup_fraction": 0.0, "epochs": None}
 """The keys of a run's ``study`` section, with their defaults."""
+_STUDY_RUN_TYPES = {"init": str, "group": str, "checkpoint_every": int | float, "warmup_fraction": int | float,
+                    "epochs": int | float | None}  # numbers keep the type written (a cache key hashes them)
 
 _STUDY_SET = {
     "model": "the study's models and the run's study.init",
@@ -95,10 +97,29 @@ def load_preset(path) -> StudyPreset:
     if unknown:
         raise ConfigError(f"{where}: {unknown[0]}: unknown key (known: {', '.join(_TOP)})")
     try:
+        _check_types({k: v for k, v in data.items() if k in _TOP_TYPES}, _TOP_TYPES, "")
         return _build(data, where)
     except ConfigError as err:
         msg = str(err)
         raise ConfigError(msg if msg.startswith(where) else f"{where}: {msg}") from None
+
+
+_TOP_TYPES = {"name": str, "description": str, "task": str, "dedup": bool, "demonstrations": str | None, "dtype": str,
+              "device": str, "torch_threads": int | None, "expected_minutes": dict, "seeds": tuple[int, ...],
+              "seeded": tuple[str, ...] | None}
+"""The type of each scalar top-level key (the sections are checked by their dataclasses)."""
+
+
+def _check_types(values: Mapping, types: Mapping, prefix: str) -> None:
+    """The first value of ``values`` whose type is not ``types[key]``, as a `ConfigError`
+    (the training config's own checks and messages)."""
+    from opdgeo.training.config import _coerce
+
+    errors: list[str] = []
+    for k, v in values.items():
+        _coerce(v, types[k], f"{prefix}{k}", errors)
+        if errors:
+            raise ConfigError(errors[0])
 
 
 def _section(cls, raw, key: str, **fixed):
@@ -193,6 +214,7 @@ def _run(name: str, merged: dict, study: dict) -> StudyRun:
     bad = [k for k in place if k not in STUDY_RUN_KEYS]
     if bad:
         raise ConfigError(f"{key}.study.{bad[0]}: unknown key (known: {', '.join(STUDY_RUN_KEYS)})")
+    _check_types(place, _STUDY_RUN_TYPES, f"{key}.study.")
     place = {**STUDY_RUN_KEYS, **place}
     flat = _flat(merged)
     for k, why in _STUDY_SET.items():

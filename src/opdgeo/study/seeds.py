@@ -1,7 +1,9 @@
 """Seeds of the study's runs.
 
-Every run of ``tiny`` and ``smollm2`` runs with seeds 0, 1, 2 (``quick``: 0, 1 for SFT, OPD
-and RLVR, its controls once, to stay a one-minute smoke test; ``paper``: 0, as in the paper). Seed 0 keeps the run's name; seed s > 0 is the run ``<name>_seed<s>``
+A study file's ``seeds`` (and ``seeded``: the runs that get them all; None: every run) say
+which seeds its runs run with: ``tiny`` and ``smollm2`` 0, 1, 2; ``quick`` 0, 1 for SFT, OPD
+and RLVR, its controls once, to stay a one-minute smoke test; ``paper`` 0, as in the paper.
+Seed ``seeds[0]`` keeps the run's name; seed s is the run ``<name>_seed<s>``
 (``StudyRun.seed_of`` = the name). Every seed starts from the same checkpoint (the base for
 SFT, the seed-0 SFT anchor for the RL runs and ``sft_matched``, the seed-0 source run's
 checkpoint for a projected run); the seed (the training core's ``run.seed``) varies the
