@@ -67,5 +67,6 @@ def test_tiny_learning_rates_are_the_documented_ones():
 def test_smollm2_learning_rates_are_the_documented_ones():
     p = get_preset("smollm2")
     s = p.run("sft").optim
-    assert _doc_lrs("smollm2") == [s.lr, p.run("rlvr").optim.lr] == [1e-5, 1e-6]
-    assert (s.schedule, s.min_lr) == ("cosine", 1e-6) and f"lr 1e-5 cosine → 1e-6" in DOCS.read_text()
+    assert _doc_lrs("smollm2") == [p.teacher.sft_lr, s.lr, p.run("rlvr").optim.lr] == [1e-4, 5e-5, 5e-6]
+    assert s.lr / p.run("opd").optim.lr == pytest.approx(10.0)  # the paper's SFT:RL ratio
+    assert (s.schedule, s.min_lr) == ("cosine", 5e-6) and "lr 5e-5 cosine → 5e-6" in DOCS.read_text()

@@ -414,29 +414,43 @@ def _report_fn(preset: StudyPreset):
 # --------------------------------------------------------------------------- the plan
 
 
+CORE = ("core",)
+
+
+def run_tags(run: RunSpec) -> tuple[str, ...]:
+    """``core`` for SFT, OPD and RLVR (every seed: ``group`` main), else ``controls`` and
+    the run's panel."""
+    return CORE if run.group == "main" else ("controls", run.group)
+
+
 def build_stages(preset: StudyPreset, *, launcher: str | None = None) -> list[Stage]:
     """Every stage of the study for ``preset``, dependencies first.
 
     ``launcher`` (e.g. ``"accelerate launch --num_processes 8"``) runs training stages as
     subprocesses of the public CLI; it does not change what is computed, so it is not
     part of the cache keys.
+
+    Tags (``--stages`` names, `select_stages`): every stage of the models, of SFT, OPD and
+    RLVR (every seed), their evaluations, compares and trajectories, and the report is
+    ``core``; every stage of a control run is ``controls`` and its panel (``run.group``:
+    ``matched``, ``sparsification``, ``offpolicy``, ``mixing``, ``projection``).
     """
     v = {"study_version": STUDY_VERSION, "task": preset.task, "dtype": preset.dtype, "dedup": preset.dedup,
          "demonstrations": preset.demonstrations}
     stages: list[Stage] = [
-        Stage("base", "model", "models/base", {**v, "spec": _asdict(preset.base)}, _base_fn(preset)),
+        Stage("base", "model", "models/base", {**v, "spec": _asdict(preset.base)}, _base_fn(preset), tags=CORE),
         Stage("teacher", "model", "models/teacher",
               {**v, "spec": _asdict(preset.teacher), "sft_optim": _asdict(preset.run("sft").optim)},
-              _teacher_fn(preset, launcher), resumable=True),
+              _teacher_fn(preset, launcher), resumable=True, tags=CORE),
     ]
     ev = _asdict(preset.eval)
     if preset.eval.suite is not None:  # the suite's tasks, not only its name, determine the outputs
         from opdgeo.study.data import eval_suite
 
         ev["suite_tasks"] = _asdict(eval_suite(preset))
-    stages.append(Stage("eval_base", "eval", "eval/base", {**v, "eval": ev}, _eval_fn(preset, "base", "base student", "base", "path"), deps=("base",), soft=True))
+    stages.append(Stage("eval_base", "eval", "eval/base", {**v, "eval": ev}, _eval_fn(preset, "base", "base student", "base", "path"), deps=("base",), soft=True, tags=CORE))
     stages.append(Stage("eval_teacher", "eval", "eval/teacher", {**v, "eval": ev},
-                        _eval_fn(preset, "teacher", "teacher", "teacher", "path"), deps=("teacher",), soft=True))
+                        _eval_fn(preset, "teacher", "teacher", "teacher", "path"), deps=("teacher",), soft=True, tags=CORE))
     for run in preset.runs:
         deps = ["base", "teacher"]
         if run.init == "anchor" or (run.name != "sft" and preset.has_run("sft")):
@@ -445,28 +459,32 @@ def build_stages(preset: StudyPreset, *, launcher: str | None = None) -> list[St
             deps.append(run.init.partition("@")[0])
         deps = tuple(dict.fromkeys(d for d in deps if d != run.name))
         control = run.name not in ("sft", "opd", "rlvr")
+        tags = run_tags(run)
         stages.append(Stage(run.name, "train", f"runs/{run.name}", {**v, "run": _asdict(run)},
-                            _run_fn(run, preset, launcher), deps=deps, resumable=True, soft=control))
+                            _run_fn(run, preset, launcher), deps=deps, resumable=True, soft=control,
+                            tags=tags))
         role = "SFT anchor" if run.name == "sft" else (
             ("projected" if run.project_mode == "project" else "freeze-only") if run.project_rank else run.group)
         stages.append(Stage(f"eval_{run.name}", "eval", f"eval/{run.name}", {**v, "eval": ev},
-                            _eval_fn(preset, run.name, role, run.name, "final"), deps=(run.name,), soft=True))
+                            _eval_fn(preset, run.name, role, run.name, "final"), deps=(run.name,), soft=True,
+                            tags=tags))
         if run.project_rank and run.project_mode == "project" and run.seed_of is None:
             # the checkpoint every seed of the projected run restarts from (the seed-0 source run's)
             start = f"{run.name}_start"
             stages.append(Stage(f"eval_{start}", "eval", f"eval/{start}", {**v, "eval": ev},
                                 _eval_fn(preset, start, "projection start", run.name, "init"), deps=(run.name,),
-                                soft=True))
+                                soft=True, tags=tags))
         d = preset.diagnose
         stages.append(Stage(f"compare_{run.name}", "compare", f"diagnose/compare/{run.name}",
                             {**v, "k": d.k, "rank": d.rank, "alpha": d.alpha, "eta": d.eta},
-                            _compare_fn(preset, run.name), deps=(run.name,), soft=True))
+                            _compare_fn(preset, run.name), deps=(run.name,), soft=True, tags=tags))
     d = preset.diagnose
     tcfg = {**v, "matrices": d.trajectory_matrices, "hill_k": d.hill_k, "sim_k": d.sim_k, "lock": d.lock_threshold}
     main = [r for r in ("sft", "opd", "rlvr") if preset.has_run(r)]
     overlap = [("opd", "rlvr")] if {"opd", "rlvr"} <= set(main) else []
     stages.append(Stage("trajectory_main", "trajectory", "diagnose/trajectory/main", {**tcfg, "runs": main, "overlap": overlap},
-                        _trajectory_fn(preset, main, overlap), deps=tuple(main), soft=True))
+                        _trajectory_fn(preset, main, overlap), deps=tuple(main), soft=True,
+                        tags=CORE))
     for run in preset.runs:
         if run.name in main:
             continue
@@ -475,6 +493,6 @@ def build_stages(preset: StudyPreset, *, launcher: str | None = None) -> list[St
             runs, pairs = [run.seed_of, run.name], [(run.seed_of, run.name)]
         stages.append(Stage(f"trajectory_{run.name}", "trajectory", f"diagnose/trajectory/{run.name}",
                             {**tcfg, "runs": runs, "overlap": pairs}, _trajectory_fn(preset, runs, pairs),
-                            deps=tuple(runs), soft=True))
-    stages.append(Stage("report", "report", "", {**v}, _report_fn(preset), always=True))
+                            deps=tuple(runs), soft=True, tags=run_tags(run)))
+    stages.append(Stage("report", "report", "", {**v}, _report_fn(preset), always=True, tags=CORE))
     return stages

@@ -14,7 +14,11 @@ field of these dataclasses):
   (OPD, RLVR and every control) at lr 2e-5, below the median bf16 half-ULP of the tiny block
   weights (~3e-5); SFT at 2e-4, the paper's SFT:RL ratio of 10x (1e-5 : 1e-6).
 - ``smollm2``: the real SmolLM2-135M-Instruct as student; the teacher is a copy of it
-  SFT-trained to high accuracy on the arithmetic task (same tokenizer).
+  SFT-trained on 2-digit addition (same tokenizer). SFT at lr 5e-5 cosine -> 5e-6, RL at
+  5e-6 (10x). By default only its core runs (``default_stages``: teacher, SFT, OPD, RLVR
+  with 3 seeds, evaluation, compare, trajectory, report; <= 2 h on 2 CPU cores); the
+  controls with ``--stages controls`` (or a panel: ``matched``, ``sparsification``,
+  ``offpolicy``, ``mixing``, ``projection``).
 - ``paper``: Qwen3-8B student, Qwen3-32B teacher, dapo-math-17k deduplicated for RL and
   OPD, OpenR1-Math demonstrations for SFT, the paper's evaluation suite, the paper's
   hyperparameters and checkpoint steps. Shown and validated by ``--dry-run``; runs on GPUs
@@ -253,6 +257,15 @@ class StudyPreset:
         dtype: checkpoint storage dtype (``"bfloat16"`` — the paper's setting).
         device: ``"cpu"`` or ``"cuda"``.
         expected_minutes: documented wall time, ``{"cpu-2core": m, "1xH100": m, ...}``.
+        step_seconds: measured seconds per unit, from which ``--dry-run`` estimates the
+            selected stages' time (`opdgeo.study.plan.estimate_seconds`): ``teacher_sft``,
+            ``sft``, ``opd``, ``rlvr`` (one optimizer step of that objective at the preset's
+            batch), ``eval`` (one evaluation), ``compare`` (one run's compare),
+            ``trajectory`` (one run's trajectory), ``model`` (building the base model).
+            Empty: only ``expected_minutes`` is shown.
+        measured_on: where and how ``step_seconds`` were measured (shown with the estimate).
+        default_stages: the ``--stages`` selection when none is given (empty: every stage),
+            e.g. ``("core",)``: the controls then run with ``--stages controls`` or by name.
         torch_threads: intra-op threads for this process (None: torch's default). The CPU
             presets use 1: with tiny matrices, OpenMP spin-waiting on 2 shared cores makes
             2 threads many times slower than 1.
@@ -273,6 +286,9 @@ class StudyPreset:
     dtype: str = "bfloat16"
     device: str = "cpu"
     expected_minutes: dict = field(default_factory=dict)
+    step_seconds: dict = field(default_factory=dict)
+    measured_on: str = ""
+    default_stages: tuple[str, ...] = ()
     torch_threads: int | None = None
     dedup: bool = True
     demonstrations: str | None = None
@@ -548,22 +564,31 @@ def _tiny() -> StudyPreset:
 
 
 def _smollm2() -> StudyPreset:
+    # The core (teacher, SFT, OPD, RLVR x 3 seeds, their evaluations, compares and
+    # trajectories, report; the default ``--stages core``) is sized to <= 2 h on 2 CPU cores
+    # from the step times below (``step_seconds``); the controls run with ``--stages controls``.
+    # lr: SFT 5e-5 cosine -> 5e-6, RL 5e-6, the paper's 10x SFT:RL ratio at 5x its values,
+    # because 40 RL steps are far fewer than its 299: 40 x 5e-6 = 2e-4 bounds the drift of
+    # an entry, above the bf16 half-ULP of 28 % of SmolLM2's block-weight entries (median
+    # half-ULP 2.4e-4), so the bf16 geometry moves; one step (5e-6, 5e-5) moves no median entry.
     sft = RunSpec(
-        name="sft", objective="sft", init="base", steps=100, batch_size=16,
-        optim=OptimSpec(lr=1e-5, schedule="cosine", min_lr=1e-6, warmup_fraction=0.1), max_new_tokens=96,
+        name="sft", objective="sft", init="base", steps=40, batch_size=8,
+        optim=OptimSpec(lr=5e-5, schedule="cosine", min_lr=5e-6, warmup_fraction=0.1), max_new_tokens=48,
     )
     return StudyPreset(
         name="smollm2",
-        description="real SmolLM2-135M-Instruct student; teacher = a copy SFT-trained to high accuracy on the task",
-        task="arithmetic:difficulty=2",
+        description="real SmolLM2-135M-Instruct student; teacher = a copy SFT-trained on 2-digit addition; 3 seeds",
+        task="arithmetic:difficulty=2,ops=+",
         base=ModelSpec(name="base", source="smollm2", arch=_SMOLLM2_135M),
-        teacher=ModelSpec(name="teacher", source="smollm2", arch=_SMOLLM2_135M, sft_steps=400, sft_lr=5e-5, seed=1),
-        runs=_study_runs(sft=sft, rl_steps=100, batch=16, group=8, rl_lr=1e-6, max_new_tokens=96),
-        eval=EvalSpec(n_problems=200, k=4, temperature=1.0, max_new_tokens=96),
+        teacher=ModelSpec(name="teacher", source="smollm2", arch=_SMOLLM2_135M, sft_steps=120, sft_lr=1e-4, sft_batch=8,
+                          seed=1),
+        runs=_study_runs(sft=sft, rl_steps=40, batch=4, group=4, rl_lr=5e-6, max_new_tokens=48),
+        eval=EvalSpec(n_problems=128, k=2, temperature=1.0, max_new_tokens=48),
         diagnose=DiagnoseSpec(),
-        # estimates (not measured), one seed: ~1500 RL/SFT steps of 135M with 16 x 8 rollouts of <= 96
-        # tokens, ~45 s/step on 2 CPU cores, ~4 s/step on one H100; three seeds triple them
-        expected_minutes={"cpu-2core (estimate)": 3 * 20 * 60, "1xH100 (estimate)": 3 * 120},
+        step_seconds={"model": 60.0, "teacher_sft": 4.5, "sft": 4.5, "opd": 9.0, "rlvr": 7.0, "eval": 40.0,
+                      "compare": 40.0, "trajectory": 30.0},
+        measured_on="on the 2-core AMD EPYC (AVX-512-BF16, bf16 autocast), bench/RESULTS.md",
+        default_stages=("core",),
     )
 
 

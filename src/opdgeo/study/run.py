@@ -114,7 +114,7 @@ def plan_text(preset: StudyPreset, out: Path | None = None, *, launcher: str | N
               select: Sequence[str] | None = None) -> str:
     """The ``--dry-run`` text: validated plan, data plan, sizes, memory estimate, expected time."""
     preset, data_text = data_plan(preset)
-    stages = select_stages(build_stages(preset, launcher=launcher), select)
+    stages = select_stages(build_stages(preset, launcher=launcher), select or preset.default_stages)
     problems = check_training_configs(preset)
     statuses = stage_statuses(preset, Path(out)) if out is not None and Path(out).is_dir() else None
     return format_plan(preset, stages, statuses, config_problems=problems, launcher=launcher, data_plan=data_text)
@@ -140,6 +140,7 @@ def run_study(preset: StudyPreset, out: str | Path, *, fresh: bool = False, sele
     preset = resolve_steps(preset)  # runs given in epochs, from the data's counts
     check_study_eval(preset)  # before any work: no evaluation on training rows
     stages = build_stages(preset, launcher=launcher)
+    select = list(select or preset.default_stages)
     select_stages(stages, select)  # validate names before any work
     problems = check_training_configs(preset)
     for run, msg in problems.items():
