@@ -28,9 +28,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from opdgeo.study.presets import ModelSpec, RunSpec, StudyPreset
+from opdgeo.study.presets import ModelSpec, StudyPreset, StudyRun
 
-__all__ = ["count_parameters", "model_arch", "MemoryEstimate", "memory_estimate", "plan_rows", "format_plan"]
+__all__ = ["count_parameters", "model_arch", "MemoryEstimate", "memory_estimate", "plan_rows", "format_plan",
+           "preset_argument"]
 
 
 def count_parameters(arch: dict) -> int:
@@ -94,7 +95,7 @@ class MemoryEstimate:
         return (self.student + self.teacher) / n_gpus + self.kv + self.logits + self.activations
 
 
-def memory_estimate(student: dict, teacher: dict | None, run: RunSpec, *, prompt_tokens: int = 512,
+def memory_estimate(student: dict, teacher: dict | None, run: StudyRun, *, prompt_tokens: int = 512,
                     micro_batch_sequences: int = 1, checkpointing: bool = True) -> MemoryEstimate:
     """Estimate the per-GPU training memory of ``run`` (bytes).
 
@@ -140,7 +141,7 @@ def _fmt_params(n: int | None) -> str:
     return f"{n / 1e3:.1f} k"
 
 
-def _run_text(r: RunSpec) -> str:
+def _run_text(r: StudyRun) -> str:
     steps = f"{r.steps} steps" + (f" ({r.epochs:g} epochs)" if r.epochs is not None else "")
     parts = [f"{r.objective}", f"from {r.init}", steps, f"batch {r.batch_size}"]
     if r.objective != "sft":
@@ -210,13 +211,25 @@ def plan_rows(preset: StudyPreset, stages, statuses: dict[str, str] | None = Non
     return rows
 
 
+def preset_argument(preset: StudyPreset) -> str:
+    """What ``--preset`` takes for ``preset``: a shipped preset's name, else its file."""
+    from pathlib import Path
+
+    from opdgeo.study.preset_file import shipped_presets_dir
+
+    shipped = Path(str(shipped_presets_dir())).resolve()
+    if not preset.path or Path(preset.path).resolve().parent == shipped:
+        return preset.name
+    return preset.path
+
+
 def format_plan(preset: StudyPreset, stages, statuses: dict[str, str] | None = None, *,
-                config_problems: dict[str, str] | None = None, launcher: str | None = None,
+                launcher: str | None = None,
                 data_plan: str | None = None) -> str:
     """The plain-text plan: stages, data, sizes, memory estimate with its formula, time, launch."""
     demos = "the task's solutions" if preset.demonstrations is None else preset.demonstrations
     evals = f"suite {preset.eval.suite}" if preset.eval.suite else f"{preset.eval.split} split of the task"
-    lines = [f"opdgeo study --preset {preset.name}: {preset.description}",
+    lines = [f"opdgeo study --preset {preset_argument(preset)}: {preset.description}",
              f"task: {preset.task} (dedup {'on' if preset.dedup else 'off'}); SFT demonstrations: {demos}; "
              f"evaluation: {evals}; checkpoints: {preset.dtype}", ""]
     rows = plan_rows(preset, stages, statuses)
@@ -236,7 +249,8 @@ def format_plan(preset: StudyPreset, stages, statuses: dict[str, str] | None = N
               f"optimizer steps in total: {sum(r.steps for r in preset.runs)}",
               f"student parameters: {_fmt_params(ps)}; teacher parameters: {_fmt_params(pt)}"]
     if sa:
-        opd = preset.run("opd") if preset.has_run("opd") else preset.runs[0]
+        opd_name = preset.roles()["opd"]
+        opd = preset.run(opd_name) if opd_name else preset.runs[0]
         micro = (opd.micro_batch_size or opd.batch_size) * opd.samples_per_prompt
         m = memory_estimate(sa, ta, opd, prompt_tokens=16 if preset.task.startswith("arithmetic") else 512,
                             micro_batch_sequences=micro)
@@ -269,10 +283,7 @@ def format_plan(preset: StudyPreset, stages, statuses: dict[str, str] | None = N
         lines += ["", "expected time: " + ", ".join(f"{k}: ~{v} min" for k, v in preset.expected_minutes.items())]
     if preset.device == "cuda" or launcher:
         lines += ["", "launch on GPUs (training stages run through the public CLI):",
-                  f"  opdgeo study --preset {preset.name} --out runs/study-{preset.name} "
+                  f"  opdgeo study --preset {preset_argument(preset)} --out runs/study-{preset.name} "
                   f"--launcher \"{launcher or 'accelerate launch --num_processes 8'}\""]
-    if config_problems:
-        lines += ["", "training-config problems (these runs would be reported as not measured):"]
-        lines += [f"  {k}: {v}" for k, v in config_problems.items()]
     return "\n".join(lines) + "\n"
 
