@@ -10,7 +10,8 @@ import torch
 from opdgeo.cli.main import main
 from opdgeo.errors import ConfigError
 from opdgeo.study.pipeline import build_stages, train_config_dict
-from opdgeo.study.plan import count_parameters, memory_estimate, model_arch
+from opdgeo.study.plan import count_parameters, estimate_seconds, memory_estimate, model_arch
+from opdgeo.study.stages import select_stages
 from opdgeo.study.presets import PRESETS, StudyRun, StudyPreset, get_preset
 
 
@@ -71,10 +72,12 @@ def test_dry_run_every_preset(name, capsys, tmp_path, no_datasets):
     main(["study", "--preset", name, "--dry-run", "--out", str(tmp_path / "none")])
     text = capsys.readouterr().out
     p = get_preset(name)
-    for s in build_stages(p):
+    shown = select_stages(build_stages(p), p.default_stages)
+    for s in shown:
         assert f"  {s.name} " in text
     for r in p.runs:
-        assert "ckpts " + "/".join(map(str, r.checkpoint_steps())) in text
+        if r.name in {s.name for s in shown}:
+            assert "ckpts " + "/".join(map(str, r.checkpoint_steps())) in text
     assert "student parameters:" in text and "M_student = 16*P_s" in text
     assert not (tmp_path / "none").exists()  # a dry run writes nothing
 
@@ -93,6 +96,35 @@ def test_paper_plan_numbers(capsys, no_datasets):
     paper = get_preset("paper")
     opd = paper.run("opd")
     assert (opd.optim.weight_decay, opd.optim.betas) == (0.1, (0.9, 0.98))
+
+
+def test_smollm2_runs_its_core_by_default_and_the_controls_on_request(capsys, no_datasets):
+    p = get_preset("smollm2")
+    stages = build_stages(p)
+    core = select_stages(stages, p.default_stages)
+    core_runs = {s.name for s in core if s.kind == "train"}
+    assert core_runs == {r.name for r in p.runs if r.name.partition("_seed")[0] in ("sft", "opd", "rlvr")}
+    assert len(core_runs) == 9  # SFT, OPD, RLVR x 3 seeds
+    assert {s.name for s in core} >= {"base", "teacher", "eval_base", "eval_teacher", "trajectory_main", "report"}
+    assert {s.kind for s in core} == {"model", "train", "eval", "compare", "trajectory", "report"}
+    controls = select_stages(stages, ["controls"])
+    control_runs = {r.name for r in p.runs if r.group != "main"}
+    assert control_runs and {s.name for s in controls if s.kind == "train"} == control_runs | {"sft", "opd"}  # + deps
+    assert {s.name for s in select_stages(stages, ["mixing"]) if s.kind == "train"} == (
+        {"sft"} | {r.name for r in p.runs if r.group == "mixing"})  # its ends opd and rlvr are the core's
+    # the estimate, by hand from the measured step times
+    t = p.step_seconds
+    n = {k: sum(1 for s in core if s.kind == k) for k in ("eval", "compare")}
+    traj_runs = sum(len(s.config["runs"]) for s in core if s.kind == "trajectory")
+    by_hand = (2 * t["model"] + p.teacher.sft_steps * t["teacher_sft"]
+               + sum(p.run(s.name).steps * t[p.run(s.name).objective] for s in core if s.kind == "train")
+               + n["eval"] * t["eval"] + n["compare"] * t["compare"] + traj_runs * t["trajectory"])
+    assert estimate_seconds(p, core) == pytest.approx(by_hand)
+    assert by_hand <= 2 * 3600  # the core's budget on 2 CPU cores
+    main(["study", "--preset", "smollm2", "--dry-run"])
+    text = capsys.readouterr().out
+    assert f"estimated time of these {len(core)} stages: ~{by_hand / 60:.0f} min (from step times measured" in text
+    assert "  mix_0p5 " not in text and "  opd_seed2 " in text
 
 
 def test_unknown_preset_and_stage_are_one_line_errors(capsys):

@@ -67,9 +67,11 @@ def test_tiny_learning_rates_are_the_documented_ones():
 def test_smollm2_learning_rates_are_the_documented_ones():
     p = get_preset("smollm2")
     s = p.run("sft").optim
-    assert _doc_lrs("smollm2") == [s.lr, p.run("rlvr").optim.lr] == [1e-5, 1e-6]
-    assert (s.schedule, s.min_lr) == ("cosine", 1e-6) and f"lr 1e-5 cosine → 1e-6" in DOCS.read_text()
-    assert "SFT lr 1e-5 cosine -> 1e-6" in _yaml_text("smollm2") and "RL (OPD, RLVR and every control) lr 1e-6" in _yaml_text("smollm2")
+    assert _doc_lrs("smollm2") == [p.teacher.sft_lr, s.lr, p.run("rlvr").optim.lr] == [1e-4, 5e-5, 5e-6]
+    assert s.lr / p.run("opd").optim.lr == pytest.approx(10.0)  # the paper's SFT:RL ratio
+    assert (s.schedule, s.min_lr) == ("cosine", 5e-6) and "lr 5e-5 cosine → 5e-6" in DOCS.read_text()
+    text = _yaml_text("smollm2")
+    assert "SFT 5e-5 cosine -> 5e-6" in text and "RL (OPD, RLVR and every control)\n# 5e-6 constant" in text
 
 
 @pytest.mark.parametrize("name", ["quick", "paper"])

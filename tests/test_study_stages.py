@@ -127,6 +127,21 @@ def test_select_by_name_and_kind_with_dependencies():
         select_stages(st, ["nope"])
 
 
+def test_select_by_tag_and_all_and_tags_are_not_in_the_key():
+    import dataclasses
+
+    rec = Recorder()
+    st = make_stages(rec)
+    tagged = [dataclasses.replace(s, tags=("controls", "mixing") if s.name in ("c", "d") else ("core",)) for s in st]
+    assert [s.name for s in select_stages(tagged, ["core"])] == ["a", "b", "r"]
+    assert [s.name for s in select_stages(tagged, ["mixing"])] == ["a", "b", "c", "d"]  # with their dependencies
+    assert [s.name for s in select_stages(tagged, ["controls", "r"])] == ["a", "b", "c", "d", "r"]
+    assert [s.name for s in select_stages(tagged, ["all"])] == ["a", "b", "c", "d", "r"]
+    assert stage_keys(tagged) == stage_keys(st)  # how a stage is selected does not change what it computes
+    with pytest.raises(ConfigError, match="tags \\['controls', 'core', 'mixing'\\]"):
+        select_stages(tagged, ["nope"])
+
+
 def test_unavailable_stage_is_reported_skipped_downstream_and_retried(tmp_path):
     rec = Recorder()
     rec.unavailable = {"b"}

@@ -15,8 +15,9 @@ import click
 @click.option("--fresh", is_flag=True, help="Redo the selected stages even when cached.")
 @click.option("--dry-run", is_flag=True, help="Validate and show the plan (stages, runs, sizes, GPU memory); run nothing.")
 @click.option("--stages", "stages", default=None,
-              help="Comma-separated stage names or kinds (model, train, eval, compare, trajectory, report) to run, "
-                   "with their dependencies (default: all).")
+              help="Comma-separated stage names, kinds (model, train, eval, compare, trajectory, report) or tags "
+                   "(core, controls, matched, sparsification, offpolicy, mixing, projection; all) to run, with their "
+                   "dependencies (default: the preset's default_stages: the core for smollm2, all for the others).")
 @click.option("--launcher", default=None,
               help='Run training stages as subprocesses, e.g. "accelerate launch --num_processes 8" on GPUs.')
 @click.option("--jobs", type=click.IntRange(min=1), default=None,

@@ -439,7 +439,7 @@ def build_stages(preset: StudyPreset, *, launcher: str | None = None) -> list[St
 
     ``launcher`` (e.g. ``"accelerate launch --num_processes 8"``) runs training stages as
     subprocesses of the public CLI; it does not change what is computed, so it is not
-    part of the cache keys.
+    part of the cache keys. Every stage is tagged for ``--stages`` (`run_tags`).
     """
     v = {"study_version": STUDY_VERSION, "task": preset.task, "dtype": preset.dtype, "dedup": preset.dedup,
          "demonstrations": preset.demonstrations}
@@ -462,7 +462,28 @@ def build_stages(preset: StudyPreset, *, launcher: str | None = None) -> list[St
         stages += _run_stages(preset, run, roles, v, ev, launcher)
     stages += _trajectory_stages(preset, roles, v)
     stages.append(Stage("report", "report", "", {**v}, _report_fn(preset), always=True))
-    return stages
+    return _tagged(preset, stages)
+
+
+CORE = ("core",)
+
+
+def run_tags(run: StudyRun) -> tuple[str, ...]:
+    """``--stages`` tags of a run's stages: ``core`` for SFT, OPD and RLVR (every seed, group
+    ``main``), else ``controls`` and the run's panel (``matched``, ``sparsification``,
+    ``offpolicy``, ``mixing``, ``projection``)."""
+    return CORE if run.group == "main" else ("controls", run.group)
+
+
+def _tagged(preset: StudyPreset, stages: list[Stage]) -> list[Stage]:
+    """A run's training, evaluation, restart evaluation, compare and trajectory stages carry
+    its `run_tags`; the models, their evaluations, ``trajectory_main`` and the report are core."""
+    own = {}
+    for run in preset.runs:
+        for name in (run.name, f"eval_{run.name}", f"eval_{run.name}_start", f"compare_{run.name}",
+                     f"trajectory_{run.name}"):
+            own[name] = run_tags(run)
+    return [dataclasses.replace(s, tags=own.get(s.name, CORE)) for s in stages]
 
 
 def _run_stages(preset: StudyPreset, run: StudyRun, roles: dict, v: dict, ev: dict, launcher: str | None) -> list[Stage]:

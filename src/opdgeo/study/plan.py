@@ -164,6 +164,25 @@ def _run_text(r: StudyRun) -> str:
     return ", ".join(parts)
 
 
+def estimate_seconds(preset: StudyPreset, stages) -> float:
+    """Wall time of ``stages`` from the preset's measured ``step_seconds``: steps x the
+    objective's step time per training run, the teacher's SFT steps x ``teacher_sft``, one
+    ``eval``/``compare`` per such stage, ``trajectory`` per run a trajectory stage reads."""
+    t = preset.step_seconds
+    total = 0.0
+    for s in stages:
+        if s.kind == "model":
+            total += t.get("model", 0.0) + (preset.teacher.sft_steps * t.get("teacher_sft", 0.0) if s.name == "teacher" else 0.0)
+        elif s.kind == "train":
+            run = preset.run(s.name)
+            total += run.steps * t.get(run.objective, 0.0)
+        elif s.kind == "trajectory":
+            total += len(s.config.get("runs", [])) * t.get("trajectory", 0.0)
+        else:
+            total += t.get(s.kind, 0.0)
+    return total
+
+
 def plan_rows(preset: StudyPreset, stages, statuses: dict[str, str] | None = None) -> list[tuple[str, str, str, str]]:
     """``(stage, kind, what, status)`` for every stage."""
     statuses = statuses or {}
@@ -257,6 +276,9 @@ def format_plan(preset: StudyPreset, stages, statuses: dict[str, str] | None = N
                 n = -(-(m.student + m.teacher) // (gpu - per_rank))
                 lines.append(f"  -> exceeds one 80 GiB GPU with DDP: shard with FSDP/ZeRO-3 (accelerate config) over "
                              f">= {int(n)} x 80 GiB GPUs.")
+    if preset.step_seconds:
+        lines += ["", f"estimated time of these {len(stages)} stages: ~{estimate_seconds(preset, stages) / 60:.0f} min "
+                      f"(from step times measured {preset.measured_on})"]
     if preset.expected_minutes:
         lines += ["", "expected time: " + ", ".join(f"{k}: ~{v} min" for k, v in preset.expected_minutes.items())]
     if preset.device == "cuda" or launcher:

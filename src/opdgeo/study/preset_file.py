@@ -2,7 +2,7 @@
 
 A study file has the study-level sections (``name``, ``description``, ``task``, ``dedup``,
 ``demonstrations``, ``dtype``, ``device``, ``torch_threads``, ``expected_minutes``,
-``seeds``, ``seeded``, ``base``, ``teacher``, ``eval``, ``diagnose``), ``defaults`` and
+``step_seconds``, ``measured_on``, ``default_stages``, ``seeds``, ``seeded``, ``base``, ``teacher``, ``eval``, ``diagnose``), ``defaults`` and
 ``runs``. Every entry of ``runs`` is a partial training config (the sections of
 ``opdgeo train``'s YAML config) with one more section, ``study`` (``init``, ``group``,
 ``checkpoint_every``, ``warmup_fraction``, ``epochs``); it is deep-merged over
@@ -27,7 +27,8 @@ from opdgeo.study.presets import PRESETS, DiagnoseSpec, EvalSpec, ModelSpec, Opt
 __all__ = ["preset_path", "load_preset", "shipped_presets_dir", "PLACEHOLDERS", "STUDY_RUN_KEYS"]
 
 _TOP = ("name", "description", "task", "dedup", "demonstrations", "dtype", "device", "torch_threads",
-        "expected_minutes", "seeds", "seeded", "base", "teacher", "eval", "diagnose", "defaults", "runs")
+        "expected_minutes", "step_seconds", "measured_on", "default_stages", "seeds", "seeded", "base", "teacher",
+        "eval", "diagnose", "defaults", "runs")
 STUDY_RUN_KEYS = {"init": "anchor", "group": "main", "checkpoint_every": 0.2, "warmup_fraction": 0.0, "epochs": None}
 """The keys of a run's ``study`` section, with their defaults."""
 _STUDY_RUN_TYPES = {"init": str, "group": str, "checkpoint_every": int | float, "warmup_fraction": int | float,
@@ -177,7 +178,8 @@ def _build(data: Mapping, where: str) -> StudyPreset:
         eval=_section(EvalSpec, data.get("eval"), "eval"), diagnose=_section(DiagnoseSpec, data.get("diagnose"), "diagnose"),
         dtype=study["dtype"], device=data.get("device", "cpu"), expected_minutes=dict(data.get("expected_minutes") or {}),
         torch_threads=data.get("torch_threads"), dedup=study["dedup"], demonstrations=study["demonstrations"],
-        seeds=seeds, path=where)
+        seeds=seeds, path=where, step_seconds={str(k): float(v) for k, v in (data.get("step_seconds") or {}).items()},
+        measured_on=str(data.get("measured_on") or ""), default_stages=tuple(data.get("default_stages") or ()))
 
 
 def _merge(base: Mapping, over: Mapping) -> dict:

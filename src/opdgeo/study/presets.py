@@ -269,6 +269,15 @@ class StudyPreset:
         dtype: checkpoint storage dtype (every run's ``checkpoint.dtype``).
         device: ``"cpu"`` or ``"cuda"``.
         expected_minutes: documented wall time, ``{"cpu-2core": m, "1xH100": m, ...}``.
+        step_seconds: measured seconds per unit, from which ``--dry-run`` estimates the
+            selected stages' time (`opdgeo.study.plan.estimate_seconds`): ``teacher_sft``,
+            ``sft``, ``opd``, ``rlvr`` (one optimizer step of that objective at the preset's
+            batch), ``eval`` (one evaluation), ``compare`` (one run's compare),
+            ``trajectory`` (one run read by a trajectory stage), ``model`` (one model stage
+            besides the teacher's SFT). Empty: only ``expected_minutes`` is shown.
+        measured_on: where and how ``step_seconds`` were measured (shown with the estimate).
+        default_stages: the ``--stages`` selection when none is given (empty: every stage),
+            e.g. ``[core]``: the controls then run with ``--stages controls`` or by name.
         torch_threads: intra-op threads for this process (None: torch's default).
         dedup: every run's ``task.dedup``.
         demonstrations: the SFT runs' ``task.demonstrations``.
@@ -287,6 +296,9 @@ class StudyPreset:
     dtype: str = "bfloat16"
     device: str = "cpu"
     expected_minutes: dict = field(default_factory=dict)
+    step_seconds: dict = field(default_factory=dict)
+    measured_on: str = ""
+    default_stages: tuple[str, ...] = ()
     torch_threads: int | None = None
     dedup: bool = True
     demonstrations: str | None = None

@@ -83,7 +83,7 @@ def plan_text(preset: StudyPreset, out: Path | None = None, *, launcher: str | N
               select: Sequence[str] | None = None) -> str:
     """The ``--dry-run`` text: validated plan, data plan, sizes, memory estimate, expected time."""
     preset, data_text = data_plan(preset)
-    stages = select_stages(build_stages(preset, launcher=launcher), select)
+    stages = select_stages(build_stages(preset, launcher=launcher), select or preset.default_stages)
     statuses = stage_statuses(preset, Path(out)) if out is not None and Path(out).is_dir() else None
     return format_plan(preset, stages, statuses, launcher=launcher, data_plan=data_text)
 
@@ -112,6 +112,7 @@ def run_study(preset: StudyPreset, out: str | Path, *, fresh: bool = False, sele
     preset = resolve_steps(preset)  # runs given in epochs, from the data's counts
     check_study_eval(preset)  # before any work: no evaluation on training rows
     stages = build_stages(preset, launcher=launcher)
+    select = list(select or preset.default_stages)  # none given: the preset's default (all when empty)
     select_stages(stages, select)  # validate names before any work
     from opdgeo.locking import hold_folder
 

@@ -102,6 +102,9 @@ class Stage:
             ``failed`` (traceback in ``<dir>/error.txt``), the stages depending on it are
             skipped, and the report lists it as not measured (used for the controls, so
             that one broken control does not cost the whole study).
+        tags: selection names besides the stage's name and kind (``core``; ``controls``
+            and the control's panel, e.g. ``mixing``): ``--stages controls`` selects every
+            stage tagged ``controls``. Not part of the cache key.
     """
 
     name: str
@@ -113,6 +116,7 @@ class Stage:
     resumable: bool = False
     always: bool = False
     soft: bool = False
+    tags: tuple[str, ...] = ()
 
 
 @dataclass
@@ -151,30 +155,33 @@ def stage_keys(stages: Sequence[Stage]) -> dict[str, str]:
 
 
 def select_stages(stages: Sequence[Stage], wanted: Sequence[str] | None) -> list[Stage]:
-    """The stages to run for ``wanted`` (names or kinds), with all their dependencies.
+    """The stages to run for ``wanted`` (names, kinds or tags), with all their dependencies.
 
-    ``None`` or empty selects everything. A name may be a stage name (``opd``,
-    ``compare_opd``) or a kind (``train``, ``eval``, ``compare``, ``trajectory``, ``report``).
+    ``None`` or empty selects everything, and so does ``all``. A name may be a stage name
+    (``opd``, ``compare_opd``), a kind (``train``, ``eval``, ``compare``, ``trajectory``,
+    ``report``) or a tag (``core``, ``controls``, a control panel such as ``mixing``).
 
     Raises:
-        ConfigError: a name that is neither a stage nor a kind (the choices are listed).
+        ConfigError: a name that is none of these (the choices are listed).
     """
-    if not wanted:
+    if not wanted or "all" in wanted:
         return list(stages)
     by_name = {s.name: s for s in stages}
     kinds = {s.kind for s in stages}
+    tags = {t for s in stages for t in s.tags}
     chosen: set[str] = set()
     bad = []
     for w in wanted:
         if w in by_name:
             chosen.add(w)
-        elif w in kinds:
-            chosen.update(s.name for s in stages if s.kind == w)
+        elif w in kinds or w in tags:
+            chosen.update(s.name for s in stages if s.kind == w or w in s.tags)
         else:
             bad.append(w)
     if bad:
         raise ConfigError(
-            f"--stages: unknown {', '.join(map(repr, bad))}; choose from kinds {sorted(kinds)} or stages {list(by_name)}"
+            f"--stages: unknown {', '.join(map(repr, bad))}; choose 'all', kinds {sorted(kinds)}, tags {sorted(tags)} "
+            f"or stages {list(by_name)}"
         )
     stack = list(chosen)
     while stack:
