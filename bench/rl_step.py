@@ -1,6 +1,7 @@
 """One SmolLM2-135M-Instruct RL step (batch 2 prompts x 4 samples x 64 new tokens), before and after.
 
     python bench/rl_step.py [--steps 3] [--before-rev 78b1270] [--objective rlvr] [--rounds 1] [--part step|adamw]
+                            [--precision auto|fp32|bf16]
 
 "before" is the training core at git revision ``--before-rev`` (exported with ``git archive``
 into a temporary folder; default: main before the step speed-up) run with the environment
@@ -8,7 +9,9 @@ it had (OpenMP's default spin-waiting: ``OMP_WAIT_POLICY`` removed); "after" is 
 checkout run as the ``opdgeo`` CLI runs it (``OMP_WAIT_POLICY=PASSIVE``, set by
 ``opdgeo.cli``). Both run the same config in their own subprocess, alternately when
 ``--rounds`` > 1, with the precision ``optim.bf16_autocast: auto`` picks (fp32 on a CPU
-without native bf16). The step time is the loop's ``train/step_time`` (rollout, scoring,
+without native bf16; ``--precision fp32|bf16`` forces it through ``$OPDGEO_AUTOCAST`` on both
+sides — a "before" revision that predates ``auto`` ignores it, so compare fp32 against a
+revision that has it). The step time is the loop's ``train/step_time`` (rollout, scoring,
 loss, backward, AdamW); the first step of each process is a warm-up and not counted. The
 last lines are ``name: value`` pairs; ``speedup`` = median before / median after, measured
 in one run. ``--part adamw`` times only the optimizer update over SmolLM2's 135M parameters
@@ -81,9 +84,12 @@ def adamw_worker(after: bool, steps: int) -> None:
                                   "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}), flush=True)
 
 
-def run_side(name: str, src: Path, objective: str, steps: int, tmp: Path, index: int, part: str = "step") -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+def run_side(name: str, src: Path, objective: str, steps: int, tmp: Path, index: int, part: str = "step",
+             precision: str = "auto") -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OPDGEO_AUTOCAST")}
     env["PYTHONPATH"] = str(src)
+    if precision != "auto":
+        env["OPDGEO_AUTOCAST"] = precision
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--objective", objective,
            "--steps", str(steps), "--out", str(tmp / f"{name}-{index}"), "--part", part]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -101,6 +107,8 @@ def main() -> None:
     ap.add_argument("--before-rev", default="78b1270")
     ap.add_argument("--part", default="step", choices=("step", "adamw"),
                     help="the whole RL step, or only the AdamW update over SmolLM2's parameters")
+    ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                    help="the forward passes' precision on both sides (auto: bf16 autocast where native)")
     ap.add_argument("--worker", choices=("before", "after"), help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -123,7 +131,7 @@ def main() -> None:
         info = {}
         for r in range(a.rounds):
             for name, src in sides.items():
-                res = run_side(name, src, a.objective, a.steps, tmp, r, a.part)
+                res = run_side(name, src, a.objective, a.steps, tmp, r, a.part, a.precision)
                 times[name] += res["step_time"][1:]
                 info[name] = res
                 print(f"{name} round {r}: steps {[round(t, 2) for t in res['step_time']]} s "
@@ -132,7 +140,11 @@ def main() -> None:
     import torch
 
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"cpu: {platform.processor() or platform.machine()} capability {torch.backends.cpu.get_cpu_capability()}")
+    from opdgeo.training.precision import native_bf16
+
+    print(f"cpu: {platform.processor() or platform.machine()} capability {torch.backends.cpu.get_cpu_capability()} "
+          f"native_bf16 {native_bf16('cpu')}")
+    print(f"precision: {a.precision}")
     print(f"before_rev: {a.before_rev}")
     print(f"part: {a.part}")
     print(f"objective: {a.objective}")

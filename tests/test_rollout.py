@@ -195,3 +195,26 @@ def test_score_false_gives_the_same_samples_without_logprobs(model, tok):
     kw = dict(num_samples=2, temperature=1.0, max_new_tokens=8, seed=4, batch_size=6)
     a, b = generate(model, tok, PROMPTS, **kw), generate(model, tok, PROMPTS, score=False, **kw)
     assert torch.equal(a.response_ids, b.response_ids) and b.behaviour_logprobs is None
+
+
+def test_shared_prompt_prefill_samples_like_the_reference_path(model, tok):
+    """A group's rows share one prefill of their prompt; generate then runs only the last
+    prompt token and the new ones, and the samples and log-probs are the reference path's."""
+    kw = dict(num_samples=4, temperature=1.0, max_new_tokens=12, seed=3, batch_size=6)
+    shapes = []
+    hook = model.register_forward_pre_hook(lambda m, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
+                                           with_kwargs=True)
+    try:
+        shared = generate(model, tok, PROMPTS, **kw)
+    finally:
+        hook.remove()
+    ref = generate(model, tok, PROMPTS, share_prompts=False, **kw)
+    assert torch.equal(shared.response_ids, ref.response_ids) and torch.equal(shared.response_mask, ref.response_mask)
+    assert torch.equal(shared.behaviour_logprobs, ref.behaviour_logprobs)
+    # chunk 0 holds rows of prompts 0 (x4) and 1 (x2): one prefill of the 2 distinct prompts
+    # without their last token, then generate's first forward sees one token per row
+    p0 = max(len(PROMPTS[0]), len(PROMPTS[1]))
+    assert shapes[0] == (2, p0 - 1) and shapes[1] == (6, 1)
+    greedy = dict(kw, temperature=0.0)
+    assert torch.equal(generate(model, tok, PROMPTS, **greedy).response_ids,
+                       generate(model, tok, PROMPTS, share_prompts=False, **greedy).response_ids)

@@ -200,7 +200,8 @@ def neutral_generation_config(*, temperature: float, max_new_tokens: int, eos_id
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], *, num_samples: int = 1, temperature: float = 1.0,
-             max_new_tokens: int = 64, seed: int = 0, batch_size: int = 64, score: bool = True) -> Rollout:
+             max_new_tokens: int = 64, seed: int = 0, batch_size: int = 64, score: bool = True,
+             share_prompts: bool = True) -> Rollout:
     """Sample ``num_samples`` responses per prompt with HF ``generate`` and score them.
 
     Sampling is plain ancestral sampling from softmax(z / temperature), exactly: the
@@ -211,6 +212,13 @@ def generate(model, tokenizer, prompts: list[str], *, num_samples: int = 1, temp
     chunks of ``batch_size`` sequences; chunk c is sampled after ``torch.manual_seed(seed + c)``
     inside ``fork_rng`` (the caller's RNG state is untouched), so results are reproducible
     on CPU for a fixed (seed, batch_size).
+
+    ``share_prompts``: the rows of a chunk that answer the same prompt share one prefill of
+    it (`sample_chunk`): the prompt's KV cache is computed once and copied to its rows, so
+    the G samples of a group cost one prompt forward, not G. The samples come from the
+    same distribution either way (the cache holds the same keys and values, up to float
+    rounding of a different batch shape); False is the reference path (every row
+    prefilled by ``generate`` itself).
 
     ``behaviour_logprobs`` are recomputed after sampling by ``sequence_logprobs`` (one
     no-grad forward, chunked like sampling) at the sampling temperature, i.e. they are the
@@ -234,6 +242,7 @@ def generate(model, tokenizer, prompts: list[str], *, num_samples: int = 1, temp
         score: compute ``behaviour_logprobs`` (one no-grad forward per chunk); False leaves
             them None, for callers that need only the samples (evaluation, rejection
             sampling, an on-policy step whose loss forward gives the old log-probs).
+        share_prompts: one prefill per distinct prompt of a chunk (see above).
 
     Returns:
         ``Rollout`` with N = B·G rows, prompt-major.
@@ -241,77 +250,129 @@ def generate(model, tokenizer, prompts: list[str], *, num_samples: int = 1, temp
     Raises:
         ConfigError: invalid arguments, or no EOS/pad token.
     """
-    from transformers import GenerationConfig
-
     _check_args(prompts, num_samples, temperature, max_new_tokens, batch_size)
     eos_ids = _eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     device = next(model.parameters()).device
     gen_config = neutral_generation_config(temperature=temperature, max_new_tokens=max_new_tokens,
                                            eos_ids=eos_ids, pad_id=pad_id)
-    score_temperature = float(temperature) if temperature > 0 else 1.0  # the distribution sampled from
+    encoded = _encode(tokenizer, prompts)
+    rows = [i for i in range(len(prompts)) for _ in range(num_samples)]  # prompt-major
+    starts = range(0, len(rows), batch_size)
+    with _sampling_mode(model):
+        responses = [sample_chunk(model, [encoded[i] for i in rows[start:start + batch_size]], gen_config,
+                                  pad_id=pad_id, seed=seed + c, device=device, share_prompts=share_prompts)
+                     for c, start in enumerate(starts)]
+        batch = _assemble(encoded, rows, responses, batch_size=batch_size, pad_id=pad_id, eos_ids=eos_ids)
+        behaviour_logprobs = None
+        if score:
+            tau = float(temperature) if temperature > 0 else 1.0  # the distribution sampled from
+            behaviour_logprobs = torch.cat([
+                sequence_logprobs(model, batch["input_ids"][sl].to(device), batch["attention_mask"][sl].to(device),
+                                  batch["response_mask"][sl].to(device), temperature=tau).float().cpu()
+                for sl in (slice(start, start + batch_size) for start in starts)])
+    texts = _texts(tokenizer, batch["response_ids"], batch["response_mask"], eos_ids)
+    return Rollout(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   response_mask=batch["response_mask"], response_ids=batch["response_ids"],
+                   behaviour_logprobs=behaviour_logprobs, texts=texts, prompt_index=torch.tensor(rows, dtype=torch.long),
+                   prompt_len=batch["prompt_len"], finished=batch["finished"])
 
-    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+
+def _encode(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """Token ids of each prompt (no special tokens added: chat templates contain them)."""
+    encoded = [list(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     for i, ids in enumerate(encoded):
         if not ids:
             raise ConfigError(f"rollout: prompt {i} tokenizes to nothing")
-    P = max(len(ids) for ids in encoded)
-    rows = [i for i in range(len(prompts)) for _ in range(num_samples)]  # prompt-major
-    N = len(rows)
+    return encoded
+
+
+@contextlib.contextmanager
+def _sampling_mode(model):
+    """Eval mode and an empty ``generation_config`` (nothing of the model's own is merged
+    into the neutral one) for the block; both restored after."""
+    from transformers import GenerationConfig
 
     was_training = model.training
     own_config = model.generation_config
     model.eval()
-    model.generation_config = GenerationConfig()  # nothing of the model's own config is merged in
+    model.generation_config = GenerationConfig()
     try:
-        responses: list[torch.Tensor] = []
-        for c, start in enumerate(range(0, N, batch_size)):
-            chunk = rows[start:start + batch_size]
-            Pc = max(len(encoded[i]) for i in chunk)
-            ids = torch.full((len(chunk), Pc), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), Pc), dtype=torch.long)
-            for r, i in enumerate(chunk):
-                n = len(encoded[i])
-                ids[r, Pc - n:] = torch.tensor(encoded[i])
-                mask[r, Pc - n:] = 1
-            with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
-                torch.manual_seed(seed + c)
-                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                     generation_config=gen_config)
-            responses.append(out[:, Pc:].cpu())  # [b, T_c]
-
-        T = max(r.shape[1] for r in responses)
-        response_ids = torch.full((N, T), pad_id, dtype=torch.long)
-        for start, r in zip(range(0, N, batch_size), responses):
-            response_ids[start:start + r.shape[0], : r.shape[1]] = r
-        response_mask, finished = _response_mask(response_ids, eos_ids)  # [N, T]
-        response_ids = torch.where(response_mask, response_ids, torch.full_like(response_ids, pad_id))
-
-        input_ids = torch.full((N, P + T), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((N, P + T), dtype=torch.long)
-        for r, i in enumerate(rows):
-            n = len(encoded[i])
-            input_ids[r, P - n:P] = torch.tensor(encoded[i])
-            attention_mask[r, P - n:P] = 1
-        input_ids[:, P:] = response_ids
-        attention_mask[:, P:] = response_mask.long()
-
-        logps = []
-        for start in range(0, N, batch_size) if score else ():
-            sl = slice(start, start + batch_size)
-            logps.append(sequence_logprobs(model, input_ids[sl].to(device), attention_mask[sl].to(device),
-                                           response_mask[sl].to(device), temperature=score_temperature).float().cpu())
-        behaviour_logprobs = torch.cat(logps) if score else None
+        yield
     finally:
         model.generation_config = own_config
         model.train(was_training)
 
+
+def _left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[b, P]`` ids and 0/1 mask of the prompts, left-padded to the longest."""
+    P = max(len(ids) for ids in prompts)
+    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), P), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, P - len(p):] = torch.tensor(p)
+        mask[r, P - len(p):] = 1
+    return ids, mask
+
+
+def sample_chunk(model, prompts: list[list[int]], gen_config, *, pad_id: int, seed: int, device: torch.device,
+                 share_prompts: bool = True) -> torch.Tensor:
+    """One ``generate`` call over the rows ``prompts`` (token ids); ``[b, T_c]`` response ids.
+
+    With ``share_prompts`` and rows repeating a prompt (every prompt at least two tokens
+    long), every distinct prompt but its last token is run through the model once, its
+    KV cache (a ``DynamicCache``) copied to each of its rows, and ``generate`` continues
+    from that cache: it computes only the last prompt token and the new ones. Left padding
+    and positions are those of the full batch (``position_ids_from_mask``), so each row
+    sees the cache it would have computed itself.
+    """
+    ids, mask = _left_padded(prompts, pad_id)
+    kwargs = {}
+    first = {}
+    for r, p in enumerate(prompts):
+        first.setdefault(tuple(p), r)
+    if share_prompts and len(first) < len(prompts) and min(len(p) for p in prompts) >= 2:
+        from transformers import DynamicCache
+
+        distinct = torch.tensor(list(first.values()))
+        cache = DynamicCache()
+        head_ids, head_mask = ids[distinct, :-1].to(device), mask[distinct, :-1].to(device)
+        model(input_ids=head_ids, attention_mask=head_mask, position_ids=position_ids_from_mask(head_mask),
+              cache=cache, use_cache=True, logits_to_keep=1)
+        slot = {r: k for k, r in enumerate(first.values())}
+        cache.batch_select_indices(torch.tensor([slot[first[tuple(p)]] for p in prompts], device=device))
+        kwargs["cache"] = cache
+    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+        torch.manual_seed(seed)
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_config,
+                             **kwargs)
+    return out[:, ids.shape[1]:].cpu()
+
+
+def _assemble(encoded: list[list[int]], rows: list[int], responses: list[torch.Tensor], *, batch_size: int,
+              pad_id: int, eos_ids: list[int]) -> dict:
+    """The rollout's tensors: prompts left-padded to P, responses right-padded to T and
+    masked after their first EOS (pad id there), the attention and response masks."""
+    N, P = len(rows), max(len(ids) for ids in encoded)
+    T = max(r.shape[1] for r in responses)
+    response_ids = torch.full((N, T), pad_id, dtype=torch.long)
+    for start, r in zip(range(0, N, batch_size), responses):
+        response_ids[start:start + r.shape[0], : r.shape[1]] = r
+    response_mask, finished = _response_mask(response_ids, eos_ids)  # [N, T]
+    response_ids = torch.where(response_mask, response_ids, torch.full_like(response_ids, pad_id))
+    prompt_ids, prompt_mask = _left_padded([encoded[i] for i in rows], pad_id)  # [N, P]
+    input_ids = torch.cat([prompt_ids, response_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, response_mask.long()], dim=1)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask,
+            "response_ids": response_ids, "finished": finished, "prompt_len": P}
+
+
+def _texts(tokenizer, response_ids: torch.Tensor, response_mask: torch.Tensor, eos_ids: list[int]) -> list[str]:
+    """Decoded responses, up to (not including) EOS, special tokens skipped."""
     texts = []
-    for r in range(N):
+    for r in range(response_ids.shape[0]):
         keep = response_ids[r][response_mask[r]].tolist()
         if keep and keep[-1] in eos_ids:
             keep = keep[:-1]
         texts.append(tokenizer.decode(keep, skip_special_tokens=True))
-    return Rollout(input_ids=input_ids, attention_mask=attention_mask, response_mask=response_mask,
-                   response_ids=response_ids, behaviour_logprobs=behaviour_logprobs, texts=texts,
-                   prompt_index=torch.tensor(rows, dtype=torch.long), prompt_len=P, finished=finished)
+    return texts
