@@ -335,8 +335,12 @@ def teacher_dtype(setting: str, device: torch.device) -> torch.dtype:
 
 def inference_model(model, config: TrainConfig, device: torch.device):
     """A scoring-only model: on ``device`` in ``model.teacher_dtype``, eval mode, no gradients
-    (its log-probs enter the loss as constants, under ``torch.no_grad``)."""
-    return model.to(device=device, dtype=teacher_dtype(config.model.teacher_dtype, device)).eval().requires_grad_(False)
+    (its log-probs enter the loss as constants, under ``torch.no_grad``). Under ``fsdp`` it
+    is sharded like the student (``distributed.shard_for_inference``: 1/world per rank)."""
+    dtype = teacher_dtype(config.model.teacher_dtype, device)
+    if config.distributed.strategy == "fsdp":  # cast on the CPU; fully_shard moves each layer's shard to the device
+        return distributed.shard_for_inference(model.to(dtype=dtype).eval().requires_grad_(False))
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 def activation_checkpointing_(model: torch.nn.Module) -> None:
@@ -810,7 +814,8 @@ def _train(config: TrainConfig, strategy: str, ctx: distributed.Context, *, resu
     task, problems = data.task, data.problems
     torch.manual_seed(config.run.seed)
     student, tokenizer = load_policy(config.model.student, init_seed=config.model.init_seed)
-    student = student.to(device=device, dtype=torch.float32).eval()  # fp32 master weights
+    # fp32 master weights; under fsdp they stay on the CPU until fully_shard moves each layer's shard
+    student = student.to(device=None if strategy == "fsdp" else device, dtype=torch.float32).eval()
     if config.model.activation_checkpointing:
         activation_checkpointing_(student)
     teacher = None
