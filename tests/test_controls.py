@@ -188,7 +188,7 @@ def test_offpolicy_ratio_and_clipping_exact():
     adv = torch.tensor([[1.0, 1.0, 1.0, -1.0], [-1.0, 0, 0, 0]], dtype=torch.float64)
     cfg = config_from_dict({"objective": "opd", "model": {"student": "tiny:quick", "teacher": "tiny:quick"},
                             "rollout": {"policy": "teacher"}}, check_paths=False)
-    eps_low, eps_high = clip_range(cfg)
+    eps_low, eps_high = clip_range(cfg.objective, cfg.rollout)
     assert (eps_low, eps_high) == (1.0, 1.0)  # symmetric [0, 2]
     out = policy_gradient_loss(logp, blogp, adv, resp, eps_low=eps_low, eps_high=eps_high)
     # exp of a float64 difference of two logs: ~2 ulp from the exact ratio
@@ -199,7 +199,7 @@ def test_offpolicy_ratio_and_clipping_exact():
     # the surrogate: -min(ρA, clip(ρ, 0, 2)A) = -[2, 1, 2, -0.25, -0.25]
     torch.testing.assert_close(out.loss[resp], torch.tensor([-2.0, -1.0, -2.0, 0.25, 0.25], dtype=torch.float64))
     on = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, policy="student"))
-    assert clip_range(on) == (0.2, 0.28)
+    assert clip_range(on.objective, on.rollout) == (0.2, 0.28)
 
 
 def test_combine_advantages_limits_are_bit_exact():

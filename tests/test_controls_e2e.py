@@ -81,7 +81,7 @@ def test_with_advantages_sparsifies_the_opd_signal_exactly():
                     response_mask=resp, problem_index=torch.zeros(2, dtype=torch.long), old_logprobs=student,
                     student_logprobs=student, teacher_logprobs=teacher)
     cfg = _config("unused", token_keep={"mode": "topkl", "fraction": 0.5})
-    out = with_advantages(mb, cfg)
+    out = with_advantages(mb, cfg.objective, group_size=cfg.rollout.group_size, token_keep=cfg.token_keep)
     # r = s - t: row 0 [1, -1, -0.1, 0.5] keeps {0, 3}; row 1 [0.1, 0.2, -0.2] keeps 2 of 3: {0, 1}
     assert torch.nonzero(out.keep_mask).tolist() == [[0, 0], [0, 3], [1, 0], [1, 1]]
     want = torch.tensor([[-2.0, 0.0, 0.0, -1.0], [-0.15, -0.3, 0.0, 0.0]])  # -(T/Σm)·m·r
@@ -90,9 +90,9 @@ def test_with_advantages_sparsifies_the_opd_signal_exactly():
     assert torch.equal(out.loss_mask, resp)  # dropped tokens stay in the token-mean denominator
     # random mode: seeded by the micro-batch seed
     rnd = _config("unused", token_keep={"mode": "random", "fraction": 0.5})
-    a, b, c = (with_advantages(mb, rnd, keep_seed=s).keep_mask for s in (1, 1, 2))
+    a, b, c = (with_advantages(mb, rnd.objective, group_size=2, token_keep=rnd.token_keep, keep_seed=s).keep_mask for s in (1, 1, 2))
     assert torch.equal(a, b) and a.sum(1).tolist() == [2, 2]
-    assert any(not torch.equal(with_advantages(mb, rnd, keep_seed=s).keep_mask, a) for s in range(2, 12))
+    assert any(not torch.equal(with_advantages(mb, rnd.objective, group_size=2, token_keep=rnd.token_keep, keep_seed=s).keep_mask, a) for s in range(2, 12))
 
 
 def test_topkl_and_random_runs_log_what_they_kept(tmp_path):

@@ -371,13 +371,13 @@ def test_the_mixing_panel_uses_the_matched_ends(tmp_path):
     end, ``mix_0``, in the mixing panel, not the main RLVR run."""
     import dataclasses
 
-    from opdgeo.study.presets import RunSpec
+    from opdgeo.study.presets import StudyRun
 
     out = make_fake_study(tmp_path / "s")
     p = get_preset("quick")
     mix = p.run("mix_0p5")
     runs = tuple(dataclasses.replace(r, steps=10) if r.name == "rlvr" else r for r in p.runs if r.seed_of is None)
-    runs += (RunSpec(name="mix_0", objective="rlvr", init="anchor", steps=mix.steps, batch_size=mix.batch_size,
+    runs += (StudyRun(name="mix_0", objective="rlvr", init="anchor", steps=mix.steps, batch_size=mix.batch_size,
                      samples_per_prompt=mix.samples_per_prompt, optim=mix.optim, group="mixing"),)
     q = dataclasses.replace(p, runs=runs)
     assert dict(q.mixing_panel())[0.0] == "mix_0"
@@ -396,3 +396,28 @@ def test_the_mixing_panel_uses_the_matched_ends(tmp_path):
     small = {c["id"]: c for c in json.loads((out / "claims.json").read_text())}["small_alpha_departs"]
     # the small-alpha claim measures against the sweep's own alpha = 0 end; one seed: inconclusive
     assert "D(mix_0p05, OPD) − D(mix_0p05, mix_0)" in small["evidence"] and small["holds"] is None
+
+
+def test_trajectory_means_come_from_the_trajectory_summary(tmp_path):
+    """The report reads trajectory's own per-checkpoint means (summary.json ``means``, NaN
+    written as null) and falls back to averaging trajectory.csv only without them."""
+    from opdgeo.report.study_results import load_results
+
+    out = make_fake_study(tmp_path / "s")
+    main = out / "diagnose" / "trajectory" / "main"
+    summary = json.loads((main / "summary.json").read_text())
+    summary["runs"]["opd"]["means"] = [
+        {"step": 2, "progress": 100.0, "n_matrices": 2, "stable_rank": 7.5, "fro_norm": 0.5, "rel_fro_norm": None,
+         "hill_alpha": 2.0, "sim_to_final": 1.0},
+        {"step": 1, "progress": 50.0, "n_matrices": 2, "stable_rank": 9.25, "fro_norm": 0.25, "rel_fro_norm": 0.1,
+         "hill_alpha": None, "sim_to_final": 0.5}]
+    (main / "summary.json").write_text(json.dumps(summary))
+    res = load_results(out)
+    assert res.traj_means["opd"] == [
+        {"step": 1, "progress": 50.0, "stable_rank": 9.25, "fro_norm": 0.25, "rel_fro_norm": 0.1, "hill_alpha": None,
+         "sim_to_final": 0.5},
+        {"step": 2, "progress": 100.0, "stable_rank": 7.5, "fro_norm": 0.5, "rel_fro_norm": None, "hill_alpha": 2.0,
+         "sim_to_final": 1.0}]
+    assert res.trajectory("opd") == ([0.5, 1.0], [9.25, 7.5])
+    # sft's summary has no means: the mean over its two matrices in trajectory.csv (SRANK + 0, + 2)
+    assert [m["stable_rank"] for m in res.traj_means["sft"]] == [v + 0 - 1 + 1 for v in SRANK["sft"]]

@@ -198,3 +198,31 @@ def test_statistic_text_states_the_claimed_side():
     assert c["update_density_order"]["statistic"].endswith("each claimed < 0")
     assert c["sparsity_order"]["comparisons"][0]["direction"] == ">"
     assert c["nss_order_matched"]["comparisons"][1]["direction"] == "<"
+
+
+def test_claims_follow_the_plans_roles_not_run_names():
+    """Renaming every run (in study.json without its ``roles``, so they are derived from the
+    runs) changes no verdict or estimate: the claims find their runs through the plan."""
+    res = synthetic()
+
+    def f(name):
+        return None if name is None else f"my_{name}"
+
+    info = {k: v for k, v in res.info.items() if k != "roles"}
+    runs = []
+    for r in info["runs"]:
+        init = r["init"]
+        if "@" in init:
+            src, _, frac = init.partition("@")
+            init = f"{f(src)}@{frac}"
+        runs.append({**r, "name": f(r["name"]), "seed_of": f(r.get("seed_of")), "init": init})
+    info["runs"] = runs
+    info["mixing_panel"] = [{**p, "run": f(p["run"])} for p in info["mixing_panel"]]
+    renamed = StudyResults(info=info)
+    renamed.compare = {f(k): v for k, v in res.compare.items()}
+    renamed.traj_means = {f(k): v for k, v in res.traj_means.items()}
+    renamed.evals = {(f(k[:-len("_start")]) + "_start" if k.endswith("_start") else f(k)): v for k, v in res.evals.items()}
+    assert renamed.role("opd") == "my_opd" and renamed.projection_of("my_sft")["start"] == "my_sft_proj16_start"
+    a, b = evaluate_claims(res), evaluate_claims(renamed)
+    assert [(c["id"], c["holds"], c["estimate"], c["ci"]) for c in a] == [(c["id"], c["holds"], c["estimate"], c["ci"]) for c in b]
+    assert sum(c["holds"] is not None for c in a) >= 10  # the comparison is not vacuous

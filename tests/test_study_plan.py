@@ -11,7 +11,7 @@ from opdgeo.cli.main import main
 from opdgeo.errors import ConfigError
 from opdgeo.study.pipeline import build_stages, train_config_dict
 from opdgeo.study.plan import count_parameters, model_arch
-from opdgeo.study.presets import PRESETS, RunSpec, StudyPreset, get_preset
+from opdgeo.study.presets import PRESETS, StudyPreset, StudyRun, get_preset
 
 
 def _meta_count(arch: dict) -> int:
@@ -100,11 +100,15 @@ def test_unknown_preset_and_stage_are_one_line_errors(capsys):
 
 def test_preset_validation_lists_every_problem():
     p = get_preset("quick")
-    bad_run = dataclasses.replace(p.run("opd"), steps=0, token_keep=("top", 2.0))
+    # the study-level problems; a run's training settings are the training config's to
+    # validate (tests/test_study_presets_data.py)
+    bad_run = dataclasses.replace(p.run("opd"), init="nope@1.5", project_rank=16, checkpoint_every=0.0)
     with pytest.raises(ConfigError) as e:
         dataclasses.replace(p, runs=(p.run("sft"), bad_run), dtype="int8")
     msg = str(e.value)
-    assert "runs.opd.steps must be >= 1" in msg and "runs.opd.token_keep" in msg and "dtype must be" in msg
+    assert "\n" not in msg and msg.startswith(p.path)
+    assert "runs.opd.study.init refers to run 'nope'" in msg and "runs.opd.study.init fraction must be in (0, 1]" in msg
+    assert "runs.opd.study.checkpoint_every must be in (0, 1]" in msg and "dtype must be" in msg
     with pytest.raises(ConfigError, match="must be one of quick, tiny, smollm2, paper"):
         get_preset("x")
     assert isinstance(p, StudyPreset)

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-import opdgeo.study.presets as presets_module
 from opdgeo.errors import ConfigError
 from opdgeo.study.presets import get_preset
 from opdgeo.study.seeds import with_seeds
@@ -60,8 +59,9 @@ def test_tiny_learning_rates_are_the_documented_ones():
     assert sft / rl == pytest.approx(10.0)  # the paper's SFT:RL ratio (1e-5 : 1e-6)
     for r in p.runs:  # SFT and its projected continuation at the SFT rate; every run from the anchor at the RL rate
         assert r.optim.lr == (sft if r.init == "base" or r.init.startswith("sft@") else rl), r.name
-    doc = presets_module.__doc__
-    assert "(OPD, RLVR and every control) at lr 2e-5" in doc and "SFT at 2e-4" in doc
+    text = _yaml_text("tiny")  # the preset's own file states them beside the values
+    assert "RL (OPD, RLVR and every control) at lr 2e-5" in text and "SFT at 2e-4" in text
+    assert "lr: 2.0e-5" in text and "lr: 2.0e-4" in text
 
 
 def test_smollm2_learning_rates_are_the_documented_ones():
@@ -69,3 +69,18 @@ def test_smollm2_learning_rates_are_the_documented_ones():
     s = p.run("sft").optim
     assert _doc_lrs("smollm2") == [s.lr, p.run("rlvr").optim.lr] == [1e-5, 1e-6]
     assert (s.schedule, s.min_lr) == ("cosine", 1e-6) and f"lr 1e-5 cosine → 1e-6" in DOCS.read_text()
+    assert "SFT lr 1e-5 cosine -> 1e-6" in _yaml_text("smollm2") and "RL (OPD, RLVR and every control) lr 1e-6" in _yaml_text("smollm2")
+
+
+@pytest.mark.parametrize("name", ["quick", "paper"])
+def test_other_presets_learning_rates_are_the_documented_ones(name):
+    p = get_preset(name)
+    assert _doc_lrs(name) == [p.run("sft").optim.lr, p.run("opd").optim.lr]
+    assert all(r.optim.lr == p.run("opd").optim.lr for r in p.runs if r.init == "anchor" and r.group != "matched"
+               or r.init.startswith("opd@"))
+
+
+def _yaml_text(name: str) -> str:
+    from opdgeo.study.preset_file import shipped_presets_dir
+
+    return (shipped_presets_dir() / f"{name}.yaml").read_text()

@@ -76,37 +76,46 @@ def test_micro_batching_with_accumulation_equals_full_batch(objective):
     from opdgeo.models import build_model, char_tokenizer, tiny_qwen3_config
 
     model = build_model(tiny_qwen3_config("quick", len(char_tokenizer())), seed=0)
-    cfg = _cfg("unused", f"objective={objective}", "optim.bf16_autocast=false")
     mb = _micro_batch()
+    if objective == "sft":  # demonstrations: weight 1 on the counted tokens, no log-probs recorded at rollout
+        mb = dataclasses.replace(mb, advantages=mb.loss_mask.float(), old_logprobs=None)
     n_tokens = float(mb.loss_mask.sum())
+    cpu = torch.device("cpu")
 
     def grads(batches):
         model.zero_grad(set_to_none=True)
-        sums = backward_micro_batches(model, batches, config=cfg, global_tokens=n_tokens, device=torch.device("cpu"))
+        sums = backward_micro_batches(model, batches, clip=(0.2, 0.28), global_tokens=n_tokens, device=cpu, bf16=False)
         return {k: p.grad.clone() for k, p in model.named_parameters()}, sums
 
     full, s_full = grads([mb])
     split, s_split = grads([_rows(mb, slice(0, 2)), _rows(mb, slice(2, 3)), _rows(mb, slice(3, 6))])
     for k in full:
         torch.testing.assert_close(split[k], full[k], rtol=1e-5, atol=1e-7)
-    assert s_split["loss"] == pytest.approx(s_full["loss"], rel=1e-5)
+    key = "nll" if objective == "sft" else "loss"
+    assert s_split[key] == pytest.approx(s_full[key], rel=1e-5)
     # the reference: the token-level mean over the whole batch, computed independently
     from opdgeo.training.rollout import sequence_logprobs
 
-    lp = sequence_logprobs(model, mb.input_ids, mb.attention_mask, mb.response_mask).double()
-    if objective == "sft":
-        ref = -(lp * mb.loss_mask).sum() / n_tokens
+    model.zero_grad(set_to_none=True)
+    lp = sequence_logprobs(model, mb.input_ids, mb.attention_mask, mb.response_mask)
+    if objective == "sft":  # the cross-entropy: its gradient is the loop's, through the clipped surrogate
+        ref = -(torch.where(mb.loss_mask, lp, 0.0)).sum() / n_tokens
+        ref.backward()
+        for k, p in model.named_parameters():
+            torch.testing.assert_close(full[k], p.grad, rtol=1e-5, atol=1e-7)
+        assert s_full["ratio"] == n_tokens and s_full["clipped"] == 0  # ratio exactly 1 on every token
     else:
+        lp = lp.double()
         ratio = torch.exp(lp - mb.old_logprobs.double())
         a = mb.advantages.double()
         ref = -(torch.minimum(ratio * a, ratio.clamp(0.8, 1.28) * a) * mb.loss_mask).sum() / n_tokens
         assert 0 < s_full["clipped"] < n_tokens
-    assert s_full["loss"] == pytest.approx(ref.item(), rel=1e-5)
+    assert s_full[key] == pytest.approx(ref.item(), rel=1e-5)
     # a per-micro-batch mean (the classic mistake) would differ
     per_mb = [_rows(mb, slice(0, 2)), _rows(mb, slice(2, 6))]
-    wrong = sum(backward_micro_batches(model, [b], config=cfg, global_tokens=float(b.loss_mask.sum()),
-                                       device=torch.device("cpu"))["loss"] for b in per_mb) / 2
-    assert abs(wrong - s_full["loss"]) > 1e-4
+    wrong = sum(backward_micro_batches(model, [b], clip=(0.2, 0.28), global_tokens=float(b.loss_mask.sum()),
+                                       device=cpu, bf16=False)[key] for b in per_mb) / 2
+    assert abs(wrong - s_full[key]) > 1e-4
 
 
 def test_schedule_prompts_and_rank_split():

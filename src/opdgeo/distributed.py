@@ -39,6 +39,7 @@ __all__ = [
     "context",
     "dist_context",
     "is_distributed",
+    "rank",
     "barrier",
     "all_reduce_sum",
     "all_reduce_max",
@@ -77,6 +78,12 @@ def _dist():
     import torch.distributed as dist
 
     return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def rank() -> int:
+    """This process's rank in the initialized process group (0 without one)."""
+    dist = _dist()
+    return dist.get_rank() if dist is not None else 0
 
 
 def is_distributed() -> bool:

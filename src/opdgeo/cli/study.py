@@ -6,12 +6,12 @@ import click
 
 
 @click.command("study")
-@click.option("--preset", default="tiny", show_default=True,
-              type=click.Choice(["quick", "tiny", "smollm2", "paper"]),
+@click.option("--preset", default="tiny", show_default=True, metavar="NAME|FILE.yaml",
               help="quick: CI smoke test (minutes); tiny: the default small study (<= 15 min on 2 CPU cores); "
-                   "smollm2: real SmolLM2-135M-Instruct student; paper: the paper's recipe (GPUs).")
+                   "smollm2: real SmolLM2-135M-Instruct student; paper: the paper's recipe (GPUs); or a study "
+                   "file of your own (recipes/study/*.yaml show the format).")
 @click.option("--out", default=None, type=click.Path(file_okay=False),
-              help="Run folder (default: runs/study-<preset>).")
+              help="Run folder (default: runs/study-<the preset's name>).")
 @click.option("--fresh", is_flag=True, help="Redo the selected stages even when cached.")
 @click.option("--dry-run", is_flag=True, help="Validate and show the plan (stages, runs, sizes, GPU memory); run nothing.")
 @click.option("--stages", "stages", default=None,
@@ -30,7 +30,7 @@ def study_cmd(preset, out, fresh, dry_run, stages, launcher):
     from opdgeo.study import get_preset, plan_text, run_study
 
     p = get_preset(preset)
-    out = Path(out or f"runs/study-{preset}")
+    out = Path(out or f"runs/study-{p.name}")
     select = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
     if not dry_run:
         from opdgeo.cli.output import check_folder

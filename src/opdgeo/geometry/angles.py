@@ -15,6 +15,26 @@ __all__ = ["principal_angles"]
 _ALL_SMALL_SIN2 = 0.5 - 1e-3
 
 
+def _check_bases(A, B) -> None:
+    """The input checks of ``principal_angles`` (its Raises section)."""
+    for name, x in (("A", A), ("B", B)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch tensor; got {type(x).__name__}")
+        if x.ndim != 2:
+            raise ValueError(f"{name} must be 2-D [m, k]; got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"{name} must be floating point; got {x.dtype}")
+        if x.shape[1] > x.shape[0]:
+            raise ValueError(
+                f"{name} has {x.shape[1]} columns but only {x.shape[0]} rows; "
+                "it cannot have orthonormal columns"
+            )
+    if A.shape[0] != B.shape[0]:
+        raise ValueError(f"A and B must have the same number of rows; got {A.shape[0]} and {B.shape[0]}")
+    if A.device != B.device:
+        raise ValueError(f"A and B must be on the same device; got {A.device} and {B.device}")
+
+
 def principal_angles(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """Principal angles between the column spaces of two orthonormal bases, ascending.
 
@@ -58,23 +78,7 @@ def principal_angles(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     Source: SPEC §1 (principal-angle rotation); Shen et al. 2026 §3.2; Zhu et al. 2025
     §4; Knyazev & Argentati, SIAM J. Sci. Comput. 23(6), 2002.
     """
-    for name, x in (("A", A), ("B", B)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch tensor; got {type(x).__name__}")
-        if x.ndim != 2:
-            raise ValueError(f"{name} must be 2-D [m, k]; got shape {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise ValueError(f"{name} must be floating point; got {x.dtype}")
-        if x.shape[1] > x.shape[0]:
-            raise ValueError(
-                f"{name} has {x.shape[1]} columns but only {x.shape[0]} rows; "
-                "it cannot have orthonormal columns"
-            )
-    if A.shape[0] != B.shape[0]:
-        raise ValueError(f"A and B must have the same number of rows; got {A.shape[0]} and {B.shape[0]}")
-    if A.device != B.device:
-        raise ValueError(f"A and B must be on the same device; got {A.device} and {B.device}")
-
+    _check_bases(A, B)
     dtype = torch.promote_types(torch.promote_types(A.dtype, B.dtype), torch.float32)
     A = A.to(dtype)
     B = B.to(dtype)

@@ -18,11 +18,13 @@ __all__ = ["Subspaces", "singular_values", "top_singular_subspaces", "normalized
 # σ_1 / σ_k in the accuracy of the top-k subspace compared with a direct SVD (see
 # ``top_singular_subspaces``), so 1e-3 keeps that loss <= 1e3 * eps64 ~ 2e-13.
 _GRAM_MIN_RATIO = 1e-3
-# The refined singular values (step 2 of ``top_singular_subspaces``) are accurate to
-# ~eps·σ_1 while σ_min >= 1e-5·σ_1 (measured: <= 3e-15·σ_1 for graded and clustered
-# spectra down to 1e-5, 2e-13 at 1e-6, 1e-9 at 1e-7); below that the values are
-# recomputed by ``svdvals``.
-_GRAM_RESOLVED_RATIO = 1e-5
+# Columns whose refined value ||W v_i|| falls below this fraction of σ_1 form the
+# near-null cluster, whose values come from one Rayleigh–Ritz step (``_gram_parts``). Its
+# values then carry ~ eps·σ_1/_CLUSTER_RATIO at worst (the cluster's vectors lean towards a
+# vector of value σ_j outside it by ~ eps·σ_1²/σ_j²). Measured with 1e-2 on graded,
+# clustered, rank-deficient spectra and tight clusters straddling the threshold: <= 7e-15·σ_1
+# (with 1e-3: up to 3e-13·σ_1); the cost is an ``[M, c]`` svdvals over the c values below.
+_CLUSTER_RATIO = 1e-2
 # Below this size a direct SVD is as cheap as anything else; keep one simple path.
 _GRAM_MIN_SIDE = 128
 
@@ -71,15 +73,15 @@ def singular_values(w: torch.Tensor, *, dtype: torch.dtype = torch.float64) -> t
     Formula: ``σ_1 >= ... >= σ_p >= 0``, ``p = min(m, n)``, with ``W = U diag(σ) Vᵀ``.
 
     Route (float64, ``p >= 128``): the Gram route of ``top_singular_subspaces`` — the
-    eigenvectors ``v_i`` of ``WᵀW`` (``eigh``) and the Rayleigh-refined values
-    ``σ_i = ||W v_i||₂`` — which has absolute error ~ eps·σ_1 on every σ_i, like a direct
-    SVD, while ``σ_min >= 1e-5·σ_1`` (see ``top_singular_subspaces``); below that, and for
-    float32 or small matrices, ``torch.linalg.svdvals`` (LAPACK ``gesdd`` with
-    ``jobz='N'``, backward stable). Why not ``svdvals`` everywhere: measured with torch 2.13
-    (MKL) on the 2-core AMD EPYC (AVX2) development box, ``svdvals`` took 20 s on a
-    6144 x 2048 float64 matrix against 9.3 s for the Gram route (two GEMMs and a 2048 x 2048
-    ``eigh``; MKL's Householder QR and bidiagonalization run far below GEMM speed there),
-    and 93 s against 16 s on 1024 x 2048 on the loaded box. ``eigvalsh(WᵀW)`` alone would be
+    eigenvectors ``v_i`` of ``WᵀW`` and the Rayleigh-refined values ``σ_i = ||W v_i||₂``,
+    with the near-null cluster (values below 1e-2·σ_1) resolved by a Rayleigh–Ritz step
+    on its columns — which has absolute error ~ eps·σ_1 on every σ_i, like a direct SVD,
+    down to exactly singular matrices; float32 and small matrices take
+    ``torch.linalg.svdvals`` (LAPACK ``gesdd`` with ``jobz='N'``, backward stable). Why not
+    ``svdvals`` everywhere: MKL's and OpenBLAS's Householder bidiagonalization runs far
+    below GEMM speed on the development CPUs (measured on the 2-core AMD EPYC AVX2 box:
+    ``svdvals`` 20 s on a 6144 x 2048 float64 matrix against 9.3 s for the Gram route; on
+    the AVX-512 box ``bench/RESULTS.md`` has the figures). ``eigvalsh(WᵀW)`` alone would be
     cheaper still but loses small singular values (error ~ eps·σ_1²/σ_i), so it is not used.
 
     Args:
@@ -103,7 +105,7 @@ def singular_values(w: torch.Tensor, *, dtype: torch.dtype = torch.float64) -> t
     _check_finite(w)
     if dtype == torch.float64 and min(w.shape) >= _GRAM_MIN_SIDE:
         parts = _gram_parts(w)
-        if parts is not None and bool(parts.S[-1] >= _GRAM_RESOLVED_RATIO * parts.S[0]):
+        if parts is not None:
             return parts.S
     return torch.linalg.svdvals(w)
 
@@ -149,30 +151,31 @@ def top_singular_subspaces(w: torch.Tensor, k: int, *, dtype: torch.dtype = torc
     Algorithm (float64, ``p = min(m, n) >= 128``; written for ``m >= n``, the wide case
     works on ``Wᵀ`` and swaps the roles of U and V):
 
-    1. ``G = WᵀW`` (``[n, n]``, one GEMM) and its full eigendecomposition
-       ``G = V diag(λ) Vᵀ`` (``torch.linalg.eigh``, LAPACK ``syevd``);
+    1. ``G = WᵀW`` (``[n, n]``, BLAS ``syrk``) and its full eigendecomposition
+       ``G = V diag(λ) Vᵀ`` (LAPACK ``syevd``; ``_gram_eigh`` says through which library);
     2. ``Y = W V`` (one GEMM) and ``σ_i = ||Y[:, i]||₂`` (Rayleigh refinement);
     3. ``U_k = Y[:, :k] / σ[:k]``.
 
     Why: a full SVD with vectors (``gesdd``) costs a bidiagonalization of the whole
-    ``m x n`` matrix plus the back-transformations; the Gram route reduces the work to two
-    GEMMs (BLAS-3, fast) and an ``n x n`` symmetric eigenproblem. Measured on 2 CPU threads
-    for the Qwen3-1.7B shapes it is several times faster than numpy's SVD and ~2-4x
-    faster than ``torch.linalg.svd`` (numbers in the issue-2 report).
+    ``m x n`` matrix plus the back-transformations; the Gram route reduces the work to
+    BLAS-3 products (``syrk``, one GEMM) and an ``n x n`` symmetric eigenproblem. Measured
+    with one thread for the Qwen3-1.7B shapes it costs 0.4-0.5x numpy's thin SVD
+    (``bench/RESULTS.md``).
 
     Accuracy: the eigenvalues of ``G`` have absolute error ~ eps·σ_1², i.e. σ_i would carry
     ~ eps·σ_1²/σ_i, which is large for small σ_i; step 2 recomputes every σ_i as
     ``||W v_i||``, which has absolute error ~ eps·σ_1 like a direct SVD (the error of
     ``v_i`` enters only to second order), so the normalized spectral shift over all
-    values is as accurate as with an SVD. This holds while ``σ_min >= 1e-5·σ_1``
-    (measured <= 3e-15·σ_1 on graded and clustered spectra); singular values far below
-    ``sqrt(eps)·σ_1`` are not resolved individually by any Gram route, so for such a
-    (nearly singular) matrix the values are recomputed by ``svdvals`` while the
-    vectors still come from the Gram route. The top-k subspace from ``G`` is accurate to
-    ~ eps·σ_1² / (σ_k² - σ_{k+1}²), a factor ~ σ_1/(2σ_k) worse than a direct SVD; so the
-    Gram route is used only when ``σ_k >= 1e-3·σ_1``, otherwise (and for float32, small
-    matrices and ``k = min(m, n)`` rank-deficient cases) this falls back to
-    ``torch.linalg.svd``.
+    values is as accurate as with an SVD. This holds while the eigenvalue errors stay
+    below the spacing of the λ_i (measured <= 3e-15·σ_1 on graded and clustered spectra
+    down to σ_i = 1e-5·σ_1); values below ``1e-2·σ_1`` (the near-null cluster, whose
+    individual eigenvectors are mixed) are the singular values of ``W V_c`` over the
+    cluster's vectors ``V_c`` (Rayleigh–Ritz: the span is accurate where the single vectors
+    are not), ~ eps·σ_1 again, down to exactly singular matrices. The top-k subspace from
+    ``G`` is accurate to ~ eps·σ_1² / (σ_k² - σ_{k+1}²), a factor ~ σ_1/(2σ_k) worse than a
+    direct SVD; so the Gram route is used only when ``σ_k >= 1e-3·σ_1``, otherwise (and
+    for float32, small matrices and ``k = min(m, n)`` rank-deficient cases) this falls
+    back to ``torch.linalg.svd``.
 
     Args:
         w: ``[m, n]`` floating tensor, any floating dtype and device.
@@ -214,8 +217,10 @@ def top_singular_subspaces(w: torch.Tensor, k: int, *, dtype: torch.dtype = torc
 @dataclass(frozen=True)
 class _GramParts:
     """The Gram route's pieces, in the ``M >= N`` orientation: ``vecs`` [N, N] eigenvectors
-    (descending), ``y = a @ vecs`` [M, N], refined ``sigma`` [N] (eigh order), ``S`` the
-    values sorted descending and ``order`` the permutation that sorts them."""
+    of ``aᵀa`` (in eigh's order), ``y = a @ vecs`` [M, N], ``sigma`` [N] the refined values
+    ``||y[:, i]||`` (eigh's order), ``order`` the permutation sorting ``sigma`` descending,
+    and ``S`` all singular values, descending (``sigma`` with the near-null cluster's
+    values replaced by its Rayleigh–Ritz values, see ``_gram_parts``)."""
 
     vecs: torch.Tensor
     y: torch.Tensor
@@ -224,20 +229,62 @@ class _GramParts:
     order: torch.Tensor
 
 
+def _syrk(x):
+    """``xᵀx`` of a float64 numpy ``[M, N]`` array by BLAS ``dsyrk`` (half a GEMM's flops;
+    only the upper triangle is set), without copying a C- or Fortran-ordered ``x``."""
+    import numpy as np
+    from scipy.linalg import blas
+
+    if x.flags.f_contiguous:
+        return blas.dsyrk(1.0, x, trans=1)
+    return blas.dsyrk(1.0, np.ascontiguousarray(x).T, trans=0)  # (xᵀ)(xᵀ)ᵀ, xᵀ Fortran-ordered
+
+
+def _gram_eigh(a: torch.Tensor) -> torch.Tensor:
+    """All eigenvectors ``[N, N]`` of ``aᵀa`` (any order) for ``a`` ``[M, N]``.
+
+    CPU float64: ``dsyrk`` and LAPACK ``dsyevd`` through scipy (``scipy.linalg.eigh``,
+    ``driver="evd"``). Why not torch's: measured with torch 2.13 on the 2-vCPU AMD EPYC
+    development box (one thread), torch's ``a.T @ a`` plus ``torch.linalg.eigh`` (MKL) took
+    0.42 + 2.9 s for a 2048 x 2048 Gram matrix against 0.5 + 1.6 s for scipy's (OpenBLAS)
+    ``dsyrk`` + ``dsyevd`` — the same LAPACK algorithm, so the same accuracy. Other devices
+    and dtypes: ``torch.linalg.eigh``.
+    """
+    if a.device.type == "cpu" and a.dtype == torch.float64:
+        from scipy.linalg import eigh
+
+        gram = _syrk(a.detach().numpy())  # upper triangle of aᵀa, Fortran-ordered
+        _, vecs = eigh(gram, lower=False, driver="evd", overwrite_a=True, check_finite=False)
+        return torch.from_numpy(vecs)
+    return torch.linalg.eigh(a.mT @ a)[1]
+
+
 def _gram_parts(w: torch.Tensor) -> _GramParts | None:
-    """``eigh(WᵀW)`` (or of ``W Wᵀ`` for a wide matrix) and the refined values; None for 0."""
+    """``eigh(WᵀW)`` (or of ``W Wᵀ`` for a wide matrix), the refined values and the
+    near-null cluster's values; None for a zero matrix.
+
+    The refined value ``||W v_i||`` is accurate to ~eps·σ_1 while the eigenvalue errors of
+    ``WᵀW`` (~eps·σ_1²) stay below the spacing of λ_i = σ_i² (measured: <= 3e-15·σ_1 down
+    to σ_i = 1e-5·σ_1). Below, the individual eigenvectors are mixed within the near-null
+    cluster, but their span is not: the cluster's values (refined value < ``_CLUSTER_RATIO``
+    ·σ_1) are the singular values of ``W V_c`` (a Rayleigh–Ritz step on the cluster's
+    columns of ``y``, an ``[M, c]`` ``svdvals``), accurate to ~eps·σ_1 like a direct SVD
+    (errors enter only through the cluster's coupling to the rest, to second order).
+    """
     a = w if w.shape[0] >= w.shape[1] else w.T  # [M, N] with M >= N
-    gram = a.T @ a  # [N, N]
-    _, vecs = torch.linalg.eigh(gram)  # ascending eigenvalues
-    del gram
-    vecs = vecs.flip(1)  # [N, N], descending
+    vecs = _gram_eigh(a)  # [N, N]
     y = a @ vecs  # [M, N]; column i = σ_i u_i
     sigma = torch.linalg.vector_norm(y, dim=0)  # [N], refined singular values
-    # eigh's order is descending up to rounding; a refined σ may swap with a near-equal
-    # neighbour, so order the vectors by the refined values.
-    S, order = torch.sort(sigma, descending=True)
-    if not bool(S[0] > 0):
+    order = torch.argsort(sigma, descending=True)
+    top = sigma[order[0]]
+    if not bool(top > 0):
         return None
+    S = sigma
+    cluster = sigma < _CLUSTER_RATIO * top
+    if bool(cluster.any()):
+        S = sigma.clone()
+        S[cluster] = torch.linalg.svdvals(y[:, cluster])
+    S = torch.sort(S, descending=True).values
     return _GramParts(vecs=vecs, y=y, sigma=sigma, S=S, order=order)
 
 
@@ -245,20 +292,16 @@ def _gram_subspaces(w: torch.Tensor, k: int) -> Subspaces | None:
     """Gram-eigh route of ``top_singular_subspaces``; None when it would be inaccurate."""
     tall = w.shape[0] >= w.shape[1]
     parts = _gram_parts(w)
-    if parts is None or not bool(parts.S[k - 1] >= _GRAM_MIN_RATIO * parts.S[0]):
+    if parts is None:
         return None
-    S = parts.S
-    if not bool(S[-1] >= _GRAM_RESOLVED_RATIO * S[0]):
-        # Singular values below ~1e-5 σ_1 are not resolved individually by the Gram
-        # route (they come out mixed inside the near-null cluster); the top-k subspace
-        # still is (ratio test above), so only the values are recomputed, exactly.
-        S = torch.linalg.svdvals(w if tall else w.T)
     top = parts.order[:k]
+    if not bool(parts.sigma[top[-1]] >= _GRAM_MIN_RATIO * parts.sigma[top[0]]):
+        return None
     left = (parts.y[:, top] / parts.sigma[top]).contiguous()  # [M, k], unit columns
     right = parts.vecs[:, top].contiguous()  # [N, k]
     if tall:
-        return Subspaces(U=left, S=S, V=right)
-    return Subspaces(U=right, S=S, V=left)
+        return Subspaces(U=left, S=parts.S, V=right)
+    return Subspaces(U=right, S=parts.S, V=left)
 
 
 def normalized_spectral_shift(s0: torch.Tensor, s1: torch.Tensor) -> float:

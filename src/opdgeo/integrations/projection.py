@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from opdgeo import distributed
 from opdgeo.errors import CheckpointError, ConfigError
 from opdgeo.geometry.rowspace import out_of_span_energy, project_change
 from opdgeo.geometry.spectrum import top_singular_subspaces
@@ -205,8 +206,8 @@ class SubspaceProjection(TrainerCallback):
 
     def _metrics(self) -> dict[str, float]:
         energy = torch.tensor([self._energy[n] for n in self._params], dtype=torch.float64)  # [matrices, 3]
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and self._sharded():
-            torch.distributed.all_reduce(energy)  # each rank holds some rows of every matrix
+        if self._sharded():  # each rank holds some rows of every matrix
+            energy = distributed.all_reduce_sum(energy)
         outside, total, removed = energy[:, 0], energy[:, 1], energy[:, 2]
         nan = float("nan")
         moved = total > 0

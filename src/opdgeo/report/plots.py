@@ -51,12 +51,15 @@ def table1_bars(ours: dict[str, dict[str, float | None]], paper: dict[str, dict[
     """Grouped bars: each Table-1 metric (%), ours (solid) beside the paper's (hatched).
 
     Args:
-        ours: ``{metric: {run: value_percent or None}}`` for runs sft/opd/rlvr.
+        ours: ``{metric: {method: value_percent or None}}`` for the methods sft/opd/rlvr
+            (the study's roles, `opdgeo.study.roles.MAIN_ROLES`).
         paper: same layout with the paper's numbers.
     """
     plt = _plt()
     metrics = list(paper)
-    runs = ["sft", "opd", "rlvr"]
+    from opdgeo.study.roles import MAIN_ROLES
+
+    runs = list(MAIN_ROLES)
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.0))
     for ax, m in zip(axes, metrics):
         for i, r in enumerate(runs):

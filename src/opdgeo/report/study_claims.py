@@ -36,7 +36,7 @@ from opdgeo.study.statistics import (
 )
 
 __all__ = ["Claim", "CLAIMS", "CLAIM_RULES", "RECOVERY_THRESHOLD", "evaluate_claims", "recovered_fraction",
-           "srank_rows", "seed_value"]
+           "srank_rows", "seed_value", "start_of"]
 
 
 @dataclass(frozen=True)
@@ -148,10 +148,10 @@ def _distance(res: StudyResults, a: str, b: str) -> float | None:
     return trajectory_distance(pa, sa, pb, sb)
 
 
-def _paired(res: StudyResults, run: str, f: Callable[[str, str, str], float | None], rlvr: str = "rlvr") -> list[float]:
+def _paired(res: StudyResults, run: str, f: Callable[[str, str, str], float | None], rlvr: str | None = None) -> list[float]:
     """``f(run seed s, OPD seed s, RLVR seed s)`` for every seed s that all three have
-    (``rlvr``: the RLVR-side reference run)."""
-    opd, rlvr = res.by_seed("opd"), res.by_seed(rlvr)
+    (``rlvr``: the RLVR-side reference run; default the main RLVR run)."""
+    opd, rlvr = res.by_seed(res.role("opd")), res.by_seed(rlvr or res.role("rlvr"))
     out = []
     for s, r in res.by_seed(run).items():
         if s in opd and s in rlvr:
@@ -164,7 +164,7 @@ def _paired(res: StudyResults, run: str, f: Callable[[str, str, str], float | No
 def srank_rows(res: StudyResults) -> list[tuple]:
     """Per run and seed: ``(run, seed, instance, checkpoints, band ratio, ln band, slope of ln
     stable rank per unit progress, D to OPD, D to RLVR)`` (D from the same seed's runs)."""
-    opd, rlvr = res.by_seed("opd"), res.by_seed("rlvr")
+    opd, rlvr = res.by_seed(res.role("opd")), res.by_seed(res.role("rlvr"))
     rows = []
     for run in res.runs():
         for s, inst in res.by_seed(run).items():
@@ -196,44 +196,65 @@ _ORDER_TEXT = {
 }
 
 
-def _ordering(cid: str, sft: str) -> Claim:
+def _roles_of(res: StudyResults, *roles: str) -> list[str] | None:
+    """The runs of ``roles`` in the plan, or None when one is missing."""
+    runs = [res.role(r) for r in roles]
+    return None if None in runs else runs
+
+
+def _ordering(cid: str, sft_role: str) -> Claim:
+    """An ordering SFT < OPD < RLVR (or >), with the run of ``sft_role`` as SFT: the anchor's
+    run (``sft``) or the learning-rate-matched control (``sft_matched``)."""
     key, label, inc = _ORDER_METRICS[cid]
     d = 1 if inc else -1
-    name = "SFT" if sft == "sft" else sft
+    matched = sft_role != "sft"
+    name = "matched SFT" if matched else "SFT"
     text = _ORDER_TEXT[cid]
-    if sft != "sft":
-        text = text[:-1] + f", with {sft} (SFT from the anchor at the RL learning rate and step count) as SFT."
+    if matched:
+        text = text[:-1] + ", with the learning-rate-matched SFT control (SFT from the anchor at the RL learning rate " \
+                           "and step count) as SFT."
 
     def decide(res: StudyResults) -> dict:
+        runs = _roles_of(res, sft_role, "opd", "rlvr")
+        if runs is None:
+            return _entry([], f"the plan has no {name}, OPD or RLVR run")
+        sft, opd, rlvr = runs
         get = seed_value(key)
-        v = {r: res.values(r, get) for r in (sft, "opd", "rlvr")}
-        cs = [Comparison(f"OPD − {name}", welch_interval(v["opd"], v[sft]), 0.0, d),
-              Comparison(f"RLVR − OPD", welch_interval(v["rlvr"], v["opd"]), 0.0, d)]
+        v = {r: res.values(r, get) for r in runs}
+        cs = [Comparison(f"OPD − {name}", welch_interval(v[opd], v[sft]), 0.0, d),
+              Comparison("RLVR − OPD", welch_interval(v[rlvr], v[opd]), 0.0, d)]
         ev = f"{label}: " + ", ".join(f"{r} {_spread(x)}" for r, x in v.items())
-        frozen = [r for r in (sft, "opd", "rlvr") if res.values(r, seed_value("mean_density")) and
+        frozen = [r for r in runs if res.values(r, seed_value("mean_density")) and
                   max(res.values(r, seed_value("mean_density"))) == 0.0]
         if any(not x for x in v.values()):
             return _entry([], ev + " — a run is not measured")
         return _entry(cs, ev, force_null=f"degenerate: {', '.join(frozen)} made no bf16-visible update" if frozen else None)
 
     side = ">" if inc else "<"
-    return Claim(cid if sft == "sft" else f"{cid}_matched", text,
+    return Claim(f"{cid}_matched" if matched else cid, text,
                  f"{label}: difference of seed means, OPD − {name} and RLVR − OPD, each claimed {side} 0", decide)
 
 
 def _narrow_band(res: StudyResults) -> dict:
+    runs = _roles_of(res, "sft", "opd", "rlvr")
+    if runs is None:
+        return _entry([], "the plan has no SFT, OPD or RLVR run")
+    sft, opd, rlvr = runs
     get = seed_value("log_band")
-    v = {r: res.values(r, get) for r in ("sft", "opd", "rlvr")}
+    v = {r: res.values(r, get) for r in runs}
     if any(not x for x in v.values()):
         return _entry([], "missing trajectories")
     ratio = {r: res.values(r, seed_value("band_ratio")) for r in v}
-    cs = [Comparison("ln band SFT − ln band OPD", welch_interval(v["sft"], v["opd"])),
-          Comparison("ln band RLVR − ln band OPD", welch_interval(v["rlvr"], v["opd"]))]
+    cs = [Comparison("ln band SFT − ln band OPD", welch_interval(v[sft], v[opd])),
+          Comparison("ln band RLVR − ln band OPD", welch_interval(v[rlvr], v[opd]))]
     return _entry(cs, "max/min of the mean stable rank: " + ", ".join(f"{r} {_spread(x)}" for r, x in ratio.items()))
 
 
-def _srank_trend(run: str, direction: int) -> Callable[[StudyResults], dict]:
+def _srank_trend(role: str, direction: int) -> Callable[[StudyResults], dict]:
     def decide(res: StudyResults) -> dict:
+        run = res.role(role)
+        if run is None:
+            return _entry([], f"the plan has no {role} run")
         v = res.values(run, seed_value("log_slope"))
         if not v:
             return _entry([], f"no {run} trajectory with >= 2 checkpoints")
@@ -244,7 +265,8 @@ def _srank_trend(run: str, direction: int) -> Callable[[StudyResults], dict]:
 
 def _sim_first(res: StudyResults) -> dict:
     lock = res.setting("lock_threshold", 0.8)
-    v = res.values("opd", seed_value("sim_first"))
+    opd = res.role("opd")
+    v = res.values(opd, seed_value("sim_first")) if opd else []
     if not v:
         return _entry([], "no OPD trajectory")
     return _entry([Comparison("OPD Sim_16 at the first checkpoint", t_interval(v), lock, 1)])
@@ -273,7 +295,7 @@ def _small_alpha(res: StudyResults) -> dict:
     small = [r["name"] for r in res.info.get("runs", []) if not r.get("seed_of") and r.get("mix_alpha") is not None
              and r["mix_alpha"] <= 0.05]
     # the alpha = 0 end of the sweep (mix_0 where the main RLVR run differs from the mixtures)
-    end = {p["alpha"]: p["run"] for p in res.info.get("mixing_panel", [])}.get(0.0, "rlvr")
+    end = {p["alpha"]: p["run"] for p in res.info.get("mixing_panel", [])}.get(0.0, res.role("rlvr"))
     cs = []
     for r in small:
         v = _paired(res, r, lambda c, o, rl: _diff(_distance(res, c, o), _distance(res, c, rl)), rlvr=end)
@@ -292,13 +314,15 @@ def recovered_fraction(res: StudyResults, full: str, proj: str) -> Interval | No
     """The fraction of the full run's gain from the restart checkpoint that the projected run keeps.
 
     f = (P̄ − s) / (Ō − s): P̄, Ō the mean accuracies over seeds of ``proj`` and ``full``, s the
-    accuracy of ``<proj>_start`` (the checkpoint every seed of ``proj`` restarts from). 95 %
+    accuracy of the checkpoint every seed of ``proj`` restarts from (its ``start`` evaluation,
+    `StudyResults.projections`). 95 %
     normal interval by the delta method, Var f ≈ (se_P² + f²·se_O² + (1 − f)²·se_s²)/(Ō − s)²,
     se_P and se_O the standard errors of the seed means, se_s the start's evaluation standard
     error over its samples. None when an accuracy is missing; an interval-less Interval when a
     side has fewer than 2 seeds or the gain Ō − s is within 2 SE of zero (f undefined).
     """
-    s, ns = res.acc(f"{proj}_start"), res.acc_n(f"{proj}_start")
+    start = start_of(res, proj)
+    s, ns = res.acc(start), res.acc_n(start)
     o = mean_sd([res.acc(r) for r in res.by_seed(full).values()])
     p = mean_sd([res.acc(r) for r in res.by_seed(proj).values()])
     if s is None or o[0] is None or p[0] is None:
@@ -317,12 +341,24 @@ def recovered_fraction(res: StudyResults, full: str, proj: str) -> Interval | No
     return Interval(f, f - 1.96 * se_f, f + 1.96 * se_f, n, method)
 
 
-def _projection_claim(full: str, proj: str, direction: int) -> Callable[[StudyResults], dict]:
+def start_of(res: StudyResults, proj: str) -> str:
+    """The evaluation name of the checkpoint projected run ``proj`` restarts from."""
+    entry = next((p for p in res.projections() if p["projected"] == proj), None)
+    return entry["start"] if entry else f"{proj}_start"
+
+
+def _projection_claim(full_role: str, direction: int) -> Callable[[StudyResults], dict]:
+    """f of the projected run whose full run is the run of ``full_role``, claimed above or
+    below `RECOVERY_THRESHOLD` (``direction``)."""
     def decide(res: StudyResults) -> dict:
+        p = res.projection_of(res.role(full_role))
+        if p is None:
+            return _entry([], f"the plan has no projected run of {full_role}")
+        full, proj, start = p["full"], p["projected"], p["start"]
         iv = recovered_fraction(res, full, proj)
         if iv is None:
-            return _entry([], f"accuracy of {full}, {proj} or {proj}_start not measured")
-        ev = f"start {res.acc(proj + '_start'):.4f}; {full} {_spread(_accs(res, full))}; {proj} {_spread(_accs(res, proj))}"
+            return _entry([], f"accuracy of {full}, {proj} or {start} not measured")
+        ev = f"start {res.acc(start):.4f}; {full} {_spread(_accs(res, full))}; {proj} {_spread(_accs(res, proj))}"
         return _entry([Comparison(f"f({proj})", iv, RECOVERY_THRESHOLD, direction)], ev)
 
     return decide
@@ -344,16 +380,16 @@ CLAIMS: tuple[Claim, ...] = (
           "OPD's mean Sim_16 to the final update at the first checkpoint, per seed, claimed > lock_threshold", _sim_first),
     Claim("projection_keeps_opd",
           "The rank-16 projected OPD run recovers most (f > 0.5) of OPD's gain from the checkpoint it restarts from.",
-          "recovered fraction f = (acc(opd_proj16) − acc(start)) / (acc(OPD) − acc(start)), seed means, claimed > 0.5",
-          _projection_claim("opd", "opd_proj16", 1)),
+          "recovered fraction f = (acc(projected OPD) − acc(start)) / (acc(OPD) − acc(start)), seed means, claimed > 0.5",
+          _projection_claim("opd", 1)),
     Claim("projection_hurts_sft",
           "The rank-16 projected SFT run recovers less than half (f < 0.5) of SFT's gain from the checkpoint it restarts from.",
-          "recovered fraction f = (acc(sft_proj16) − acc(start)) / (acc(SFT) − acc(start)), seed means, claimed < 0.5",
-          _projection_claim("sft", "sft_proj16", -1)),
+          "recovered fraction f = (acc(projected SFT) − acc(start)) / (acc(SFT) − acc(start)), seed means, claimed < 0.5",
+          _projection_claim("sft", -1)),
     Claim("sparsification_keeps_band", "Token sparsification (top-KL and random, 50 % and 25 %) keeps OPD's stable-rank band.",
           "per seed s: D(run_s, RLVR_s) − D(run_s, OPD_s), every sparsified run claimed > 0", _keeps_band("sparsification")),
     Claim("offpolicy_keeps_band", "Off-policy OPD (teacher rollouts) keeps OPD's stable-rank band.",
-          "per seed s: D(opd_offpolicy_s, RLVR_s) − D(opd_offpolicy_s, OPD_s), claimed > 0", _keeps_band("offpolicy")),
+          "per seed s: D(off-policy OPD_s, RLVR_s) − D(off-policy OPD_s, OPD_s), claimed > 0", _keeps_band("offpolicy")),
     Claim("small_alpha_departs", "Small OPD weight in the OPD/RLVR mixture (alpha 0.05, 0.01) departs from OPD's band.",
           "per seed s: D(mix_s, OPD_s) − D(mix_s, RLVR_s), every alpha <= 0.05 claimed > 0", _small_alpha),
     *(_ordering(cid, "sft_matched") for cid in _ORDER_METRICS),

@@ -21,6 +21,7 @@ from opdgeo.report.study_claims import CLAIM_RULES, CLAIMS, evaluate_claims, see
 from opdgeo.report.study_results import StudyResults, load_results, trajectory_means
 from opdgeo.report.study_tables import PAPER_TABLE1, acc_se, build_tables, panel_runs
 from opdgeo.report.tables import Table, write_table
+from opdgeo.study.roles import MAIN_ROLES
 from opdgeo.study.statistics import LEVEL, mean_sd
 
 __all__ = ["StudyResults", "load_results", "trajectory_means", "build_tables", "evaluate_claims", "write_report",
@@ -47,12 +48,14 @@ def _series(res: StudyResults, runs: list[str], metric: str) -> dict:
 def build_figures(res: StudyResults) -> list[tuple[str, str, bytes]]:
     """``(id, caption, png bytes)`` of every report figure."""
     figs = []
-    ours = {m: {r: mean_sd(res.values(r, seed_value(k)))[0] for r in ("sft", "opd", "rlvr")}  # seed means, as Table 1
+    # seed means, as Table 1, by role (the paper's SFT / OPD / RLVR columns)
+    ours = {m: {role: mean_sd(res.values(res.role(role), seed_value(k)))[0] if res.role(role) else None
+                for role in MAIN_ROLES}
             for m, k in (("sparsity", "global_sparsity"), ("update_density", "mean_density"),
                          ("principal_overlap", "mean_principal_overlap"), ("low_magnitude_overlap", "mean_low_magnitude_overlap"))}
     if res.compare:
         figs.append(("table1", "Table 1 metrics: ours (solid, mean over seeds) vs the paper (hatched).", plots.figure_png(plots.table1_bars(ours, PAPER_TABLE1))))
-    main = [r for r in ("sft", "opd", "rlvr") if r in res.traj_means]
+    main = [r for r in res.main_runs() if r in res.traj_means]
     if main:
         from opdgeo.report.figures import trajectory_figure
 
@@ -64,14 +67,15 @@ def build_figures(res: StudyResults) -> list[tuple[str, str, bytes]]:
             fig = trajectory_figure(summary, metric)
             figs.append((f"traj_{metric}", f"{label} against training progress (SFT from base; OPD/RLVR from the anchor).",
                          plots.figure_png(fig)))
-    opd_band = _band(res, "opd")
+    opd_band = _band(res, res.role("opd")) if res.role("opd") else None
     for group, title in (("sparsification", "Token sparsification"), ("offpolicy", "Off-policy OPD"), ("mixing", "OPD/RLVR mixing")):
         runs = panel_runs(res, group)
         if not any(r in res.traj_means for r in res.runs(group)):
             continue
         fig = plots.control_panel(_series(res, runs, "stable_rank"), {r: res.acc(r) for r in runs}, title=title, band=opd_band)
         figs.append((f"control_{group}", f"{title}: stable rank vs progress (OPD band shaded) and accuracy.", plots.figure_png(fig)))
-    proj = [n for n in ("sft", "sft_proj16", "opd", "opd_proj16") if n in res.evals]
+    proj = [n for p in sorted(res.projections(), key=lambda p: p["full"] != res.role("sft"))
+            for n in (p["full"], p["projected"]) if n in res.evals]
     if proj:
         fig = plots.accuracy_bars({n: res.acc(n) for n in proj}, title="accuracy with and without projection",
                                   errors={n: acc_se(res, n) for n in proj})
@@ -115,8 +119,9 @@ _RULE = (f"Verdict rule (every claim): true when the {100 * LEVEL:g} % confidenc
          "estimate and interval are those of the deciding comparison (all are in claims.json and the evidence).")
 
 
-def _matched_sentence(claims: list[dict]) -> str:
-    """Whether each ordering survives equal learning rate and origin (``sft_matched``)."""
+def _matched_sentence(claims: list[dict], matched: str | None) -> str:
+    """Whether each ordering survives equal learning rate and origin (the run ``matched``:
+    the plan's learning-rate-matched SFT control)."""
     by_id = {c["id"]: c for c in claims}
     parts = []
     for cid, c in by_id.items():
@@ -126,12 +131,12 @@ def _matched_sentence(claims: list[dict]) -> str:
         if c["holds"] is True and m["holds"] is True:
             word = "survives"
         elif c["holds"] is True:
-            word = "does not survive (" + _holds_text(m["holds"]) + " with sft_matched)"
+            word = "does not survive (" + _holds_text(m["holds"]) + f" with {matched})"
         else:
-            word = f"is {_holds_text(c['holds'])} with SFT and {_holds_text(m['holds'])} with sft_matched"
+            word = f"is {_holds_text(c['holds'])} with SFT and {_holds_text(m['holds'])} with {matched}"
         parts.append(f"{cid.removesuffix('_order')} {word}")
-    return ("Orderings at equal learning rate and origin (sft_matched: SFT from the anchor at the RL learning rate and "
-            "step count): " + "; ".join(parts) + ".") if parts else ""
+    return (f"Orderings at equal learning rate and origin ({matched}: SFT from the anchor at the RL learning rate and "
+            "step count): " + "; ".join(parts) + ".") if parts and matched else ""
 
 
 def render_html(res: StudyResults, tables: list[Table], claims: list[dict], figures: list[tuple[str, str, bytes]],
@@ -149,9 +154,9 @@ def render_html(res: StudyResults, tables: list[Table], claims: list[dict], figu
     if timings:
         parts.append(f"<p>Total stage time: {timings.get('total_seconds', 0):.1f} s "
                      f"({timings.get('total_cpu_seconds', 0):.1f} CPU s).</p>\n")
-    models = [(n, res.acc(n)) for n in ("base", "sft", "teacher") if res.acc(n) is not None]
+    names = {"base": "base student", res.role("sft"): "SFT anchor", "teacher": "teacher"}
+    models = [(n, res.acc(n)) for n in names if n and res.acc(n) is not None]
     if models:
-        names = {"base": "base student", "sft": "SFT anchor", "teacher": "teacher"}
         parts.append("<p>Held-out accuracy: " + ", ".join(f"{names[n]} {a:.3f}" for n, a in models) + ".</p>\n")
     unavailable = [(n, s) for n, s in (timings or {}).get("stages", {}).items() if s.get("status") in ("unavailable", "skipped", "failed")]
     if unavailable:
@@ -169,7 +174,7 @@ def render_html(res: StudyResults, tables: list[Table], claims: list[dict], figu
         parts.append(f"<tr><td>{e(c['claim'])}</td>" + "".join(
             f"<td class=\"{cls}\">{e(x)}</td>" if i == 4 else f"<td>{e(x)}</td>" for i, x in enumerate(cells)) + "</tr>\n")
     parts.append(f"</tbody>\n</table>\n<p class=\"note\">{e(_RULE)}</p>\n")
-    parts.append(f"<p>{e(_matched_sentence(claims))}</p>\n")
+    parts.append(f"<p>{e(_matched_sentence(claims, res.role('sft_matched')))}</p>\n")
     by_id = {t.id: t for t in tables}
     figs = {f[0]: f for f in figures}
 
@@ -220,7 +225,7 @@ def render_markdown(res: StudyResults, tables: list[Table], claims: list[dict], 
     lines += ["## Claims", "", "| " + " | ".join(_CLAIM_HEAD) + " |", "|" + "---|" * len(_CLAIM_HEAD)]
     for c in claims:
         lines.append("| " + " | ".join(x.replace("|", "/") for x in [c["claim"], *_claim_cells(c)]) + " |")
-    lines += ["", _RULE, "", _matched_sentence(claims), ""]
+    lines += ["", _RULE, "", _matched_sentence(claims, res.role("sft_matched")), ""]
     for t in tables:
         lines += [f"## {t.title}", "", t.to_markdown()]
     for fid, cap, _ in figures:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["StudyResults", "load_results", "trajectory_means", "num"]
+__all__ = ["StudyResults", "load_results", "summary_means", "trajectory_means", "num"]
 
 
 def _read_json(p: Path):
@@ -57,8 +57,9 @@ class StudyResults:
         compare: ``{run: summary.json}``.
         matrices: ``{run: rows of matrices.csv}``.
         traj_means: ``{run: [{step, progress, stable_rank, fro_norm, rel_fro_norm,
-            hill_alpha, sim_to_final}]}`` — mean over matrices per checkpoint, from
-            ``trajectory.csv``.
+            hill_alpha, sim_to_final}]}`` — mean over matrices per checkpoint, as
+            trajectory's ``summary.json`` gives them (``means``; from ``trajectory.csv``
+            only for a summary without them).
         traj_summary: ``{run: its entry of a trajectory summary.json}`` (``locking_step``...).
         overlap: rows of ``overlap.csv``.
         evals: ``{name: eval.json}``.
@@ -75,6 +76,33 @@ class StudyResults:
     evals: dict = field(default_factory=dict)
     markers: dict = field(default_factory=dict)
     figures: dict = field(default_factory=dict)
+
+    def roles(self) -> dict:
+        """Which run plays which part (``study.json``'s ``roles``, `opdgeo.study.roles`; from
+        its runs for a ``study.json`` written before it recorded them)."""
+        roles = self.info.get("roles")
+        if not isinstance(roles, dict):
+            from opdgeo.study.roles import study_roles
+
+            roles = study_roles(self.info.get("runs", []))
+        return roles
+
+    def role(self, name: str) -> str | None:
+        """The run of role ``name`` (``sft``, ``opd``, ``rlvr``, ``sft_matched``), or None."""
+        return self.roles().get(name)
+
+    def main_runs(self) -> list[str]:
+        """The main comparison's runs (SFT, OPD, RLVR), those the plan has."""
+        return list(self.roles().get("main", []))
+
+    def projections(self) -> list[dict]:
+        """``[{"projected", "full", "freeze", "start"}]``: every projected run, its full run,
+        its freeze-only control and the evaluation of its restart checkpoint."""
+        return list(self.roles().get("projection", []))
+
+    def projection_of(self, full: str | None) -> dict | None:
+        """The projection entry whose full run is ``full`` (None when there is none)."""
+        return next((p for p in self.projections() if full is not None and p["full"] == full), None)
 
     def runs(self, group: str | None = None) -> list[str]:
         """The plan's runs (seed-0 instances only), optionally of one group."""
@@ -163,6 +191,14 @@ def trajectory_means(rows: list[dict]) -> dict[str, list[dict]]:
     return dict(out)
 
 
+def summary_means(means: list[dict]) -> list[dict]:
+    """A run's ``means`` of a trajectory ``summary.json`` as the report's records (NaN → None),
+    by step."""
+    out = [{"step": int(m["step"]), "progress": num(m.get("progress")), **{k: num(m.get(k)) for k in _TRAJ_METRICS}}
+           for m in means if isinstance(m, dict) and num(m.get("step")) is not None]
+    return sorted(out, key=lambda r: r["step"])
+
+
 def load_results(out: Path) -> StudyResults:
     """Read every result file of the study in ``out`` (missing files are simply absent)."""
     out = Path(out)
@@ -194,7 +230,12 @@ def load_results(out: Path) -> StudyResults:
         res.overlap += _read_csv(d / "overlap.csv")
         for p in sorted(d.rglob("*.png")):
             res.figures[f"{d.name}/{p.stem}"] = p
-    res.traj_means = trajectory_means(rows)
+    # trajectory's own per-checkpoint means (summary.json ``means``); the CSV's only for a
+    # run whose summary has none (a summary written before it had them)
+    res.traj_means = {run: m for run, m in trajectory_means(rows).items() if not res.traj_summary.get(run, {}).get("means")}
+    for run, v in res.traj_summary.items():
+        if v.get("means"):
+            res.traj_means[run] = summary_means(v["means"])
     edir = out / "eval"
     if edir.is_dir():
         for d in sorted(edir.iterdir()):

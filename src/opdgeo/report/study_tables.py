@@ -13,6 +13,7 @@ import math
 from opdgeo.report.study_claims import seed_value, srank_rows
 from opdgeo.report.study_results import StudyResults, num
 from opdgeo.report.tables import Table
+from opdgeo.study.roles import MAIN_ROLES
 from opdgeo.study.statistics import mean_sd
 
 __all__ = ["build_tables", "PAPER_TABLE1", "PAPER_NSS", "PAPER_MAX_ANGLE", "PAPER_SRANK", "acc_se"]
@@ -31,7 +32,7 @@ PAPER_SRANK = {"sft": "~10 → >60 (expands)", "opd": "flat, ~20–30", "rlvr": 
 
 _T1_KEYS = {"sparsity": "global_sparsity", "update_density": "mean_density",
             "principal_overlap": "mean_principal_overlap", "low_magnitude_overlap": "mean_low_magnitude_overlap"}
-_MAIN = ("sft", "opd", "rlvr")
+_MAIN = MAIN_ROLES  # the paper's columns: the runs of these roles (StudyResults.role)
 
 
 def _ms(res: StudyResults, run: str, metric: str):
@@ -72,7 +73,7 @@ def setting_text(info: dict) -> str:
 def _table1(res: StudyResults) -> Table:
     rows = []
     for metric, key in _T1_KEYS.items():
-        stats = [_ms(res, r, key) for r in _MAIN]
+        stats = [_ms(res, res.role(r), key) if res.role(r) else (None, None, 0) for r in _MAIN]
         row: list = [metric.replace("_", " ") + " (%)"]
         for r, (m, _, _) in zip(_MAIN, stats):
             row += [m, PAPER_TABLE1[metric][r]]
@@ -226,7 +227,8 @@ def _projection(res: StudyResults) -> Table:
     from opdgeo.report.study_claims import recovered_fraction
 
     rows = []
-    for full, proj in (("opd", "opd_proj16"), ("sft", "sft_proj16")):
+    for p in res.projections():
+        full, proj = p["full"], p["projected"]
         a, b = _ms(res, full, "accuracy"), _ms(res, proj, "accuracy")
         if not a[2] and not b[2]:
             continue
@@ -235,8 +237,8 @@ def _projection(res: StudyResults) -> Table:
         if a[1] is not None and b[1] is not None:
             se = math.sqrt(a[1] ** 2 / a[2] + b[1] ** 2 / b[2])
         f = recovered_fraction(res, full, proj)
-        rows.append((full, a[0], b[0], diff, se, f"{a[2]}/{b[2]}", res.acc(f"{proj}_start"),
-                     _ms(res, proj.replace("_proj", "_freeze"), "accuracy")[0],
+        rows.append((full, a[0], b[0], diff, se, f"{a[2]}/{b[2]}", res.acc(p["start"]),
+                     _ms(res, p["freeze"], "accuracy")[0] if p["freeze"] else None,
                      f.estimate if f else None, f.low if f else None, f.high if f else None))
     return Table(
         id="projection",
@@ -262,7 +264,8 @@ def panel_runs(res: StudyResults, group: str) -> list[str]:
     steps, batch and group size), else OPD, the mixtures and RLVR."""
     if group == "mixing" and res.info.get("mixing_panel"):
         return [p["run"] for p in res.info["mixing_panel"]]
-    return ["opd"] + res.runs(group) + (["rlvr"] if group == "mixing" else [])
+    opd, rlvr = res.role("opd"), res.role("rlvr")
+    return [r for r in [opd, *res.runs(group), *([rlvr] if group == "mixing" else [])] if r]
 
 
 def _control(res: StudyResults, group: str, title: str) -> Table:

@@ -6,6 +6,6 @@ them with caching and resume (`opdgeo.study.stages`); ``plan_text(preset, out)``
 """
 
 from opdgeo.study.presets import PRESETS, StudyPreset, get_preset
-from opdgeo.study.run import StudyResult, check_training_configs, plan_text, run_study
+from opdgeo.study.run import StudyResult, plan_text, run_study
 
-__all__ = ["PRESETS", "StudyPreset", "get_preset", "run_study", "plan_text", "StudyResult", "check_training_configs"]
+__all__ = ["PRESETS", "StudyPreset", "get_preset", "run_study", "plan_text", "StudyResult"]

@@ -26,30 +26,38 @@ from __future__ import annotations
 from dataclasses import replace
 
 from opdgeo.errors import ConfigError
-from opdgeo.study.presets import RunSpec, StudyPreset
+from opdgeo.study.presets import StudyPreset, StudyRun
 
-__all__ = ["task_section", "resolve_steps", "eval_suite", "training_sets", "check_study_eval", "study_data_plan",
+__all__ = ["task_section", "task_fields", "resolve_steps", "eval_suite", "training_sets", "check_study_eval", "study_data_plan",
            "group_rows", "TEACHER_SFT"]
 
 TEACHER_SFT = "teacher_sft"
 """Name of the teacher's own SFT run (models stage), trained on the task's solutions."""
 
 
-def task_section(preset: StudyPreset, run: RunSpec) -> dict:
+def task_section(preset: StudyPreset, run: StudyRun) -> dict:
     """The ``task`` section of ``run``'s training config (``opdgeo.training.config.TaskConfig``)."""
-    out = {"spec": preset.task, "split": "train", "num_problems": None, "dedup": preset.dedup}
-    if run.objective == "sft" and run.name != TEACHER_SFT and preset.demonstrations is not None:
-        out["demonstrations"] = preset.demonstrations
+    return task_fields(preset.task, preset.dedup, preset.demonstrations,
+                       demonstrations_apply=run.objective == "sft" and run.name != TEACHER_SFT)
+
+
+def task_fields(task: str, dedup: bool, demonstrations: str | None, *, demonstrations_apply: bool) -> dict:
+    """The ``task`` section from a preset's ``task``, ``dedup`` and ``demonstrations`` (these
+    for an SFT run of the study, ``demonstrations_apply``; the teacher's SFT uses the task's
+    own solutions)."""
+    out = {"spec": task, "split": "train", "num_problems": None, "dedup": dedup}
+    if demonstrations_apply and demonstrations is not None:
+        out["demonstrations"] = demonstrations
     return out
 
 
-def _task_config(preset: StudyPreset, run: RunSpec):
+def _task_config(preset: StudyPreset, run: StudyRun):
     from opdgeo.training.config import TaskConfig
 
     return TaskConfig(**task_section(preset, run))
 
 
-def _run_row(preset: StudyPreset, run: RunSpec):
+def _run_row(preset: StudyPreset, run: StudyRun):
     """The data plan row of one training run (its steps not yet set)."""
     from opdgeo.tasks.plan import data_plan_row, demonstrations_plan_row
 

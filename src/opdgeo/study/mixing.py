@@ -3,7 +3,7 @@
 The sweep is A = α·A_OPD + (1 − α)·A_GRPO over α ∈ {1, 0.75, 0.5, 0.25, 0.05, 0.01, 0}
 (SPEC §3). The mixtures are the runs with ``mix_alpha``; the ends are runs of their own
 (group ``mixing`` without ``mix_alpha``: objective ``opd`` is α = 1, ``rlvr`` α = 0) or,
-when there is none, the main ``opd`` / ``rlvr`` run. Every point must run the mixtures'
+when there is none, the main OPD / RLVR run (`opdgeo.study.roles`). Every point must run the mixtures'
 steps, batch and group size, so that the panel compares α alone.
 """
 
@@ -18,7 +18,7 @@ def mixing_panel(runs: Sequence) -> list[tuple[float, str]]:
     """``(α, run name)`` of every point of the sweep, α descending; empty without mixtures.
 
     Args:
-        runs: the preset's ``RunSpec``s.
+        runs: the preset's `StudyRun`s.
     """
     points = {r.mix_alpha: r.name for r in runs if r.mix_alpha is not None}
     if not points:
@@ -26,9 +26,13 @@ def mixing_panel(runs: Sequence) -> list[tuple[float, str]]:
     for r in runs:
         if r.group == "mixing" and r.mix_alpha is None and r.objective in ("opd", "rlvr"):
             points.setdefault(1.0 if r.objective == "opd" else 0.0, r.name)
-    names = {r.name for r in runs}
-    for alpha, main in ((1.0, "opd"), (0.0, "rlvr")):
-        if alpha not in points and main in names:
+    import dataclasses
+
+    from opdgeo.study.roles import study_roles
+
+    roles = study_roles([dataclasses.asdict(r) for r in runs])
+    for alpha, main in ((1.0, roles["opd"]), (0.0, roles["rlvr"])):
+        if alpha not in points and main is not None:
             points[alpha] = main
     return sorted(points.items(), key=lambda p: -p[0])
 

@@ -39,10 +39,11 @@ from pathlib import Path
 
 from opdgeo.errors import ConfigError
 from opdgeo.study.data import TEACHER_SFT, task_section
-from opdgeo.study.presets import ModelSpec, RunSpec, StudyPreset
+from opdgeo.study.presets import ANCHOR_RUN, ModelSpec, StudyPreset, StudyRun
 from opdgeo.study.stages import Stage, StageContext, StageUnavailable
 
-__all__ = ["build_stages", "study_info", "train_config_dict", "run_checkpoints", "STUDY_VERSION"]
+__all__ = ["build_stages", "study_info", "train_config_dict", "teacher_sft_run", "teacher_sft_config", "run_checkpoints",
+           "STUDY_VERSION"]
 
 STUDY_VERSION = 1
 
@@ -55,7 +56,8 @@ def _asdict(obj):
 
 
 def study_info(preset: StudyPreset) -> dict:
-    """``study.json``: the preset as plain data (runs with group and control settings)."""
+    """``study.json``: the preset as plain data (runs with group and control settings, and
+    which run plays which part: ``roles``, `opdgeo.study.roles`)."""
     return {
         "preset": preset.name,
         "description": preset.description,
@@ -67,10 +69,11 @@ def study_info(preset: StudyPreset) -> dict:
                 "batch_size": r.batch_size, "samples_per_prompt": r.samples_per_prompt, "lr": r.optim.lr,
                 "token_keep": list(r.token_keep) if r.token_keep else None, "rollout_policy": r.rollout_policy,
                 "mix_alpha": r.mix_alpha, "project_rank": r.project_rank, "checkpoint_steps": r.checkpoint_steps(),
-                "seed": r.seed, "seed_of": r.seed_of,
+                "seed": r.seed, "seed_of": r.seed_of, "project_mode": r.project_mode if r.project_rank else None,
             }
             for r in preset.runs
         ],
+        "roles": preset.roles(),
         "mixing_panel": [{"alpha": a, "run": name} for a, name in preset.mixing_panel()],
         "dedup": preset.dedup,
         "demonstrations": preset.demonstrations,
@@ -102,7 +105,7 @@ def _checkpoint_near(run_dir: Path, fraction: float, total_steps: int) -> Path:
     return min(cks, key=lambda sc: (abs(sc[0] - target), sc[0]))[1]
 
 
-def train_config_dict(run: RunSpec, preset: StudyPreset, *, student: str, teacher: str, out_dir: Path,
+def train_config_dict(run: StudyRun, preset: StudyPreset, *, student: str, teacher: str, out_dir: Path,
                       project_from: str | None = None, project_origin: str | None = None) -> dict:
     """The training-core config (``opdgeo train`` YAML schema) of one study run."""
     o = run.optim
@@ -126,7 +129,7 @@ def train_config_dict(run: RunSpec, preset: StudyPreset, *, student: str, teache
         "objective": objective,
         "checkpoint": {"every": every, "dtype": preset.dtype},
         # progress on: a live bar in a terminal, a plain line every <= 30 s in a log; how it
-        # is shown is not part of the stage's cache key (the key is the RunSpec)
+        # is shown is not part of the stage's cache key (the key is the StudyRun view)
         "run": {"out_dir": str(out_dir), "seed": run.seed, "progress": True},
     }
     if run.rollout_policy != "student":
@@ -136,10 +139,31 @@ def train_config_dict(run: RunSpec, preset: StudyPreset, *, student: str, teache
     if run.project_rank is not None:
         cfg["project"] = {"from": project_from, "rank": run.project_rank, "origin": project_origin,
                           "mode": run.project_mode}
+    for key, value in run.extra:  # the run's other training keys (objective.eps_high, ...)
+        section, _, name = key.partition(".")
+        if name:
+            cfg.setdefault(section, {})[name] = value
+        else:
+            cfg[section] = value
     return cfg
 
 
-def _uses_controls(run: RunSpec) -> bool:
+def teacher_sft_run(preset: StudyPreset) -> StudyRun:
+    """The teacher's own SFT (``teacher.sft_steps`` at ``teacher.sft_lr``, constant, no weight
+    decay; the SFT run's other optimizer settings; the final checkpoint only)."""
+    spec = preset.teacher
+    optim = dataclasses.replace(preset.run(ANCHOR_RUN).optim, lr=spec.sft_lr, schedule="constant", warmup_fraction=0.0,
+                                weight_decay=0.0)
+    return StudyRun(name=TEACHER_SFT, objective="sft", init="base", steps=spec.sft_steps, batch_size=spec.sft_batch,
+                    optim=optim, checkpoint_every=1.0, seed=spec.seed)
+
+
+def teacher_sft_config(preset: StudyPreset, *, student: str, out_dir: Path) -> dict:
+    """The training config of the teacher's SFT (`teacher_sft_run`) from ``student``."""
+    return train_config_dict(teacher_sft_run(preset), preset, student=student, teacher="", out_dir=out_dir)
+
+
+def _uses_controls(run: StudyRun) -> bool:
     return bool(run.token_keep or run.rollout_policy != "student" or run.project_rank is not None)
 
 
@@ -227,12 +251,8 @@ def _teacher_fn(preset: StudyPreset, launcher: str | None):
             info = {"path": str(pre)}
         if not spec.sft_steps:
             return info
-        run = RunSpec(name=TEACHER_SFT, objective="sft", init="base", steps=spec.sft_steps,
-                      batch_size=spec.sft_batch, optim=dataclasses.replace(preset.run("sft").optim, lr=spec.sft_lr, schedule="constant",
-                                                                warmup_fraction=0.0, weight_decay=0.0),
-                      checkpoint_every=1.0, seed=spec.seed)
         run_dir = ctx.dir / "sft"
-        cfg = train_config_dict(run, preset, student=info["path"], teacher="", out_dir=run_dir)
+        cfg = teacher_sft_config(preset, student=info["path"], out_dir=run_dir)
         _run_training(cfg, run_dir, resume=ctx.resume, launcher=launcher, log=ctx.log)
         return {**info, "path": str(_final_checkpoint(run_dir))}
 
@@ -242,12 +262,12 @@ def _teacher_fn(preset: StudyPreset, launcher: str | None):
 # --------------------------------------------------------------------------- run stages
 
 
-def _run_fn(run: RunSpec, preset: StudyPreset, launcher: str | None):
+def _run_fn(run: StudyRun, preset: StudyPreset, launcher: str | None):
     def fn(ctx: StageContext) -> dict:
         out = ctx.out
         base = ctx.deps["base"]["path"]
         teacher = ctx.deps["teacher"]["path"]
-        anchor = ctx.deps["sft"]["final"] if "sft" in ctx.deps else None
+        anchor = ctx.deps[ANCHOR_RUN]["final"] if ANCHOR_RUN in ctx.deps else None
         project_from = project_origin = None
         if run.init == "base":
             student = base
@@ -426,7 +446,7 @@ def build_stages(preset: StudyPreset, *, launcher: str | None = None) -> list[St
     stages: list[Stage] = [
         Stage("base", "model", "models/base", {**v, "spec": _asdict(preset.base)}, _base_fn(preset)),
         Stage("teacher", "model", "models/teacher",
-              {**v, "spec": _asdict(preset.teacher), "sft_optim": _asdict(preset.run("sft").optim)},
+              {**v, "spec": _asdict(preset.teacher), "sft_optim": _asdict(preset.run(ANCHOR_RUN).optim)},
               _teacher_fn(preset, launcher), resumable=True),
     ]
     ev = _asdict(preset.eval)
@@ -437,44 +457,58 @@ def build_stages(preset: StudyPreset, *, launcher: str | None = None) -> list[St
     stages.append(Stage("eval_base", "eval", "eval/base", {**v, "eval": ev}, _eval_fn(preset, "base", "base student", "base", "path"), deps=("base",), soft=True))
     stages.append(Stage("eval_teacher", "eval", "eval/teacher", {**v, "eval": ev},
                         _eval_fn(preset, "teacher", "teacher", "teacher", "path"), deps=("teacher",), soft=True))
+    roles = preset.roles()
     for run in preset.runs:
-        deps = ["base", "teacher"]
-        if run.init == "anchor" or (run.name != "sft" and preset.has_run("sft")):
-            deps.append("sft")
-        if "@" in run.init:
-            deps.append(run.init.partition("@")[0])
-        deps = tuple(dict.fromkeys(d for d in deps if d != run.name))
-        control = run.name not in ("sft", "opd", "rlvr")
-        stages.append(Stage(run.name, "train", f"runs/{run.name}", {**v, "run": _asdict(run)},
-                            _run_fn(run, preset, launcher), deps=deps, resumable=True, soft=control))
-        role = "SFT anchor" if run.name == "sft" else (
-            ("projected" if run.project_mode == "project" else "freeze-only") if run.project_rank else run.group)
-        stages.append(Stage(f"eval_{run.name}", "eval", f"eval/{run.name}", {**v, "eval": ev},
-                            _eval_fn(preset, run.name, role, run.name, "final"), deps=(run.name,), soft=True))
-        if run.project_rank and run.project_mode == "project" and run.seed_of is None:
-            # the checkpoint every seed of the projected run restarts from (the seed-0 source run's)
-            start = f"{run.name}_start"
-            stages.append(Stage(f"eval_{start}", "eval", f"eval/{start}", {**v, "eval": ev},
-                                _eval_fn(preset, start, "projection start", run.name, "init"), deps=(run.name,),
-                                soft=True))
-        d = preset.diagnose
-        stages.append(Stage(f"compare_{run.name}", "compare", f"diagnose/compare/{run.name}",
-                            {**v, "k": d.k, "rank": d.rank, "alpha": d.alpha, "eta": d.eta},
-                            _compare_fn(preset, run.name), deps=(run.name,), soft=True))
+        stages += _run_stages(preset, run, roles, v, ev, launcher)
+    stages += _trajectory_stages(preset, roles, v)
+    stages.append(Stage("report", "report", "", {**v}, _report_fn(preset), always=True))
+    return stages
+
+
+def _run_stages(preset: StudyPreset, run: StudyRun, roles: dict, v: dict, ev: dict, launcher: str | None) -> list[Stage]:
+    """A run's training, evaluation (and its restart checkpoint's, for a projected run) and compare."""
+    deps = ["base", "teacher"]
+    if run.init == "anchor" or (run.name != ANCHOR_RUN and preset.has_run(ANCHOR_RUN)):
+        deps.append(ANCHOR_RUN)
+    if "@" in run.init:
+        deps.append(run.init.partition("@")[0])
+    deps = tuple(dict.fromkeys(d for d in deps if d != run.name))
+    control = run.name not in roles["main"]
+    out = [Stage(run.name, "train", f"runs/{run.name}", {**v, "run": run.cache_config()},
+                 _run_fn(run, preset, launcher), deps=deps, resumable=True, soft=control)]
+    role = "SFT anchor" if run.name == ANCHOR_RUN else (
+        ("projected" if run.project_mode == "project" else "freeze-only") if run.project_rank else run.group)
+    out.append(Stage(f"eval_{run.name}", "eval", f"eval/{run.name}", {**v, "eval": ev},
+                     _eval_fn(preset, run.name, role, run.name, "final"), deps=(run.name,), soft=True))
+    if run.project_rank and run.project_mode == "project" and run.seed_of is None:
+        # the checkpoint every seed of the projected run restarts from (the seed-0 source run's)
+        start = f"{run.name}_start"
+        out.append(Stage(f"eval_{start}", "eval", f"eval/{start}", {**v, "eval": ev},
+                         _eval_fn(preset, start, "projection start", run.name, "init"), deps=(run.name,), soft=True))
+    d = preset.diagnose
+    out.append(Stage(f"compare_{run.name}", "compare", f"diagnose/compare/{run.name}",
+                     {**v, "k": d.k, "rank": d.rank, "alpha": d.alpha, "eta": d.eta},
+                     _compare_fn(preset, run.name), deps=(run.name,), soft=True))
+    return out
+
+
+def _trajectory_stages(preset: StudyPreset, roles: dict, v: dict) -> list[Stage]:
+    """``trajectory_main`` (the main runs with the OPD/RLVR overlap), then one per other run
+    (another seed of OPD or RLVR together with its seed-0 run and their overlap: the noise
+    floor of the OPD-RLVR overlap)."""
     d = preset.diagnose
     tcfg = {**v, "matrices": d.trajectory_matrices, "hill_k": d.hill_k, "sim_k": d.sim_k, "lock": d.lock_threshold}
-    main = [r for r in ("sft", "opd", "rlvr") if preset.has_run(r)]
-    overlap = [("opd", "rlvr")] if {"opd", "rlvr"} <= set(main) else []
-    stages.append(Stage("trajectory_main", "trajectory", "diagnose/trajectory/main", {**tcfg, "runs": main, "overlap": overlap},
-                        _trajectory_fn(preset, main, overlap), deps=tuple(main), soft=True))
+    main, opd, rlvr = roles["main"], roles["opd"], roles["rlvr"]
+    overlap = [(opd, rlvr)] if opd and rlvr else []
+    out = [Stage("trajectory_main", "trajectory", "diagnose/trajectory/main", {**tcfg, "runs": main, "overlap": overlap},
+                 _trajectory_fn(preset, main, overlap), deps=tuple(main), soft=True)]
     for run in preset.runs:
         if run.name in main:
             continue
         runs, pairs = [run.name], []
-        if run.seed_of in ("opd", "rlvr"):  # the same method with another seed: the noise floor of the OPD-RLVR overlap
+        if run.seed_of is not None and run.seed_of in (opd, rlvr):
             runs, pairs = [run.seed_of, run.name], [(run.seed_of, run.name)]
-        stages.append(Stage(f"trajectory_{run.name}", "trajectory", f"diagnose/trajectory/{run.name}",
-                            {**tcfg, "runs": runs, "overlap": pairs}, _trajectory_fn(preset, runs, pairs),
-                            deps=tuple(runs), soft=True))
-    stages.append(Stage("report", "report", "", {**v}, _report_fn(preset), always=True))
-    return stages
+        out.append(Stage(f"trajectory_{run.name}", "trajectory", f"diagnose/trajectory/{run.name}",
+                         {**tcfg, "runs": runs, "overlap": pairs}, _trajectory_fn(preset, runs, pairs),
+                         deps=tuple(runs), soft=True))
+    return out

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from opdgeo.study.presets import ModelSpec, RunSpec, StudyPreset
+from opdgeo.study.presets import ModelSpec, StudyPreset, StudyRun
 from opdgeo.training.memory_plan import Arch
 
-__all__ = ["count_parameters", "model_arch", "memory_lines", "plan_rows", "format_plan", "GPUS"]
+__all__ = ["count_parameters", "model_arch", "memory_lines", "plan_rows", "format_plan", "preset_argument", "GPUS"]
 
 GPUS = 8  # GPUs of a CUDA preset (the default launcher: accelerate launch --num_processes 8)
 
@@ -63,7 +63,7 @@ def _fmt_params(n: int | None) -> str:
     return f"{n / 1e3:.1f} k"
 
 
-def _run_text(r: RunSpec) -> str:
+def _run_text(r: StudyRun) -> str:
     steps = f"{r.steps} steps" + (f" ({r.epochs:g} epochs)" if r.epochs is not None else "")
     parts = [f"{r.objective}", f"from {r.init}", steps, f"batch {r.batch_size}"]
     if r.objective != "sft":
@@ -114,13 +114,25 @@ def plan_rows(preset: StudyPreset, stages, statuses: dict[str, str] | None = Non
     return rows
 
 
+def preset_argument(preset: StudyPreset) -> str:
+    """What ``--preset`` takes for ``preset``: a shipped preset's name, else its file."""
+    from pathlib import Path
+
+    from opdgeo.study.preset_file import shipped_presets_dir
+
+    shipped = Path(str(shipped_presets_dir())).resolve()
+    if not preset.path or Path(preset.path).resolve().parent == shipped:
+        return preset.name
+    return preset.path
+
+
 def format_plan(preset: StudyPreset, stages, statuses: dict[str, str] | None = None, *,
-                config_problems: dict[str, str] | None = None, launcher: str | None = None,
+                launcher: str | None = None,
                 data_plan: str | None = None) -> str:
     """The plain-text plan: stages, data, sizes, memory estimate with its formula, time, launch."""
     demos = "the task's solutions" if preset.demonstrations is None else preset.demonstrations
     evals = f"suite {preset.eval.suite}" if preset.eval.suite else f"{preset.eval.split} split of the task"
-    lines = [f"opdgeo study --preset {preset.name}: {preset.description}",
+    lines = [f"opdgeo study --preset {preset_argument(preset)}: {preset.description}",
              f"task: {preset.task} (dedup {'on' if preset.dedup else 'off'}); SFT demonstrations: {demos}; "
              f"evaluation: {evals}; checkpoints: {preset.dtype}", ""]
     rows = plan_rows(preset, stages, statuses)
@@ -145,11 +157,8 @@ def format_plan(preset: StudyPreset, stages, statuses: dict[str, str] | None = N
         lines += ["", "expected time: " + ", ".join(f"{k}: ~{v} min" for k, v in preset.expected_minutes.items())]
     if preset.device == "cuda" or launcher:
         lines += ["", "launch on GPUs (training stages run through the public CLI):",
-                  f"  opdgeo study --preset {preset.name} --out runs/study-{preset.name} "
+                  f"  opdgeo study --preset {preset_argument(preset)} --out runs/study-{preset.name} "
                   f"--launcher \"{launcher or 'accelerate launch --num_processes 8'}\""]
-    if config_problems:
-        lines += ["", "training-config problems (these runs would be reported as not measured):"]
-        lines += [f"  {k}: {v}" for k, v in config_problems.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -172,7 +181,8 @@ def memory_lines(preset: StudyPreset, sa: dict, ta: dict | None, *, launcher: st
     from opdgeo.training.config import config_from_dict
     from opdgeo.training.memory_plan import GPU_BYTES, format_plan, settings_from_config, uses_teacher
 
-    opd = preset.run("opd") if preset.has_run("opd") else preset.runs[0]
+    opd_name = preset.roles()["opd"]
+    opd = preset.run(opd_name) if opd_name else preset.runs[0]
     # the models are described by their arch dicts, not read: tiny stand-ins keep the config check off the disk
     config = config_from_dict(train_config_dict(opd, preset, student="tiny:student", teacher="tiny:teacher",
                                                 out_dir=Path("plan")), check_paths=False)

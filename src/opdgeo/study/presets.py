@@ -1,12 +1,22 @@
-"""Study presets: what `opdgeo study` trains, evaluates and diagnoses, as typed frozen data.
+"""Study presets: what `opdgeo study` trains, evaluates and diagnoses.
 
-A preset is a plain description — models, runs, evaluation and diagnostic settings — with
-no behaviour besides validation. `opdgeo.study.plan` turns it into stages, and
-`opdgeo.study.pipeline` runs them through the public APIs of the training core, the
-evaluator, `compare` and `trajectory`.
+A preset is a YAML file (``recipes/study/<name>.yaml``, packaged as
+``opdgeo/recipes/study/``; `opdgeo.study.preset_file` reads it). Each of its runs is a
+partial training config (the keys of ``opdgeo train``'s YAML config) merged over the
+preset's ``defaults`` and validated once, by the training config's own validation. This
+module holds what the file turns into:
 
-Presets (SPEC §3 gives the paper's recipe; everything else here is **our choice** and is a
-field of these dataclasses):
+- `StudyRun`: one run as the study sees it, a view computed from its validated training
+  config (steps, batch, learning rate, objective, controls) plus its place in the study
+  (``init``, ``group``, checkpoint fraction, seed). It has no validation of its own; its
+  fields are what a training stage's cache key hashes, and `opdgeo.study.pipeline`
+  writes the run's training config back from it.
+- `ModelSpec`, `EvalSpec`, `DiagnoseSpec`: the study-level sections of the file (how the
+  base student and the teacher come to exist, the held-out evaluation, the diagnostics).
+- `StudyPreset`: the whole study, with the checks that concern the study as a whole
+  (run references, seeds, the mixing sweep); `get_preset(name or path)` loads one.
+
+The shipped presets (their learning rates are stated in ``docs/study.md``):
 
 - ``quick``: the CI smoke test of the whole pipeline — a few optimizer steps per run on a
   very small model. Its numbers are meaningless; its artifacts are complete.
@@ -25,28 +35,38 @@ Every run of a preset runs once per seed (`opdgeo.study.seeds`: what a seed vari
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
 
 from opdgeo.errors import ConfigError
-from opdgeo.study.seeds import with_seeds
 
 __all__ = [
     "ModelSpec",
     "OptimSpec",
-    "RunSpec",
+    "StudyRun",
     "EvalSpec",
     "DiagnoseSpec",
     "StudyPreset",
     "PRESETS",
+    "ANCHOR_RUN",
     "get_preset",
 ]
 
+PRESETS = ("quick", "tiny", "smollm2", "paper")
+"""The presets shipped in ``recipes/study/`` (``opdgeo/recipes/study/<name>.yaml``)."""
+
+ANCHOR_RUN = "sft"
+"""The run whose final checkpoint is the anchor (``study.init: anchor``); every preset has it."""
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    """How one model of the study comes to exist.
+    """How one model of the study comes to exist (the file's ``base`` and ``teacher``).
 
     Attributes:
-        name: ``"base"`` or ``"teacher"`` (the stage that builds it).
+        name: ``"base"`` or ``"teacher"`` (the stage that builds it; set by the loader).
         source: ``"tiny:<preset>"`` builds `tiny_qwen3_config(<preset>, vocab)` with the
             shared char tokenizer; ``"smollm2"`` exports the packaged SmolLM2 GGUF; any
             other string is a local HF folder or local-cache model id (never downloaded).
@@ -82,17 +102,9 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class OptimSpec:
-    """Optimizer of one run (SPEC §3: Adam, weight decay 0.1, betas (0.9, 0.98)).
-
-    Attributes:
-        lr: peak learning rate.
-        schedule: ``"constant"`` or ``"cosine"`` (cosine decays to ``min_lr``).
-        min_lr: final learning rate of the cosine schedule.
-        warmup_fraction: fraction of the steps used for linear warmup.
-        weight_decay: decoupled weight decay.
-        betas: Adam betas.
-        grad_clip: global gradient-norm clip (0 disables).
-    """
+    """The optimizer of one run, as read from its training config's ``optim`` section
+    (``warmup_fraction`` comes from the run's ``study`` block: ``optim.warmup_steps`` is
+    ``round(warmup_fraction · steps)``, so it follows steps resolved from epochs)."""
 
     lr: float
     schedule: str = "constant"
@@ -104,46 +116,41 @@ class OptimSpec:
 
 
 @dataclass(frozen=True)
-class RunSpec:
-    """One training run of the study (a training stage).
+class StudyRun:
+    """One training run of the study: a view of its validated training config.
+
+    Built by `opdgeo.study.preset_file` from the run's merged training config (after the
+    training config's validation accepted it) and its ``study`` block; the teacher's own
+    SFT is the one run built in code (`opdgeo.study.pipeline.teacher_sft_run`).
 
     Attributes:
-        name: run name (``sft``, ``opd``, ``rlvr``, ``opd_topkl50``, ...); also the stage name.
-        objective: ``"sft"``, ``"rlvr"`` or ``"opd"`` (mixing runs use ``"opd"`` with
-            ``mix_alpha``).
-        init: ``"base"``, ``"anchor"`` (the SFT run's final checkpoint) or ``"<run>@<f>"``:
-            the checkpoint of ``<run>`` nearest to fraction ``f`` of its steps, from which a
-            projected run restarts (it then starts from ``<run>``'s own init and continues
-            that run's step count).
-        steps: optimizer steps.
-        batch_size: prompts per step.
-        samples_per_prompt: rollouts per prompt G (RL objectives; 1 for SFT).
-        micro_batch_size: prompts per micro-batch (gradient accumulation; None = the whole
-            batch). Must divide ``batch_size``.
-        optim: the optimizer.
-        checkpoint_every: fraction of ``steps`` between saved checkpoints: the core's
-            ``checkpoint.every = max(1, round(checkpoint_every·steps))``, plus the final step
-            (0.2 → ~20/40/60/80/100 %; 1.0 → the final step only).
-        temperature: rollout temperature.
-        max_new_tokens: rollout length limit.
-        token_keep: ``None`` or ``(mode, fraction)`` with mode ``"topkl"``/``"random"``.
-        rollout_policy: ``"student"`` or ``"teacher"`` (off-policy OPD).
-        mix_alpha: ``None`` or α of A = α·A_OPD + (1 − α)·A_GRPO.
-        project_rank: ``None`` or K of the subspace projection (V_K of the ΔW of ``init``'s
-            checkpoint relative to the source run's origin).
-        project_mode: the core's ``project.mode``: ``"project"`` (gradients and AdamW's
-            updates projected on span(V_K)) or ``"freeze"`` (the control: the same restart
-            and frozen parameters, no projection).
-        seed: run seed.
-        group: report panel the run belongs to (``main``, ``matched``, ``sparsification``,
-            ``offpolicy``, ``mixing``, ``projection``). A run of group ``mixing`` without
-            ``mix_alpha`` is an end of the mixing sweep: ``opd`` is α = 1, ``rlvr`` α = 0.
-        epochs: ``None``, or passes over the run's data: the study then sets ``steps`` to
-            ``opdgeo.tasks.plan.steps_for_epochs(n, batch_size, epochs)`` once the data is
-            read (`opdgeo.study.data.resolve_steps`; n = the distinct problems drawn, for
-            SFT those with a demonstration), and ``steps`` is the estimate shown when the
-            data cannot be read.
-        seed_of: ``None``, or the run this one repeats with another ``seed`` (`opdgeo.study.seeds`).
+        name: run name (the key under ``runs:``); also the stage name.
+        objective: ``objective.name``.
+        init: ``study.init``: ``"base"``, ``"anchor"`` (the SFT run's final checkpoint) or
+            ``"<run>@<f>"``: the checkpoint of ``<run>`` nearest to fraction ``f`` of its
+            steps, from which a projected run restarts.
+        steps, batch_size: ``optim.steps``, ``optim.batch_size``.
+        optim: the optimizer (`OptimSpec`).
+        samples_per_prompt: ``rollout.group_size`` (1 for SFT).
+        micro_batch_size: ``optim.micro_batch_size``; None when it is the whole batch.
+        checkpoint_every: ``study.checkpoint_every``, the fraction of ``steps`` between
+            checkpoints: ``checkpoint.every = max(1, round(checkpoint_every·steps))`` plus
+            the final step (1.0: the final step only).
+        temperature, max_new_tokens: ``rollout.temperature``, ``rollout.max_new_tokens``.
+        token_keep: None, or ``(token_keep.mode, token_keep.fraction)``.
+        rollout_policy: ``rollout.policy``.
+        mix_alpha: None, or α of ``objective.advantage = {opd: α, rlvr: 1 − α}``.
+        project_rank, project_mode: ``project.rank`` and ``project.mode`` of a projected
+            run (or its freeze-only control); None without a ``project`` section.
+        seed: ``run.seed``, one per seed of the preset (`opdgeo.study.seeds`).
+        group: ``study.group``: the report panel (``main``, ``matched``,
+            ``sparsification``, ``offpolicy``, ``mixing``, ``projection``).
+        epochs: ``study.epochs``: None, or passes over the run's data; the study then sets
+            ``steps`` from the data (`opdgeo.study.data.resolve_steps`).
+        seed_of: None, or the run this one repeats with another ``seed``.
+        extra: every other training-config key the run sets (``("section.key", value)``
+            pairs, e.g. ``objective.eps_high``): written to its training config and part of
+            its cache key.
     """
 
     name: str
@@ -166,6 +173,7 @@ class RunSpec:
     epochs: float | None = None
     seed_of: str | None = None
     project_mode: str = "project"
+    extra: tuple[tuple[str, Any], ...] = ()
 
     def every(self) -> int:
         """The training core's ``checkpoint.every`` (0 = only the final step)."""
@@ -181,10 +189,18 @@ class RunSpec:
             steps.append(self.steps)
         return steps
 
+    def cache_config(self) -> dict:
+        """What the run's training stage hashes: every field as JSON data (``extra`` only
+        when the run has extra keys, so that a run without them keeps its key)."""
+        data = json.loads(json.dumps(dataclasses.asdict(self), default=str))
+        if not data["extra"]:
+            del data["extra"]
+        return data
+
 
 @dataclass(frozen=True)
 class EvalSpec:
-    """Held-out evaluation (avg@k).
+    """Held-out evaluation (avg@k), the file's ``eval`` section.
 
     Attributes:
         split: task split evaluated (``"test"``).
@@ -208,7 +224,8 @@ class EvalSpec:
 
 @dataclass(frozen=True)
 class DiagnoseSpec:
-    """Settings passed to `compare` and `trajectory` (SPEC §1/§2 defaults unless noted).
+    """Settings passed to `compare` and `trajectory`, the file's ``diagnose`` section
+    (SPEC §1/§2 defaults unless noted).
 
     Attributes:
         k: principal-angle subspace size (capped at min(m, n) by compare).
@@ -237,29 +254,26 @@ class DiagnoseSpec:
 
 @dataclass(frozen=True)
 class StudyPreset:
-    """A whole study.
+    """A whole study (one YAML file).
 
     Attributes:
-        name: preset name.
+        name: preset name (the file's ``name``, default its stem).
         description: one line for the plan and the report.
-        task: task spec for `opdgeo.tasks.load_task` (``"arithmetic"``,
-            ``"arithmetic:difficulty=2"``, a JSONL/parquet path, a known dataset's name or a
-            local-cache dataset): the RL and OPD prompts (the training config's ``task.spec``).
+        task: task spec for `opdgeo.tasks.load_task`: the RL and OPD prompts (every run's
+            ``task.spec``).
         base: the student's base model.
         teacher: the teacher.
-        runs: training runs, in dependency order.
+        runs: training runs, in dependency order, every seed included.
         eval: held-out evaluation.
         diagnose: compare/trajectory settings.
-        dtype: checkpoint storage dtype (``"bfloat16"`` — the paper's setting).
+        dtype: checkpoint storage dtype (every run's ``checkpoint.dtype``).
         device: ``"cpu"`` or ``"cuda"``.
         expected_minutes: documented wall time, ``{"cpu-2core": m, "1xH100": m, ...}``.
-        torch_threads: intra-op threads for this process (None: torch's default). The CPU
-            presets use 1: with tiny matrices, OpenMP spin-waiting on 2 shared cores makes
-            2 threads many times slower than 1.
-        dedup: every run's ``task.dedup`` (deduplicate the prompts by normalized text).
-        demonstrations: the SFT runs' ``task.demonstrations``: None (the task's own
-            solutions), ``"teacher"`` (the teacher's verified samples) or a task spec with
-            solutions (``"openr1-math"``).
+        torch_threads: intra-op threads for this process (None: torch's default).
+        dedup: every run's ``task.dedup``.
+        demonstrations: the SFT runs' ``task.demonstrations``.
+        seeds: the seeds every run (or every run of ``seeded``) runs with.
+        path: the file the preset was read from (``""`` when built in code).
     """
 
     name: str
@@ -267,7 +281,7 @@ class StudyPreset:
     task: str
     base: ModelSpec
     teacher: ModelSpec
-    runs: tuple[RunSpec, ...]
+    runs: tuple[StudyRun, ...]
     eval: EvalSpec = EvalSpec()
     diagnose: DiagnoseSpec = DiagnoseSpec()
     dtype: str = "bfloat16"
@@ -276,13 +290,16 @@ class StudyPreset:
     torch_threads: int | None = None
     dedup: bool = True
     demonstrations: str | None = None
+    seeds: tuple[int, ...] = (0,)
+    path: str = ""
 
     def __post_init__(self):
         problems = self.problems()
         if problems:
-            raise ConfigError(f"preset {self.name!r}: " + "; ".join(problems))
+            where = f"{self.path}: " if self.path else f"preset {self.name!r}: "
+            raise ConfigError(where + "; ".join(problems))
 
-    def run(self, name: str) -> RunSpec:
+    def run(self, name: str) -> StudyRun:
         for r in self.runs:
             if r.name == name:
                 return r
@@ -297,70 +314,26 @@ class StudyPreset:
 
         return mixing_panel([r for r in self.runs if r.seed_of is None])  # seed-0 instances name the points
 
+    def roles(self) -> dict:
+        """Which run plays which part of the study (`opdgeo.study.roles.study_roles`)."""
+        from opdgeo.study.roles import study_roles
+
+        return study_roles([dataclasses.asdict(r) for r in self.runs])
+
     def problems(self) -> list[str]:
-        """Every validation problem of this preset (empty when valid)."""
+        """Every problem of the study as a whole (empty when valid); each run's training
+        settings were validated by the training config when the file was read."""
         out: list[str] = []
         names = [r.name for r in self.runs]
         if len(set(names)) != len(names):
             out.append(f"duplicate run names in {names}")
-        if "sft" not in names:
-            out.append("runs must include 'sft' (it produces the anchor)")
+        if ANCHOR_RUN not in names:
+            out.append(f"runs must include {ANCHOR_RUN!r} (it produces the anchor)")
         if self.dtype not in ("bfloat16", "float16", "float32"):
             out.append(f"dtype must be bfloat16/float16/float32; got {self.dtype!r}")
         seen: set[str] = set()
         for r in self.runs:
-            key = f"runs.{r.name}"
-            if r.objective not in ("sft", "rlvr", "opd"):
-                out.append(f"{key}.objective must be sft|rlvr|opd; got {r.objective!r}")
-            if r.steps < 1:
-                out.append(f"{key}.steps must be >= 1; got {r.steps}")
-            if r.batch_size < 1:
-                out.append(f"{key}.batch_size must be >= 1; got {r.batch_size}")
-            if r.micro_batch_size is not None and (r.micro_batch_size < 1 or r.batch_size % r.micro_batch_size):
-                out.append(f"{key}.micro_batch_size must divide batch_size = {r.batch_size}; got {r.micro_batch_size}")
-            if r.samples_per_prompt < 1:
-                out.append(f"{key}.samples_per_prompt must be >= 1; got {r.samples_per_prompt}")
-            if r.objective == "rlvr" and r.samples_per_prompt < 2:
-                out.append(f"{key}.samples_per_prompt must be >= 2 for GRPO; got {r.samples_per_prompt}")
-            if not (r.optim.lr > 0):
-                out.append(f"{key}.optim.lr must be > 0; got {r.optim.lr}")
-            if r.optim.schedule not in ("constant", "cosine"):
-                out.append(f"{key}.optim.schedule must be constant|cosine; got {r.optim.schedule!r}")
-            if not (0 < r.checkpoint_every <= 1):
-                out.append(f"{key}.checkpoint_every must be in (0, 1]; got {r.checkpoint_every}")
-            if r.token_keep is not None:
-                mode, frac = r.token_keep
-                if mode not in ("topkl", "random") or not (0 < frac <= 1):
-                    out.append(f"{key}.token_keep must be (topkl|random, 0<ρ<=1); got {r.token_keep}")
-            if r.rollout_policy not in ("student", "teacher"):
-                out.append(f"{key}.rollout_policy must be student|teacher; got {r.rollout_policy!r}")
-            if r.mix_alpha is not None and not (0 <= r.mix_alpha <= 1):
-                out.append(f"{key}.mix_alpha must be in [0, 1]; got {r.mix_alpha}")
-            if r.project_rank is not None and r.project_rank < 1:
-                out.append(f"{key}.project_rank must be >= 1; got {r.project_rank}")
-            if r.project_mode not in ("project", "freeze"):
-                out.append(f"{key}.project_mode must be project|freeze; got {r.project_mode!r}")
-            if r.project_rank is not None and "@" not in r.init:
-                out.append(f"{key}.init must be '<run>@<fraction>' for a projected run; got {r.init!r}")
-            if r.init in ("base", "anchor"):
-                if r.init == "anchor" and r.name == "sft":
-                    out.append(f"{key}.init cannot be the anchor it produces")
-            elif "@" in r.init:
-                src, _, frac = r.init.partition("@")
-                try:
-                    f = float(frac)
-                except ValueError:
-                    f = -1.0
-                if src not in seen:
-                    out.append(f"{key}.init refers to run {src!r}, which must come earlier")
-                if not (0 < f <= 1):
-                    out.append(f"{key}.init fraction must be in (0, 1]; got {frac!r}")
-            else:
-                out.append(f"{key}.init must be base|anchor|<run>@<fraction>; got {r.init!r}")
-            if r.seed_of is not None and r.seed_of not in seen:
-                out.append(f"{key}.seed_of refers to run {r.seed_of!r}, which must come earlier")
-            if r.name != "sft" and r.init == "anchor" and "sft" not in seen:
-                out.append(f"{key} starts from the anchor, so 'sft' must come before it")
+            out.extend(_run_problems(r, seen))
             seen.add(r.name)
         from opdgeo.study.mixing import mixing_problems
 
@@ -369,9 +342,10 @@ class StudyPreset:
             out.append("demonstrations must be None, 'teacher' or a task spec; got ''")
         if self.demonstrations == "teacher" and self.teacher.sft_steps:
             out.append("demonstrations 'teacher' cannot train the teacher's own SFT (teacher.sft_steps > 0)")
-        for r in self.runs:
-            if r.epochs is not None and not r.epochs > 0:
-                out.append(f"runs.{r.name}.epochs must be > 0; got {r.epochs}")
+        return out + self._eval_problems()
+
+    def _eval_problems(self) -> list[str]:
+        out: list[str] = []
         e = self.eval
         if e.suite is not None:
             from opdgeo.tasks.suite import SUITES
@@ -388,227 +362,47 @@ class StudyPreset:
         return out
 
 
-# --------------------------------------------------------------------------------------
-# Preset construction
-# --------------------------------------------------------------------------------------
-
-
-def _study_runs(
-    *,
-    sft: RunSpec,
-    rl_steps: int,
-    batch: int,
-    group: int,
-    rl_lr: float,
-    max_new_tokens: int,
-    micro_batch_size: int | None = None,
-    temperature: float = 1.0,
-    rlvr_steps: int | None = None,
-    rlvr_batch: int | None = None,
-    checkpoint_every: float = 0.2,
-    controls: bool = True,
-    seeds: tuple[int, ...] = (0, 1, 2),
-    seeded: tuple[str, ...] | None = None,
-) -> tuple[RunSpec, ...]:
-    """The paper's run list: SFT, OPD, RLVR and every control, each once per seed of ``seeds``."""
-    rl = OptimSpec(lr=rl_lr)
-    common = dict(
-        init="anchor",
-        batch_size=batch,
-        samples_per_prompt=group,
-        optim=rl,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        checkpoint_every=checkpoint_every,
-        micro_batch_size=micro_batch_size,
-    )
-    runs = [
-        sft,
-        RunSpec(name="opd", objective="opd", steps=rl_steps, **common),
-        RunSpec(
-            name="rlvr",
-            objective="rlvr",
-            steps=rlvr_steps or rl_steps,
-            **{**common, "batch_size": rlvr_batch or batch},
-        ),
-    ]
-    runs.append(  # sft_matched: SFT from the anchor at OPD's lr, steps and prompts per step
-        RunSpec(name="sft_matched", objective="sft", steps=rl_steps, group="matched", **{**common, "samples_per_prompt": 1}))
-    if not controls:
-        return with_seeds(runs, seeds, seeded)
-    for mode, tag in (("topkl", "topkl"), ("random", "rand")):
-        for frac in (0.5, 0.25):
-            runs.append(
-                RunSpec(
-                    name=f"opd_{tag}{int(frac * 100)}",
-                    objective="opd",
-                    steps=rl_steps,
-                    token_keep=(mode, frac),
-                    group="sparsification",
-                    **common,
-                )
-            )
-    runs.append(
-        RunSpec(name="opd_offpolicy", objective="opd", steps=rl_steps, rollout_policy="teacher", group="offpolicy", **common)
-    )
-    for a in (0.75, 0.5, 0.25, 0.05, 0.01):
-        runs.append(
-            RunSpec(
-                name=f"mix_{str(a).replace('.', 'p')}",
-                objective="opd",
-                steps=rl_steps,
-                mix_alpha=a,
-                group="mixing",
-                **common,
-            )
-        )
-    # The sweep's ends at exactly the mixtures' steps, batch and group size: the main OPD /
-    # RLVR run where it has them, else a run of its own (the paper's RLVR runs 1023 steps at
-    # batch 512, the mixtures 299 at 64).
-    for name, main in (("mix_1", runs[1]), ("mix_0", runs[2])):
-        if (main.steps, main.batch_size, main.samples_per_prompt) != (rl_steps, batch, group):
-            runs.append(RunSpec(name=name, objective=main.objective, steps=rl_steps, group="mixing", **common))
-    proj_frac = 0.2  # the paper's ~20 % checkpoint (nearest saved one is used)
-    opd = runs[1]
-    # A projected run is its source run restarted from the source's ~20 % checkpoint (the
-    # core's ``project.from``: fp32 weights, AdamW state and step of that checkpoint),
-    # trained to the same final step with every block-matrix gradient and AdamW update
-    # projected on V_16 of the checkpoint's update (other parameters frozen), so its change
-    # after the restart lies in span(V_16). The freeze-only control restarts the same way
-    # and freezes the same parameters, without projection.
-    runs.append(replace(opd, name="opd_proj16", init=f"opd@{proj_frac}", project_rank=16, group="projection"))
-    runs.append(replace(sft, name="sft_proj16", init=f"sft@{proj_frac}", project_rank=16, group="projection"))
-    runs.append(replace(opd, name="opd_freeze16", init=f"opd@{proj_frac}", project_rank=16, project_mode="freeze",
-                        group="projection"))
-    runs.append(replace(sft, name="sft_freeze16", init=f"sft@{proj_frac}", project_rank=16, project_mode="freeze",
-                        group="projection"))
-    return with_seeds(runs, seeds, seeded)
-
-
-# Architecture numbers for --dry-run parameter counts (public model cards / config.json).
-_QWEN3_8B = dict(
-    hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-    intermediate_size=12288, vocab_size=151936, tie_word_embeddings=False,
-)
-_QWEN3_32B = dict(
-    hidden_size=5120, num_hidden_layers=64, num_attention_heads=64, num_key_value_heads=8, head_dim=128,
-    intermediate_size=25600, vocab_size=151936, tie_word_embeddings=False,
-)
-_SMOLLM2_135M = dict(
-    hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
-    intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True, qk_norm=False,
-)
-
-
-def _quick() -> StudyPreset:
-    sft = RunSpec(
-        name="sft", objective="sft", init="base", steps=5, batch_size=8,
-        optim=OptimSpec(lr=1e-3), max_new_tokens=24,
-    )
-    return StudyPreset(
-        name="quick",
-        description="CI smoke test: every stage and artifact, a few steps each (numbers are not meaningful)",
-        task="arithmetic:difficulty=2,ops=+",
-        base=ModelSpec(name="base", source="tiny:quick", pretrain_steps=6, pretrain_lr=3e-3, pretrain_batch=16, corpus_size=200),
-        teacher=ModelSpec(name="teacher", source="tiny:quick", pretrain_steps=6, pretrain_lr=3e-3, pretrain_batch=16,
-                          corpus_size=200, sft_steps=6, sft_lr=3e-3, seed=1),
-        runs=_study_runs(sft=sft, rl_steps=5, batch=2, group=2, rl_lr=1e-4, max_new_tokens=12, seeds=(0, 1),
-                         seeded=("sft", "opd", "rlvr")),  # a smoke test: the controls run once
-        eval=EvalSpec(n_problems=6, k=1, temperature=1.0, max_new_tokens=12),
-        diagnose=DiagnoseSpec(k=16, rank=4, hill_k=8, sim_k=4),
-        expected_minutes={"cpu-2core": 1},
-        torch_threads=1,
-    )
-
-
-def _tiny() -> StudyPreset:
-    # Budgeted from step times measured on the shared 2-core machine with 1 torch thread
-    # (load ~6-10): pretrain ~0.25 s/step (32 blocks x 128 tokens), SFT ~0.18 s/step
-    # (32 prompts), OPD/RLVR ~0.5 s/step (8 prompts x G=4, <= 40 new tokens), eval ~2 s.
-    # Accuracy calibration (same machine): teacher SFT 300 steps -> 58 % (T=1); anchor ~25 % after 120
-    # SFT steps at lr 1e-3 (50x the RL lr); at the paper's 10x ratio (2e-4) it is not measured yet.
-    sft = RunSpec(
-        name="sft", objective="sft", init="base", steps=120, batch_size=32,
-        optim=OptimSpec(lr=2e-4), max_new_tokens=40,  # 10x the RL lr below (the paper's 1e-5 : 1e-6)
-    )
-    return StudyPreset(
-        name="tiny",
-        description="the study at small scale on a 2-core CPU: tiny Qwen3 student/teacher, 2-digit addition, 3 seeds",
-        task="arithmetic:difficulty=2,ops=+",
-        base=ModelSpec(name="base", source="tiny:student", pretrain_steps=150, pretrain_lr=2e-3, pretrain_batch=32,
-                       corpus_size=4000),
-        teacher=ModelSpec(name="teacher", source="tiny:teacher", pretrain_steps=100, pretrain_lr=2e-3, pretrain_batch=16,
-                          corpus_size=4000, sft_steps=500, sft_lr=1e-3, sft_batch=32, seed=1),
-        runs=_study_runs(sft=sft, rl_steps=40, batch=8, group=4, rl_lr=2e-5, max_new_tokens=40, seeds=(0, 1, 2)),
-        eval=EvalSpec(n_problems=128, k=2, temperature=1.0, max_new_tokens=40),
-        diagnose=DiagnoseSpec(k=64, rank=16, hill_k=16, sim_k=16),
-        expected_minutes={"cpu-2core (estimate: 3x the 1-seed ~15, not measured)": 45},
-        torch_threads=1,
-    )
-
-
-def _smollm2() -> StudyPreset:
-    sft = RunSpec(
-        name="sft", objective="sft", init="base", steps=100, batch_size=16,
-        optim=OptimSpec(lr=1e-5, schedule="cosine", min_lr=1e-6, warmup_fraction=0.1), max_new_tokens=96,
-    )
-    return StudyPreset(
-        name="smollm2",
-        description="real SmolLM2-135M-Instruct student; teacher = a copy SFT-trained to high accuracy on the task",
-        task="arithmetic:difficulty=2",
-        base=ModelSpec(name="base", source="smollm2", arch=_SMOLLM2_135M),
-        teacher=ModelSpec(name="teacher", source="smollm2", arch=_SMOLLM2_135M, sft_steps=400, sft_lr=5e-5, seed=1),
-        runs=_study_runs(sft=sft, rl_steps=100, batch=16, group=8, rl_lr=1e-6, max_new_tokens=96),
-        eval=EvalSpec(n_problems=200, k=4, temperature=1.0, max_new_tokens=96),
-        diagnose=DiagnoseSpec(),
-        # estimates (not measured), one seed: ~1500 RL/SFT steps of 135M with 16 x 8 rollouts of <= 96
-        # tokens, ~45 s/step on 2 CPU cores, ~4 s/step on one H100; three seeds triple them
-        expected_minutes={"cpu-2core (estimate)": 3 * 20 * 60, "1xH100 (estimate)": 3 * 120},
-    )
-
-
-def _paper() -> StudyPreset:
-    # SPEC §3: SFT lr 1e-5 cosine -> 1e-6, warmup 10 %, batch 256, 5 epochs. The SFT data is
-    # OpenR1-Math (**our choice**: dapo-math-17k has no solutions; a set with verified
-    # solutions is counted before training, unlike teacher samples), so the steps follow
-    # its distinct problems with a solution: ceil(5 n / 256). 1831 is the estimate shown when
-    # the data cannot be read (~93.7k problems of its default config).
-    sft = RunSpec(
-        name="sft", objective="sft", init="base", steps=1831, epochs=5, batch_size=256, micro_batch_size=8,
-        optim=OptimSpec(lr=1e-5, schedule="cosine", min_lr=1e-6, warmup_fraction=0.1), max_new_tokens=8192,
-    )
-    runs = list(
-        _study_runs(
-            sft=sft, rl_steps=299, batch=64, group=8, rl_lr=1e-6, max_new_tokens=8192, micro_batch_size=1, seeds=(0,),
-            rlvr_steps=1023, rlvr_batch=512,
-            # every 64 steps and the last: 64/128/192/256/299, i.e. the paper's 0-indexed
-            # 63/127/191/255/299 (SPEC §3)
-            checkpoint_every=64 / 299,
-        )
-    )
-    return StudyPreset(
-        name="paper",
-        description="the paper's recipe: Qwen3-8B student, Qwen3-32B teacher, dapo-math-17k (GPUs)",
-        task="dapo-math-17k",
-        base=ModelSpec(name="base", source="Qwen/Qwen3-8B-Base", arch=_QWEN3_8B),
-        teacher=ModelSpec(name="teacher", source="Qwen/Qwen3-32B", arch=_QWEN3_32B),
-        runs=tuple(runs),
-        eval=EvalSpec(split="test", n_problems=30, k=8, temperature=1.0, max_new_tokens=8192, suite="paper"),
-        diagnose=DiagnoseSpec(),
-        device="cuda",
-        # rough estimate, not measured: ~7,000 optimizer steps of an 8B student with 8k-token
-        # rollouts and a 32B teacher
-        expected_minutes={"8xH100 (rough estimate)": 60 * 60},
-        dedup=True,
-        demonstrations="openr1-math",
-    )
-
-
-PRESETS = {"quick": _quick, "tiny": _tiny, "smollm2": _smollm2, "paper": _paper}
+def _run_problems(r: StudyRun, seen: set[str]) -> list[str]:
+    """What is wrong with run ``r``'s place in the study (``seen``: the runs before it)."""
+    out: list[str] = []
+    key = f"runs.{r.name}"
+    if not (0 < r.checkpoint_every <= 1):
+        out.append(f"{key}.study.checkpoint_every must be in (0, 1]; got {r.checkpoint_every}")
+    if r.project_rank is not None and "@" not in r.init:
+        out.append(f"{key}.study.init must be '<run>@<fraction>' for a run with a project section; got {r.init!r}")
+    if "@" in r.init and r.project_rank is None:
+        out.append(f"{key}.study.init {r.init!r} restarts from a checkpoint, which needs a project section")
+    if r.init == "anchor" and r.name == ANCHOR_RUN:
+        out.append(f"{key}.study.init cannot be the anchor it produces")
+    elif r.init == "anchor" and ANCHOR_RUN not in seen:
+        out.append(f"{key} starts from the anchor, so {ANCHOR_RUN!r} must come before it")
+    elif "@" in r.init:
+        src, _, frac = r.init.partition("@")
+        try:
+            f = float(frac)
+        except ValueError:
+            f = -1.0
+        if src not in seen:
+            out.append(f"{key}.study.init refers to run {src!r}, which must come earlier")
+        if not (0 < f <= 1):
+            out.append(f"{key}.study.init fraction must be in (0, 1]; got {frac!r}")
+    elif r.init not in ("base", "anchor"):
+        out.append(f"{key}.study.init must be base|anchor|<run>@<fraction>; got {r.init!r}")
+    if r.seed_of is not None and r.seed_of not in seen:
+        out.append(f"{key}.seed_of refers to run {r.seed_of!r}, which must come earlier")
+    if r.epochs is not None and not r.epochs > 0:
+        out.append(f"{key}.study.epochs must be > 0; got {r.epochs}")
+    return out
 
 
 def get_preset(name: str) -> StudyPreset:
-    """The preset called ``name``; `ConfigError` listing the choices otherwise."""
-    if name not in PRESETS:
-        raise ConfigError(f"--preset must be one of {', '.join(PRESETS)}; got {name!r}")
-    return PRESETS[name]()
+    """The shipped preset called ``name`` (``recipes/study/<name>.yaml``), or the study
+    file at path ``name`` (a name ending in ``.yaml``/``.yml`` or holding a ``/``).
+
+    Raises:
+        ConfigError: an unknown name (the choices are listed), or a file with a problem
+            (one line naming the file and the key).
+    """
+    from opdgeo.study.preset_file import load_preset, preset_path
+
+    return load_preset(preset_path(name))

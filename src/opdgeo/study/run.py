@@ -10,12 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from opdgeo.errors import ConfigError
-from opdgeo.study.pipeline import build_stages, study_info, train_config_dict
+from opdgeo.study.pipeline import build_stages, study_info
 from opdgeo.study.plan import format_plan
 from opdgeo.study.presets import StudyPreset
 from opdgeo.study.stages import StageOutcome, read_marker, run_stages, select_stages, stage_keys
 
-__all__ = ["StudyResult", "run_study", "plan_text", "data_plan", "check_training_configs", "stage_statuses"]
+__all__ = ["StudyResult", "run_study", "plan_text", "data_plan", "stage_statuses"]
 
 
 @dataclass(frozen=True)
@@ -33,38 +33,6 @@ class StudyResult:
     outcomes: dict[str, StageOutcome]
     report: Path | None
     seconds: float
-
-
-def check_training_configs(preset: StudyPreset) -> dict[str, str]:
-    """Validate every run's training-core config without loading anything.
-
-    Returns:
-        ``{run: problem}`` for runs whose config the training core rejects because it uses
-        a control the core does not offer (these runs are reported as not measured).
-
-    Raises:
-        ConfigError: a run without controls has an invalid config (a bug in the preset).
-    """
-    from opdgeo.training.config import config_from_dict
-
-    from opdgeo.study.pipeline import _uses_controls
-
-    problems: dict[str, str] = {}
-    hard: list[str] = []
-    for run in preset.runs:
-        cfg = train_config_dict(run, preset, student="tiny:student", teacher="tiny:teacher", out_dir=Path("runs") / run.name,
-                                project_from="runs/x/step-000001", project_origin="runs/x")
-        try:
-            config_from_dict(cfg, check_paths=False)
-        except ConfigError as err:
-            msg = str(err).replace("\n", " ")
-            if _uses_controls(run):
-                problems[run.name] = msg
-            else:
-                hard.append(f"{run.name}: {msg}")
-    if hard:
-        raise ConfigError(f"preset {preset.name!r}: " + "; ".join(hard))
-    return problems
 
 
 def stage_statuses(preset: StudyPreset, out: Path) -> dict[str, str]:
@@ -115,9 +83,8 @@ def plan_text(preset: StudyPreset, out: Path | None = None, *, launcher: str | N
     """The ``--dry-run`` text: validated plan, data plan, sizes, memory estimate, expected time."""
     preset, data_text = data_plan(preset)
     stages = select_stages(build_stages(preset, launcher=launcher), select)
-    problems = check_training_configs(preset)
     statuses = stage_statuses(preset, Path(out)) if out is not None and Path(out).is_dir() else None
-    return format_plan(preset, stages, statuses, config_problems=problems, launcher=launcher, data_plan=data_text)
+    return format_plan(preset, stages, statuses, launcher=launcher, data_plan=data_text)
 
 
 def run_study(preset: StudyPreset, out: str | Path, *, fresh: bool = False, select: Sequence[str] | None = None,
@@ -129,7 +96,8 @@ def run_study(preset: StudyPreset, out: str | Path, *, fresh: bool = False, sele
     ``timings.json`` last; the report stage writes ``report.html`` and the rest.
 
     Raises:
-        ConfigError: bad ``select`` names, or an invalid preset/training config, before any work.
+        ConfigError: bad ``select`` names, or data that cannot be read, before any work (every
+            run's training config was validated when the preset was read).
         LockedError: another study is using ``out`` (``opdgeo.locking``).
     """
     from opdgeo.study.data import check_study_eval, resolve_steps
@@ -141,9 +109,6 @@ def run_study(preset: StudyPreset, out: str | Path, *, fresh: bool = False, sele
     check_study_eval(preset)  # before any work: no evaluation on training rows
     stages = build_stages(preset, launcher=launcher)
     select_stages(stages, select)  # validate names before any work
-    problems = check_training_configs(preset)
-    for run, msg in problems.items():
-        log(f"note: run {run} uses a control the training core rejects; it will be reported as not measured ({msg[:160]})")
     from opdgeo.locking import hold_folder
 
     with hold_folder(out, what="study folder"):  # one study per folder (two would mix their markers)

@@ -2,7 +2,7 @@
 
 Every run of ``tiny`` and ``smollm2`` runs with seeds 0, 1, 2 (``quick``: 0, 1 for SFT, OPD
 and RLVR, its controls once, to stay a one-minute smoke test; ``paper``: 0, as in the paper). Seed 0 keeps the run's name; seed s > 0 is the run ``<name>_seed<s>``
-(``RunSpec.seed_of`` = the name). Every seed starts from the same checkpoint (the base for
+(``StudyRun.seed_of`` = the name). Every seed starts from the same checkpoint (the base for
 SFT, the seed-0 SFT anchor for the RL runs and ``sft_matched``, the seed-0 source run's
 checkpoint for a projected run); the seed (the training core's ``run.seed``) varies the
 prompt order, the rollout samples and the random token-keep draw, nothing else.

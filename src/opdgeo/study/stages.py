@@ -322,110 +322,142 @@ def run_stages(
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    keys = stage_keys(stages)
-    chosen = {s.name for s in select_stages(stages, select)}
-    markers = {s.name: read_marker(out, s.name) for s in stages}
-    outcomes: dict[str, StageOutcome] = {}
-    summaries: dict[str, dict] = {}
-    t_start = time.perf_counter()
-    n = len(chosen)
-    i = 0
+    runner = _Runner(stages, out, chosen={s.name for s in select_stages(stages, select)}, fresh=fresh,
+                     log=log or (lambda msg: print(msg, file=sys.stderr, flush=True)), meta=timings_meta or {})
     try:
         for s in stages:
-            key = keys[s.name]
-            done = _is_done(out, s, key, markers)
-            damage = output_damage(out / s.path, markers[s.name].get("outputs")) if done and s.path else None
-            if damage:
-                log(f"stage {s.name}: its cached output is damaged ({damage}); "
-                    + ("redoing it" if s.name in chosen else f"not used (rerun with --stages {s.name})"))
-                done, markers[s.name] = False, None
-            if s.name not in chosen:
-                st = "cached" if done else "pending"
-                m = markers.get(s.name) or {}
-                outcomes[s.name] = StageOutcome(s.name, s.kind, st, float(m.get("seconds", 0.0)) if done else 0.0,
-                                                summary=m.get("summary", {}) if done else {})
-                if done:
-                    summaries[s.name] = m.get("summary", {})
-                continue
-            i += 1
-            prefix = f"[{i}/{n}] {s.kind:<10} {s.name}"
-            blocked = [d for d in s.deps if outcomes.get(d) and outcomes[d].status in ("unavailable", "skipped", "pending", "failed")]
-            if blocked:
-                outcomes[s.name] = StageOutcome(s.name, s.kind, "skipped", reason=f"needs {', '.join(blocked)}")
-                log(f"{prefix}: skipped (needs {', '.join(blocked)})")
-                continue
-            if done and not fresh and not s.always:
-                m = markers[s.name]
-                outcomes[s.name] = StageOutcome(s.name, s.kind, "cached", float(m.get("seconds", 0.0)), summary=m.get("summary", {}),
-                                                cpu_seconds=float(m.get("cpu_seconds", 0.0)))
-                summaries[s.name] = m.get("summary", {})
-                log(f"{prefix}: cached ({m.get('seconds', 0.0):.1f} s when it ran)")
-                continue
-            sdir = out / s.path if s.path else out
-            key_file = sdir / ".stage_key"
-            resume = False
-            if s.path:
-                started_same = key_file.is_file() and key_file.read_text().strip() == key
-                if started_same and s.resumable and not fresh and not damage:
-                    resume = True
-                else:
-                    _wipe(sdir)
-            # A marker from an older run of this stage is invalid from here on.
-            _wipe(_marker_path(out, s.name))
-            markers[s.name] = None
-            sdir.mkdir(parents=True, exist_ok=True)
-            if s.path:
-                key_file.write_text(key + "\n")
-            log(f"{prefix}: {'resuming' if resume else 'running'} ...")
-            ctx = StageContext(out=out, dir=sdir, resume=resume, deps={d: summaries.get(d, {}) for d in s.deps}, log=log)
-            t0, c0 = time.perf_counter(), time.process_time()
-            try:
-                summary = s.fn(ctx) or {}
-            except StageUnavailable as err:
-                if s.path:
-                    _wipe(sdir)  # nothing to resume from: the next attempt starts clean
-                outcomes[s.name] = StageOutcome(s.name, s.kind, "unavailable", time.perf_counter() - t0, reason=str(err))
-                log(f"{prefix}: unavailable ({err})")
-                continue
-            except Exception as err:
-                outcomes[s.name] = StageOutcome(s.name, s.kind, "failed", time.perf_counter() - t0,
-                                                reason=f"{type(err).__name__}: {err}".replace("\n", " ")[:500])
-                if not s.soft:
-                    raise
-                import traceback
-
-                (sdir / "error.txt").write_text(traceback.format_exc())
-                log(f"{prefix}: FAILED ({outcomes[s.name].reason[:300]}); traceback in {sdir / 'error.txt'}")
-                continue
-            except BaseException:
-                outcomes[s.name] = StageOutcome(s.name, s.kind, "failed", time.perf_counter() - t0)
-                raise
-            seconds = time.perf_counter() - t0
-            cpu = time.process_time() - c0
-            marker = {
-                "key": key,
-                "kind": s.kind,
-                "run_id": uuid.uuid4().hex,
-                "inputs": {d: (markers.get(d) or {}).get("run_id") for d in s.deps},
-                "seconds": seconds,
-                "cpu_seconds": cpu,
-                "resumed": resume,
-                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "summary": summary,
-                "outputs": output_manifest(sdir) if s.path else None,
-            }
-            _write_json_atomic(_marker_path(out, s.name), marker)
-            markers[s.name] = marker
-            summaries[s.name] = summary
-            outcomes[s.name] = StageOutcome(s.name, s.kind, "resumed" if resume else "ran", seconds, summary=summary,
-                                            cpu_seconds=cpu, reason=f"redone: cached output damaged ({damage})"
-                                            if damage else "")
-            log(f"{prefix}: done in {seconds:.1f} s")
-            write_timings(out, stages, outcomes, time.perf_counter() - t_start, timings_meta or {})
+            runner.step(s)
     finally:
-        write_timings(out, stages, outcomes, time.perf_counter() - t_start, timings_meta or {})
-    return outcomes
+        runner.write_timings()
+    return runner.outcomes
+
+
+_BLOCKING = ("unavailable", "skipped", "pending", "failed")
+
+
+class _Runner:
+    """The state of one `run_stages` call: keys, markers, outcomes and summaries so far."""
+
+    def __init__(self, stages: Sequence[Stage], out: Path, *, chosen: set[str], fresh: bool, log, meta: dict):
+        self.stages, self.out, self.chosen, self.fresh, self.log, self.meta = stages, out, chosen, fresh, log, meta
+        self.keys = stage_keys(stages)
+        self.markers = {s.name: read_marker(out, s.name) for s in stages}
+        self.outcomes: dict[str, StageOutcome] = {}
+        self.summaries: dict[str, dict] = {}
+        self.t_start = time.perf_counter()
+        self.n, self.i = len(chosen), 0
+
+    def write_timings(self) -> None:
+        write_timings(self.out, self.stages, self.outcomes, time.perf_counter() - self.t_start, self.meta)
+
+    def step(self, s: Stage) -> None:
+        """Reuse, skip or run stage ``s``."""
+        key = self.keys[s.name]
+        done = _is_done(self.out, s, key, self.markers)
+        damage = output_damage(self.out / s.path, self.markers[s.name].get("outputs")) if done and s.path else None
+        if damage:
+            self.log(f"stage {s.name}: its cached output is damaged ({damage}); "
+                     + ("redoing it" if s.name in self.chosen else f"not used (rerun with --stages {s.name})"))
+            done, self.markers[s.name] = False, None
+        if s.name not in self.chosen:
+            self._unselected(s, done)
+            return
+        self.i += 1
+        prefix = f"[{self.i}/{self.n}] {s.kind:<10} {s.name}"
+        blocked = [d for d in s.deps if self.outcomes.get(d) and self.outcomes[d].status in _BLOCKING]
+        if blocked:
+            self.outcomes[s.name] = StageOutcome(s.name, s.kind, "skipped", reason=f"needs {', '.join(blocked)}")
+            self.log(f"{prefix}: skipped (needs {', '.join(blocked)})")
+            return
+        if done and not self.fresh and not s.always:
+            m = self.markers[s.name]
+            self.outcomes[s.name] = StageOutcome(s.name, s.kind, "cached", float(m.get("seconds", 0.0)),
+                                                 summary=m.get("summary", {}), cpu_seconds=float(m.get("cpu_seconds", 0.0)))
+            self.summaries[s.name] = m.get("summary", {})
+            self.log(f"{prefix}: cached ({m.get('seconds', 0.0):.1f} s when it ran)")
+            return
+        self._run(s, key, prefix, damage)
+
+    def _unselected(self, s: Stage, done: bool) -> None:
+        m = self.markers.get(s.name) or {}
+        self.outcomes[s.name] = StageOutcome(s.name, s.kind, "cached" if done else "pending",
+                                             float(m.get("seconds", 0.0)) if done else 0.0,
+                                             summary=m.get("summary", {}) if done else {})
+        if done:
+            self.summaries[s.name] = m.get("summary", {})
+
+    def _prepare(self, s: Stage, key: str, damage) -> tuple[Path, bool]:
+        """The stage's folder, wiped unless it resumes an interrupted run of this key."""
+        sdir = self.out / s.path if s.path else self.out
+        key_file = sdir / ".stage_key"
+        resume = False
+        if s.path:
+            started_same = key_file.is_file() and key_file.read_text().strip() == key
+            if started_same and s.resumable and not self.fresh and not damage:
+                resume = True
+            else:
+                _wipe(sdir)
+        # A marker from an older run of this stage is invalid from here on.
+        _wipe(_marker_path(self.out, s.name))
+        self.markers[s.name] = None
+        sdir.mkdir(parents=True, exist_ok=True)
+        if s.path:
+            key_file.write_text(key + "\n")
+        return sdir, resume
+
+    def _run(self, s: Stage, key: str, prefix: str, damage) -> None:
+        sdir, resume = self._prepare(s, key, damage)
+        self.log(f"{prefix}: {'resuming' if resume else 'running'} ...")
+        ctx = StageContext(out=self.out, dir=sdir, resume=resume, deps={d: self.summaries.get(d, {}) for d in s.deps},
+                           log=self.log)
+        t0, c0 = time.perf_counter(), time.process_time()
+        try:
+            summary = s.fn(ctx) or {}
+        except StageUnavailable as err:
+            if s.path:
+                _wipe(sdir)  # nothing to resume from: the next attempt starts clean
+            self.outcomes[s.name] = StageOutcome(s.name, s.kind, "unavailable", time.perf_counter() - t0, reason=str(err))
+            self.log(f"{prefix}: unavailable ({err})")
+            return
+        except Exception as err:
+            self.outcomes[s.name] = StageOutcome(s.name, s.kind, "failed", time.perf_counter() - t0,
+                                                 reason=f"{type(err).__name__}: {err}".replace("\n", " ")[:500])
+            if not s.soft:
+                raise
+            import traceback
+
+            (sdir / "error.txt").write_text(traceback.format_exc())
+            self.log(f"{prefix}: FAILED ({self.outcomes[s.name].reason[:300]}); traceback in {sdir / 'error.txt'}")
+            return
+        except BaseException:
+            self.outcomes[s.name] = StageOutcome(s.name, s.kind, "failed", time.perf_counter() - t0)
+            raise
+        self._finish(s, key, sdir, summary, seconds=time.perf_counter() - t0, cpu=time.process_time() - c0,
+                     resume=resume, damage=damage)
+        self.log(f"{prefix}: done in {self.outcomes[s.name].seconds:.1f} s")
+        self.write_timings()
+
+    def _finish(self, s: Stage, key: str, sdir: Path, summary: dict, *, seconds: float, cpu: float, resume: bool,
+                damage) -> None:
+        """Write the stage's completion marker (atomically, after its outputs are complete)."""
+        marker = {
+            "key": key,
+            "kind": s.kind,
+            "run_id": uuid.uuid4().hex,
+            "inputs": {d: (self.markers.get(d) or {}).get("run_id") for d in s.deps},
+            "seconds": seconds,
+            "cpu_seconds": cpu,
+            "resumed": resume,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "summary": summary,
+            "outputs": output_manifest(sdir) if s.path else None,
+        }
+        _write_json_atomic(_marker_path(self.out, s.name), marker)
+        self.markers[s.name] = marker
+        self.summaries[s.name] = summary
+        self.outcomes[s.name] = StageOutcome(s.name, s.kind, "resumed" if resume else "ran", seconds, summary=summary,
+                                             cpu_seconds=cpu,
+                                             reason=f"redone: cached output damaged ({damage})" if damage else "")
 
 
 def write_timings(out: Path, stages: Sequence[Stage], outcomes: dict[str, StageOutcome], wall: float, meta: dict) -> dict:

@@ -176,7 +176,7 @@ def _fill_step_folder(tmp: Path, model, tokenizer, dtype: torch.dtype, trainer_s
                       max_shard_bytes: int) -> None:
     """The step folder's content (collective when distributed; rank 0 writes the HF files)."""
     sharded.export_hf(model, tmp, dtype, max_shard_bytes=max_shard_bytes)
-    if tokenizer is not None and _rank() == 0:
+    if tokenizer is not None and distributed.rank() == 0:
         tokenizer.save_pretrained(tmp)
     if trainer_state is not None:
         _write_trainer_state(tmp / "trainer_state", trainer_state)
@@ -185,7 +185,7 @@ def _fill_step_folder(tmp: Path, model, tokenizer, dtype: torch.dtype, trainer_s
 def _save_collective(final: Path, model, tokenizer, dtype: torch.dtype, trainer_state: TrainerState | None,
                      max_shard_bytes: int) -> None:
     """Every rank fills rank 0's temporary folder; rank 0 alone renames it into place."""
-    if _rank() == 0:
+    if distributed.rank() == 0:
         with atomic_folder(final) as tmp:
             distributed.broadcast_object(str(tmp))
             _fill_step_folder(tmp, model, tokenizer, dtype, trainer_state, max_shard_bytes)
@@ -195,12 +195,6 @@ def _save_collective(final: Path, model, tokenizer, dtype: torch.dtype, trainer_
         _fill_step_folder(tmp, model, tokenizer, dtype, trainer_state, max_shard_bytes)
         distributed.barrier()
     distributed.barrier()  # the folder exists (or not) for every rank after the call
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def load_trainer_state(step_dir: str | Path) -> TrainerState:
@@ -259,7 +253,7 @@ def load_into(step_dir: str | Path, model: torch.nn.Module, optimizer, scheduler
         sharded.load_state(folder, master=master, optimizer_state=state)
         groups = sharded.restore_groups(meta["param_groups"])
         set_state_dict(model, optimizer, model_state_dict=master, optim_state_dict={"state": state, "param_groups": groups})
-        rng = _read_rng(folder, meta, rank=_rank())
+        rng = _read_rng(folder, meta, rank=distributed.rank())
     except (OSError, ValueError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError, SafetensorError) as err:
         raise CheckpointError(f"{folder}: cannot read trainer state: {_first_line(err)}") from None
     scheduler.load_state_dict(meta["scheduler"])

@@ -23,7 +23,6 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import re
 import types
 import typing
 from collections.abc import Mapping
@@ -34,7 +33,14 @@ from typing import Any
 import yaml
 
 from opdgeo.errors import ConfigError
-from opdgeo.training.config_file import MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH, MAX_CONFIG_NODES, read_config_file
+from opdgeo.training.config_file import (
+    MAX_CONFIG_BYTES,
+    MAX_CONFIG_DEPTH,
+    MAX_CONFIG_NODES,
+    apply_overrides,
+    parse_override,
+    read_config_file,
+)
 
 __all__ = [
     "ModelConfig",
@@ -169,8 +175,15 @@ class OptimConfig:
     rollouts depend on this value (each micro-batch has its own generation seed), not on
     the number of processes."""
     ppo_epochs: int = 1
-    """Inner optimizer passes over each rollout batch. The "old" log-probs are computed once,
-    without gradient, before the first pass, so the ratio is exactly 1 there."""
+    """Inner passes over each rollout batch. The "old" log-probs are those of the rollout
+    (the policy that generated it), so the ratio is exactly 1 at the first optimizer step."""
+    ppo_mini_batch_size: int | None = None
+    """Prompts per optimizer step within a rollout batch (global, over all ranks; None: the
+    whole ``batch_size``, one step per batch). Each of the ``ppo_epochs`` passes cuts the
+    batch into ``batch_size / ppo_mini_batch_size`` mini-batches of whole micro-batches, in
+    an order drawn from the run's seed, and takes one optimizer step per mini-batch; the
+    token-level mean of each step is over that mini-batch's tokens (on every rank). Must be
+    a multiple of ``micro_batch_size`` that divides ``batch_size``."""
     lr: float = 1e-5
     """Peak learning rate."""
     schedule: str = "constant"
@@ -218,8 +231,15 @@ class ObjectiveConfig:
     A = Σ w_k A_k, not re-normalized. None: ``{name: 1}``. Not allowed with ``sft``."""
 
     def weights(self) -> dict[str, float]:
-        """The advantage weights in effect (``{name: 1.0}`` unless ``advantage`` is set)."""
+        """The advantage weights in effect (``{name: 1.0}`` unless ``advantage`` is set): the
+        per-token signals ``sft`` (1 on demonstration tokens), ``rlvr`` and ``opd``."""
         return dict(self.advantage) if self.advantage is not None else {self.name: 1.0}
+
+    @property
+    def demonstrations(self) -> bool:
+        """True when the sequences are the task's demonstrations (``sft``), not samples of
+        the behaviour policy: the one thing besides the per-token weight that SFT changes."""
+        return self.name == "sft"
 
 
 @dataclass(frozen=True)
@@ -348,66 +368,6 @@ _SECTION_TYPES = typing.get_type_hints(TrainConfig)
 # ----------------------------------------------------------------------------- parsing
 
 
-def parse_override(text: str) -> tuple[str, Any]:
-    """Parse ``"a.b=value"`` into ``("a.b", value)``; the value is a YAML scalar/flow value.
-
-    YAML 1.1 reads ``1e-5`` as a string; such numbers are read as floats here.
-
-    Raises:
-        ConfigError: no ``=`` or an empty key.
-    """
-    key, sep, raw = text.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise ConfigError(f"--set {text!r}: expected key=value, e.g. optim.lr=1e-5")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {str(err).splitlines()[0]}") from None
-    if isinstance(value, str):
-        try:
-            value = float(value) if re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value) else value
-        except ValueError:
-            pass
-    return key, value
-
-
-def apply_overrides(data: Mapping[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """Return a copy of the raw config mapping with dotted ``key=value`` overrides applied.
-
-    Raises:
-        ConfigError: every malformed override at once, joined by "; ".
-    """
-    out = _deep_copy(data)
-    parsed, problems = [], []
-    for text in overrides:
-        try:
-            parsed.append(parse_override(text))
-        except ConfigError as err:
-            problems.append(str(err))
-    if problems:
-        raise ConfigError("; ".join(problems))
-    for key, value in parsed:
-        parts = key.split(".")
-        node = out
-        for part in parts[:-1]:
-            child = node.get(part)
-            if not isinstance(child, dict):
-                child = {"name": child} if part == "objective" and isinstance(child, str) else {}
-                node[part] = child
-            node = child
-        node[parts[-1]] = value
-    return out
-
-
-def _deep_copy(data: Any) -> Any:
-    if isinstance(data, Mapping):
-        return {k: _deep_copy(v) for k, v in data.items()}
-    if isinstance(data, list):
-        return [_deep_copy(v) for v in data]
-    return data
-
-
 def _coerce(value: Any, tp: Any, key: str, errors: list[str]) -> Any:
     """Check/convert a YAML value to the annotated type; on failure append to ``errors``."""
     origin = typing.get_origin(tp)
@@ -514,6 +474,8 @@ def config_from_dict(data: Mapping[str, Any], *, check_paths: bool = True) -> Tr
             errors.append(f"{key}: unknown section (known: {', '.join(SECTIONS)})")
     sections = {name: _build_section(name, _SECTION_TYPES[name], data.get(name), errors) for name in SECTIONS}
     config = TrainConfig(**sections)
+    from opdgeo.training.config_checks import validate  # it reads this module's types
+
     errors.extend(validate(config, check_paths=check_paths))
     if errors:
         raise ConfigError(_format_errors(errors))
@@ -589,216 +551,7 @@ def config_to_dict(config: TrainConfig) -> dict[str, Any]:
     return out
 
 
-# -------------------------------------------------------------------------- validation
-
-
-def _model_source_problem(source: str, key: str, check_paths: bool) -> str | None:
-    from opdgeo.errors import CheckpointError
-    from opdgeo.sources import ModelSource
-
-    try:
-        parsed = ModelSource.parse(source)
-        problem = parsed.problem(check_paths=check_paths)
-        if not problem and check_paths and parsed.kind in ("folder", "file"):
-            from opdgeo.checkpoints import open_checkpoint
-
-            open_checkpoint(parsed.path)  # headers only: a truncated file is named with its tensor
-    except CheckpointError as err:  # SourceError included
-        problem = str(err)
-    return f"{key}: {problem}" if problem else None
-
-
-def _task_problem(spec: str) -> str | None:
-    """What is wrong with a task spec (unknown option, missing file or dataset), or None;
-    tasks read their rows lazily, so this costs no data loading."""
-    from opdgeo.tasks import load_task
-
-    try:
-        load_task(spec)
-    except ConfigError as err:
-        return str(err)
-    return None
-
-
-def validate(config: TrainConfig, *, check_paths: bool = True) -> list[str]:
-    """All problems of an assembled config, one string each, prefixed with its key."""
-    e: list[str] = []
-    m, t, r, o, obj, c, run = (config.model, config.task, config.rollout, config.optim,
-                               config.objective, config.checkpoint, config.run)
-    if not m.student:
-        e.append("model.student: required (a folder, a local-cache id, 'smollm2' or 'tiny:PRESET')")
-    else:
-        if (p := _model_source_problem(m.student, "model.student", check_paths)):
-            e.append(p)
-    if m.teacher is not None and (p := _model_source_problem(m.teacher, "model.teacher", check_paths)):
-        e.append(p)
-    if not t.spec:
-        e.append("task.spec: required")
-    elif check_paths and (p := _task_problem(t.spec)):
-        e.append(f"task.spec: {p}")
-    if t.num_problems is not None and t.num_problems < 1:
-        e.append(f"task.num_problems: must be >= 1; got {t.num_problems}")
-    if t.demonstrations is not None:
-        if obj.name != "sft":
-            e.append(f"task.demonstrations: SFT demonstrations apply to objective sft; got {obj.name!r}")
-        if t.demonstrations == "teacher" and m.teacher is None:
-            e.append("task.demonstrations: 'teacher' needs model.teacher (the model that generates them)")
-        elif not t.demonstrations.strip():
-            e.append("task.demonstrations: must be 'teacher' or a task spec; got ''")
-        elif (check_paths and Path(t.demonstrations.split(":")[0]).suffix in (".jsonl", ".json", ".parquet")
-              and not Path(t.demonstrations.split(":")[0]).expanduser().exists()):
-            e.append(f"task.demonstrations: no such file {t.demonstrations!r}")
-    if t.demonstration_samples < 1:
-        e.append(f"task.demonstration_samples: must be >= 1; got {t.demonstration_samples}")
-    if not t.demonstration_temperature > 0:
-        e.append(f"task.demonstration_temperature: must be > 0; got {t.demonstration_temperature}")
-
-    if obj.name not in OBJECTIVES:
-        e.append(f"objective.name: must be one of {', '.join(OBJECTIVES)}; got {obj.name!r}")
-    if not (0.0 <= obj.eps_low < 1.0):
-        e.append(f"objective.eps_low: must be in [0, 1); got {obj.eps_low}")
-    if obj.eps_high < 0:
-        e.append(f"objective.eps_high: must be >= 0; got {obj.eps_high}")
-    if obj.grpo_eps < 0:
-        e.append(f"objective.grpo_eps: must be >= 0; got {obj.grpo_eps}")
-    if obj.grpo_std not in ("sample", "population"):
-        e.append(f"objective.grpo_std: must be 'sample' or 'population'; got {obj.grpo_std!r}")
-    weights: dict[str, float] = {}
-    if obj.advantage is not None:
-        if obj.name == "sft":
-            e.append("objective.advantage: mixing applies to rlvr/opd, not to sft")
-        bad = [k for k in obj.advantage if k not in SIGNALS]
-        if bad:
-            e.append(f"objective.advantage: unknown signal(s) {bad}; known: {', '.join(SIGNALS)}")
-        elif all(w == 0 for w in obj.advantage.values()):
-            e.append("objective.advantage: at least one weight must be nonzero")
-        weights = dict(obj.advantage)
-    elif obj.name in SIGNALS:
-        weights = {obj.name: 1.0}
-    if weights.get("opd", 0.0) != 0.0 and m.teacher is None:
-        e.append("model.teacher: required for OPD (objective opd or an advantage weight on opd)")
-    if weights.get("rlvr", 0.0) != 0.0 and r.group_size < 2:
-        e.append(f"rollout.group_size: RLVR needs >= 2 samples per prompt; got {r.group_size}")
-
-    if r.group_size < 1:
-        e.append(f"rollout.group_size: must be >= 1; got {r.group_size}")
-    if not r.temperature > 0:
-        e.append(f"rollout.temperature: must be > 0; got {r.temperature}")
-    elif r.temperature != 1.0 and obj.name != "sft":
-        e.append(f"rollout.temperature: must be 1 for {obj.name} (the importance ratio, the behaviour log-probs "
-                 f"and the OPD gap are the temperature-1 policy; a tempered sampler would be off-policy); "
-                 f"got {r.temperature}")
-    if r.max_new_tokens < 1:
-        e.append(f"rollout.max_new_tokens: must be >= 1; got {r.max_new_tokens}")
-    if r.policy == "teacher":
-        if m.teacher is None:
-            e.append("rollout.policy: 'teacher' needs model.teacher")
-    elif r.policy != "student":
-        if not r.policy:
-            e.append("rollout.policy: must be 'student', 'teacher' or a model source; got ''")
-        elif (p := _model_source_problem(r.policy, "rollout.policy", check_paths)):
-            e.append(p)
-    if r.policy != "student" and obj.name == "sft":
-        e.append("rollout.policy: off-policy rollouts apply to rlvr/opd, not to sft")
-    if not 0.0 <= r.offpolicy_eps <= 1.0:
-        e.append(f"rollout.offpolicy_eps: must be in [0, 1] (clip range [1 - eps, 1 + eps]); got {r.offpolicy_eps}")
-
-    tk = config.token_keep
-    if tk.mode not in TOKEN_KEEP_MODES:
-        e.append(f"token_keep.mode: must be one of {', '.join(TOKEN_KEEP_MODES)}; got {tk.mode!r}")
-    elif tk.mode != "none" and weights.get("opd", 0.0) == 0.0:
-        e.append(f"token_keep.mode: {tk.mode!r} sparsifies the OPD signal; it needs objective opd or an advantage weight on opd")
-    if not 0.0 < tk.fraction <= 1.0:
-        e.append(f"token_keep.fraction: must be in (0, 1]; got {tk.fraction}")
-
-    pj = config.project
-    if pj.start is not None:
-        if isinstance(pj.start, int):
-            if not 1 <= pj.start < o.steps:
-                e.append(f"project.from: a step must be in [1, optim.steps = {o.steps}); got {pj.start}")
-        elif check_paths and not Path(pj.start).expanduser().is_dir():
-            e.append(f"project.from: checkpoint folder {pj.start!r} not found")
-        if pj.origin is not None and (p := _model_source_problem(pj.origin, "project.origin", check_paths)):
-            e.append(p)
-    if pj.rank < 1:
-        e.append(f"project.rank: must be >= 1; got {pj.rank}")
-    if pj.mode not in PROJECT_MODES:
-        e.append(f"project.mode: must be one of {', '.join(PROJECT_MODES)}; got {pj.mode!r}")
-
-    if o.steps < 1:
-        e.append(f"optim.steps: must be >= 1; got {o.steps}")
-    if o.batch_size < 1:
-        e.append(f"optim.batch_size: must be >= 1; got {o.batch_size}")
-    if o.micro_batch_size < 1:
-        e.append(f"optim.micro_batch_size: must be >= 1; got {o.micro_batch_size}")
-    elif o.batch_size >= 1 and o.batch_size % o.micro_batch_size:
-        e.append(f"optim.micro_batch_size: must divide optim.batch_size = {o.batch_size}; got {o.micro_batch_size}")
-    if o.ppo_epochs < 1:
-        e.append(f"optim.ppo_epochs: must be >= 1; got {o.ppo_epochs}")
-    if not o.lr > 0:
-        e.append(f"optim.lr: must be > 0; got {o.lr}")
-    if o.schedule not in SCHEDULES:
-        e.append(f"optim.schedule: must be one of {', '.join(SCHEDULES)}; got {o.schedule!r}")
-    if o.warmup_steps < 0 or (o.steps >= 1 and o.warmup_steps >= o.steps and o.warmup_steps > 0):
-        e.append(f"optim.warmup_steps: must be in [0, optim.steps = {o.steps}); got {o.warmup_steps}")
-    if o.min_lr < 0 or (o.lr > 0 and o.min_lr > o.lr):
-        e.append(f"optim.min_lr: must be in [0, optim.lr = {o.lr}]; got {o.min_lr}")
-    if not all(0.0 <= b < 1.0 for b in o.betas):
-        e.append(f"optim.betas: each must be in [0, 1); got {list(o.betas)}")
-    if o.weight_decay < 0:
-        e.append(f"optim.weight_decay: must be >= 0; got {o.weight_decay}")
-    if not o.adam_eps > 0:
-        e.append(f"optim.adam_eps: must be > 0; got {o.adam_eps}")
-    if isinstance(o.bf16_autocast, str) and o.bf16_autocast != "auto":
-        e.append(f"optim.bf16_autocast: must be true, false or 'auto'; got {o.bf16_autocast!r}")
-    if o.grad_clip is not None and not o.grad_clip > 0:
-        e.append(f"optim.grad_clip: must be > 0 or null; got {o.grad_clip}")
-
-    if c.every < 0:
-        e.append(f"checkpoint.every: must be >= 0; got {c.every}")
-    if c.dtype not in SAVE_DTYPES:
-        e.append(f"checkpoint.dtype: must be one of {', '.join(SAVE_DTYPES)}; got {c.dtype!r}")
-    if not run.out_dir:
-        e.append("run.out_dir: required")
-    if run.monitor_every < 0:
-        e.append(f"run.monitor_every: must be >= 0; got {run.monitor_every}")
-    if run.monitor_matrices not in MONITOR_MATRICES:
-        e.append(f"run.monitor_matrices: must be one of {', '.join(MONITOR_MATRICES)}; got {run.monitor_matrices!r}")
-    if run.monitor_lock_probes < 1:
-        e.append(f"run.monitor_lock_probes: must be >= 1; got {run.monitor_lock_probes}")
-    if run.answer_log_every < 0:
-        e.append(f"run.answer_log_every: must be >= 0; got {run.answer_log_every}")
-    if run.answer_log_samples < 1:
-        e.append(f"run.answer_log_samples: must be >= 1; got {run.answer_log_samples}")
-    from opdgeo.training.trackers import REPORT_TO, missing_trackers
-
-    unknown = [t for t in run.report_to if t not in REPORT_TO]
-    if unknown:
-        e.append(f"run.report_to: unknown tracker(s) {', '.join(map(repr, unknown))}; choose from {', '.join(REPORT_TO)}")
-    elif missing_trackers(run.report_to):
-        missing = missing_trackers(run.report_to)
-        e.append(f"run.report_to: {', '.join(missing)} not installed (pip install {' '.join(missing)})")
-    if len(set(run.report_to)) != len(run.report_to):
-        e.append(f"run.report_to: a tracker is listed twice; got {list(run.report_to)}")
-    return e + _engine_problems(config)
-
-
-def _engine_problems(config: TrainConfig) -> list[str]:
-    """Problems of the precision and distributed settings."""
-    e: list[str] = []
-    if config.model.teacher_dtype not in TEACHER_DTYPES:
-        e.append(f"model.teacher_dtype: must be one of {', '.join(TEACHER_DTYPES)}; got {config.model.teacher_dtype!r}")
-    d = config.distributed
-    if d.strategy not in STRATEGIES:
-        e.append(f"distributed.strategy: must be one of {', '.join(STRATEGIES)}; got {d.strategy!r}")
-    if d.cpu_offload and d.strategy != "fsdp":
-        e.append(f"distributed.cpu_offload: applies to strategy fsdp; got strategy {d.strategy!r}")
-    if d.strategy == "fsdp":
-        if config.project.start is not None:
-            e.append("project.from: the subspace projection needs whole gradients; use strategy ddp or none, not fsdp")
-        if config.run.monitor_every:
-            e.append("run.monitor_every: the geometry monitor reads whole weights; use strategy ddp or none, not fsdp")
-    return e
+# ------------------------------------------------------------------------- resume
 
 
 RESUME_FREE = frozenset({("optim", "steps"), ("checkpoint", "every"), ("run", "progress"), ("run", "out_dir"),

@@ -1,4 +1,5 @@
-"""Reading a training config file within fixed limits (size, nesting, expanded values).
+"""Reading a training config file within fixed limits (size, nesting, expanded values), and
+the dotted ``--set key=value`` overrides applied to its raw mapping.
 
 YAML aliases let a few hundred bytes stand for billions of values (an "alias bomb");
 ``yaml.safe_load`` builds them as shared objects in milliseconds, but any copy or walk
@@ -8,6 +9,7 @@ still shared data and refuses a config above the limits before anything copies i
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,8 @@ import yaml
 
 from opdgeo.errors import ConfigError
 
-__all__ = ["MAX_CONFIG_BYTES", "MAX_CONFIG_DEPTH", "MAX_CONFIG_NODES", "read_config_file"]
+__all__ = ["MAX_CONFIG_BYTES", "MAX_CONFIG_DEPTH", "MAX_CONFIG_NODES", "read_config_file", "parse_override",
+           "apply_overrides"]
 
 MAX_CONFIG_BYTES = 1_000_000
 """A config file larger than this is refused before parsing."""
@@ -68,4 +71,64 @@ def read_config_file(path: Path) -> Mapping[str, Any]:
         return sizes[id(node)]
 
     expanded(data, 0)
+    return data
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``"a.b=value"`` into ``("a.b", value)``; the value is a YAML scalar/flow value.
+
+    YAML 1.1 reads ``1e-5`` as a string; such numbers are read as floats here.
+
+    Raises:
+        ConfigError: no ``=`` or an empty key.
+    """
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. optim.lr=1e-5")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {str(err).splitlines()[0]}") from None
+    if isinstance(value, str):
+        try:
+            value = float(value) if re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value) else value
+        except ValueError:
+            pass
+    return key, value
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Return a copy of the raw config mapping with dotted ``key=value`` overrides applied.
+
+    Raises:
+        ConfigError: every malformed override at once, joined by "; ".
+    """
+    out = _deep_copy(data)
+    parsed, problems = [], []
+    for text in overrides:
+        try:
+            parsed.append(parse_override(text))
+        except ConfigError as err:
+            problems.append(str(err))
+    if problems:
+        raise ConfigError("; ".join(problems))
+    for key, value in parsed:
+        parts = key.split(".")
+        node = out
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {"name": child} if part == "objective" and isinstance(child, str) else {}
+                node[part] = child
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, Mapping):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
     return data

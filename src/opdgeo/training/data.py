@@ -97,7 +97,7 @@ def training_problems(config, run_dir: str | Path | None = None, *, device=None,
     say = log or (lambda line: None)
     say(f"task {t.spec} [{t.split}]: {counts.rows} rows, {counts.distinct} distinct"
         f"{'' if t.dedup else ' (dedup off)'}; using {len(problems)}")
-    if config.objective.name == "sft":
+    if config.objective.demonstrations:
         if t.demonstrations is None:
             with_solutions = _with_solutions(problems, "task.spec", t.spec)
             if len(with_solutions) < len(problems):

@@ -213,8 +213,7 @@ def arch_of_source(source: str) -> Arch | None:
 
 def uses_teacher(config) -> bool:
     """The run loads ``model.teacher`` (the loop's rule: an OPD weight, or teacher rollouts)."""
-    obj = config.objective
-    return obj.name != "sft" and (obj.weights().get("opd", 0.0) != 0.0 or config.rollout.policy == "teacher")
+    return config.objective.weights().get("opd", 0.0) != 0.0 or config.rollout.policy == "teacher"
 
 
 def assumed_prompt_tokens(task_spec: str) -> int:
@@ -232,7 +231,7 @@ def settings_from_config(config, *, world: int, native_bf16: bool = True, prompt
     from opdgeo.distributed import resolve_strategy
 
     o, m = config.optim, config.model
-    sequences = o.micro_batch_size * (1 if config.objective.name == "sft" else config.rollout.group_size)
+    sequences = o.micro_batch_size * (1 if config.objective.demonstrations else config.rollout.group_size)
     bf16 = native_bf16 if o.bf16_autocast == "auto" else bool(o.bf16_autocast)
     t_bytes = {"bfloat16": 2, "float32": 4}.get(m.teacher_dtype, 2 if native_bf16 else 4)
     prompt = assumed_prompt_tokens(config.task.spec) if prompt_tokens is None else prompt_tokens
@@ -309,13 +308,14 @@ def train_plan(config, *, world: int | None = None) -> str:
         ConfigError: the batch cannot be split over ``world`` processes, or an invalid strategy.
     """
     from opdgeo import distributed
-    from opdgeo.training.loop import rank_micro_batches
+    from opdgeo.training.batches import mini_batch_share, rank_micro_batches
     from opdgeo.training.precision import native_bf16
 
     world = world or distributed.launched_world()
     o = config.optim
     n_micro = o.batch_size // o.micro_batch_size
     per_rank = len(rank_micro_batches(n_micro, 0, world))
+    mini_batch_share(n_micro, o, world)  # the same refusals as a launch
     strategy = distributed.resolve_strategy(config.distributed.strategy, world)
     if world > 1 and strategy == "none":
         from opdgeo.errors import ConfigError

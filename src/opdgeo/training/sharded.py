@@ -84,7 +84,7 @@ def export_hf(model: torch.nn.Module, folder: Path, dtype: torch.dtype, *,
     """
     from safetensors.torch import save_file
 
-    main = not distributed.is_distributed() or _rank() == 0
+    main = not distributed.is_distributed() or distributed.rank() == 0
     sharded = distributed.is_sharded(model)
     if not main and not sharded:
         return
@@ -145,12 +145,6 @@ def _write_configs(model: torch.nn.Module, folder: Path, dtype: torch.dtype) -> 
         gen.save_pretrained(folder)
 
 
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
 # --------------------------------------------------------------------- trainer state
 
 
@@ -187,7 +181,7 @@ def save_state(folder: Path, *, meta: Mapping[str, Any], master: Mapping[str, to
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import save_file
 
-    rank = _rank()
+    rank = distributed.rank()
     if rank == 0:
         folder.mkdir(parents=True)
     distributed.barrier()
