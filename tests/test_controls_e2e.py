@@ -115,8 +115,11 @@ def test_topkl_and_random_runs_log_what_they_kept(tmp_path):
 
 def test_offpolicy_ratio_is_exactly_one_when_the_behaviour_is_the_student(tmp_path):
     # teacher = the same preset and seed as the student: identical weights, so the teacher's
-    # recorded behaviour log-probs equal the student's and every ratio is exactly 1
-    r = train(_config(tmp_path / "same", model={"teacher": "tiny:quick"}, rollout={"policy": "teacher"},
+    # recorded behaviour log-probs equal the student's and every ratio is exactly 1 (the
+    # teacher in the student's dtype: a bf16 copy, the default on a CPU with native bf16,
+    # would round the weights and so move the log-probs)
+    r = train(_config(tmp_path / "same", model={"teacher": "tiny:quick", "teacher_dtype": "float32"},
+                      rollout={"policy": "teacher"},
                       optim={"steps": 1}, checkpoint={"every": 0}))
     v = r.history[0].values
     assert v["offpolicy/ratio_mean"] == 1.0 and v["offpolicy/ratio_max"] == 1.0 and v["offpolicy/clip_fraction"] == 0.0

@@ -48,10 +48,10 @@ def quick_study(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setattr(ckpt, "save_checkpoint", crashing_save)
     with pytest.raises(Crash):
-        main(argv)
+        main(argv + ["--jobs", "1"])  # one process: the patched save runs here and counts here
     mp.undo()
     first = json.loads((out / "timings.json").read_text())
-    main(argv)
+    main(argv + ["--jobs", "2"])  # stages side by side, each in its own process
     second = json.loads((out / "timings.json").read_text())
     main(argv)
     third = json.loads((out / "timings.json").read_text())

@@ -144,14 +144,15 @@ def test_two_fsdp_processes_take_the_same_step_as_one(tmp_path, teacher, one_pro
             assert torch.equal(cut.optimizer["state"][pid][key], v), (pid, key)
 
 
-def test_two_ddp_processes_take_the_same_mini_batch_steps_as_one(tmp_path, teacher):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_take_the_same_mini_batch_steps_as_one(tmp_path, teacher, strategy):
     """``ppo_mini_batch_size``: 2 ranks step through the same shuffled mini-batches (each
     rank holds half of every one) with the same global token means as one process."""
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(CONFIG.format(objective="opd", teacher=teacher))
     mini = ["optim.ppo_mini_batch_size=2", "optim.ppo_epochs=2"]
     train(load_config(cfg, [f"run.out_dir={tmp_path / 'one'}", *mini]))
-    _launch("torchrun", cfg, tmp_path / "two", "--set", "distributed.strategy=ddp",
+    _launch("torchrun", cfg, tmp_path / "two", "--set", f"distributed.strategy={strategy}",
             *[a for m in mini for a in ("--set", m)])
     # four optimizer steps per run instead of two: the same rounding-level tolerance holds (checked)
     _assert_same_step(tmp_path / "one", tmp_path / "two", "opd", rtol=1e-5, atol=1e-6)

@@ -152,3 +152,44 @@ def test_mini_batch_resume_equals_uninterrupted(tmp_path, teacher_dir):
     full = ckpt.load_trainer_state(tmp_path / "full" / "step-000002")
     cut = ckpt.load_trainer_state(tmp_path / "cut" / "step-000002")
     assert all(torch.equal(cut.master[k], v) for k, v in full.master.items())
+
+
+@pytest.mark.parametrize("mini", [None, 1])
+def test_sft_steps_are_cross_entropy_steps(tmp_path, teacher_dir, mini):
+    """SFT goes through the clipped surrogate with weight 1 on demonstration tokens; its
+    steps are AdamW steps on the cross-entropy token mean (one per mini-batch)."""
+    from opdgeo.training.data import training_problems
+    from opdgeo.training.loop import demonstration_micro_batch
+    from opdgeo.training.rollout import sequence_logprobs
+
+    extra = [] if mini is None else [f"optim.ppo_mini_batch_size={mini}"]
+    cfg = _cfg(tmp_path / "run", teacher_dir, "objective=sft", "optim.steps=1", *extra)
+    result = train(cfg)
+    got = _master(tmp_path / "run")
+    student, tok = load_policy("tiny:quick")
+    data = training_problems(cfg)
+    prompts = step_prompts(len(data.problems), 2, 0, cfg.run.seed)
+    batches = [demonstration_micro_batch(tok, data.task, data.problems, prompts[c:c + 1], device=CPU) for c in range(2)]
+    groups = [batches] if mini is None else \
+        [[batches[c] for c in m] for m in mini_batch_order(2, 2, seed=cfg.run.seed, step=0, epoch=0)]
+    model = copy.deepcopy(student).float()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    nll = []
+    for group in groups:
+        total = sum(mb.response_mask.sum() for mb in group).double()
+        loss = sum(-torch.where(mb.response_mask, sequence_logprobs(model, mb.input_ids, mb.attention_mask,
+                                                                    mb.response_mask), 0.0).sum() for mb in group) / total
+        nll.append((float(loss.detach()), float(total)))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(model.parameters()), 1.0)
+        opt.step()
+        opt.zero_grad()
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6)
+    moved = max((got[k] - student.state_dict()[k].float()).abs().max().item() for k in got)
+    assert moved > 1e-3
+    rec = result.history[0].values
+    tokens = sum(t for _, t in nll)
+    want = sum(v * t for v, t in nll) / tokens  # each step's token mean, weighted by its tokens
+    assert rec["train/loss"] == rec["sft/nll"] == pytest.approx(want, rel=1e-5)
+    assert "train/ratio_mean" not in rec and "rlvr/reward" not in rec

@@ -19,7 +19,10 @@ import click
                    "with their dependencies (default: all).")
 @click.option("--launcher", default=None,
               help='Run training stages as subprocesses, e.g. "accelerate launch --num_processes 8" on GPUs.')
-def study_cmd(preset, out, fresh, dry_run, stages, launcher):
+@click.option("--jobs", type=click.IntRange(min=1), default=None,
+              help="Stages run at once, each in its own process (default: the CPU cores divided by the preset's "
+                   "torch_threads; 1 with --launcher). Results do not depend on it.")
+def study_cmd(preset, out, fresh, dry_run, stages, launcher, jobs):
     """Train teacher and student, run SFT, OPD, RLVR and every control, diagnose, and report.
 
     Finished stages are cached in the run folder by their configuration; rerunning the
@@ -39,7 +42,7 @@ def study_cmd(preset, out, fresh, dry_run, stages, launcher):
     if dry_run:
         click.echo(plan_text(p, out, launcher=launcher, select=select), nl=False)
         return
-    res = run_study(p, out, fresh=fresh, select=select, launcher=launcher)
+    res = run_study(p, out, fresh=fresh, select=select, launcher=launcher, jobs=jobs)
     _summary(res)
 
 

@@ -14,6 +14,7 @@ from opdgeo.study.pipeline import build_stages, study_info
 from opdgeo.study.plan import format_plan
 from opdgeo.study.presets import StudyPreset
 from opdgeo.study.stages import StageOutcome, read_marker, run_stages, select_stages, stage_keys
+from opdgeo.study.workers import default_jobs
 
 __all__ = ["StudyResult", "run_study", "plan_text", "data_plan", "stage_statuses"]
 
@@ -88,12 +89,15 @@ def plan_text(preset: StudyPreset, out: Path | None = None, *, launcher: str | N
 
 
 def run_study(preset: StudyPreset, out: str | Path, *, fresh: bool = False, select: Sequence[str] | None = None,
-              launcher: str | None = None, log: Callable[[str], None] | None = None) -> StudyResult:
+              launcher: str | None = None, log: Callable[[str], None] | None = None,
+              jobs: int | None = None) -> StudyResult:
     """Run the study (or the selected stages and their dependencies) into ``out``.
 
     Finished stages are reused (cache keyed by configuration), interrupted training stages
     resume, ``fresh`` redoes the selected stages. Writes ``study.json`` first and
-    ``timings.json`` last; the report stage writes ``report.html`` and the rest.
+    ``timings.json`` last; the report stage writes ``report.html`` and the rest. ``jobs``
+    stages run at once, each in its own process (None: `default_jobs`, the cores divided by
+    the preset's ``torch_threads``; 1 under a launcher); results do not depend on it.
 
     Raises:
         ConfigError: bad ``select`` names, or data that cannot be read, before any work (every
@@ -112,10 +116,12 @@ def run_study(preset: StudyPreset, out: str | Path, *, fresh: bool = False, sele
     from opdgeo.locking import hold_folder
 
     with hold_folder(out, what="study folder"):  # one study per folder (two would mix their markers)
-        return _run_locked(preset, out, stages, select=select, fresh=fresh, log=log, t0=t0)
+        return _run_locked(preset, out, stages, select=select, fresh=fresh, log=log, t0=t0,
+                           jobs=jobs if jobs is not None else default_jobs(preset.torch_threads, launcher=launcher))
 
 
-def _run_locked(preset: StudyPreset, out: Path, stages, *, select, fresh: bool, log, t0: float) -> StudyResult:
+def _run_locked(preset: StudyPreset, out: Path, stages, *, select, fresh: bool, log, t0: float,
+                jobs: int = 1) -> StudyResult:
     (out / "study.json").write_text(json.dumps(study_info(preset), indent=2) + "\n")
     import torch
     import transformers
@@ -125,8 +131,10 @@ def _run_locked(preset: StudyPreset, out: Path, stages, *, select, fresh: bool, 
     if preset.torch_threads:
         torch.set_num_threads(preset.torch_threads)
     try:
-        outcomes = run_stages(stages, out, select=select, fresh=fresh, log=log,
-                              timings_meta={"preset": preset.name, "torch_threads": torch.get_num_threads()})
+        outcomes = run_stages(stages, out, select=select, fresh=fresh, log=log, jobs=jobs,
+                              threads=torch.get_num_threads(),
+                              timings_meta={"preset": preset.name, "torch_threads": torch.get_num_threads(),
+                                            "jobs": jobs})
     finally:
         torch.set_num_threads(threads)
     report = out / "report.html"

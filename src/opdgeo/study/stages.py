@@ -302,6 +302,8 @@ def run_stages(
     fresh: bool = False,
     log: Callable[[str], None] | None = None,
     timings_meta: dict | None = None,
+    jobs: int = 1,
+    threads: int | None = None,
 ) -> dict[str, StageOutcome]:
     """Run (or reuse) the selected stages in order; write ``timings.json``.
 
@@ -312,6 +314,9 @@ def run_stages(
         fresh: redo the selected stages even when cached.
         log: progress printer (default: stderr).
         timings_meta: extra keys for ``timings.json`` (preset, ...).
+        jobs: how many stages may run at once, each in a forked process
+            (`opdgeo.study.workers`); 1 runs every stage in this process, in order.
+        threads: intra-op threads each stage process sets (None: inherited).
 
     Returns:
         One `StageOutcome` per stage of ``stages`` (unselected ones ``pending`` or
@@ -325,8 +330,11 @@ def run_stages(
     runner = _Runner(stages, out, chosen={s.name for s in select_stages(stages, select)}, fresh=fresh,
                      log=log or (lambda msg: print(msg, file=sys.stderr, flush=True)), meta=timings_meta or {})
     try:
-        for s in stages:
-            runner.step(s)
+        if jobs > 1:
+            runner.run_parallel(jobs, threads)
+        else:
+            for s in stages:
+                runner.step(s)
     finally:
         runner.write_timings()
     return runner.outcomes
@@ -351,7 +359,13 @@ class _Runner:
         write_timings(self.out, self.stages, self.outcomes, time.perf_counter() - self.t_start, self.meta)
 
     def step(self, s: Stage) -> None:
-        """Reuse, skip or run stage ``s``."""
+        """Reuse, skip or run stage ``s`` (in this process)."""
+        todo = self.decide(s)
+        if todo is not None:
+            self._run(s, *todo)
+
+    def decide(self, s: Stage) -> tuple[str, str, str | None] | None:
+        """Reuse or skip stage ``s``; or return ``(key, prefix, damage)`` when it must run."""
         key = self.keys[s.name]
         done = _is_done(self.out, s, key, self.markers)
         damage = output_damage(self.out / s.path, self.markers[s.name].get("outputs")) if done and s.path else None
@@ -361,22 +375,22 @@ class _Runner:
             done, self.markers[s.name] = False, None
         if s.name not in self.chosen:
             self._unselected(s, done)
-            return
+            return None
         self.i += 1
         prefix = f"[{self.i}/{self.n}] {s.kind:<10} {s.name}"
         blocked = [d for d in s.deps if self.outcomes.get(d) and self.outcomes[d].status in _BLOCKING]
         if blocked:
             self.outcomes[s.name] = StageOutcome(s.name, s.kind, "skipped", reason=f"needs {', '.join(blocked)}")
             self.log(f"{prefix}: skipped (needs {', '.join(blocked)})")
-            return
+            return None
         if done and not self.fresh and not s.always:
             m = self.markers[s.name]
             self.outcomes[s.name] = StageOutcome(s.name, s.kind, "cached", float(m.get("seconds", 0.0)),
                                                  summary=m.get("summary", {}), cpu_seconds=float(m.get("cpu_seconds", 0.0)))
             self.summaries[s.name] = m.get("summary", {})
             self.log(f"{prefix}: cached ({m.get('seconds', 0.0):.1f} s when it ran)")
-            return
-        self._run(s, key, prefix, damage)
+            return None
+        return key, prefix, damage
 
     def _unselected(self, s: Stage, done: bool) -> None:
         m = self.markers.get(s.name) or {}
@@ -405,37 +419,104 @@ class _Runner:
             key_file.write_text(key + "\n")
         return sdir, resume
 
-    def _run(self, s: Stage, key: str, prefix: str, damage) -> None:
+    def _begin(self, s: Stage, key: str, prefix: str, damage) -> tuple[Path, bool, StageContext]:
         sdir, resume = self._prepare(s, key, damage)
         self.log(f"{prefix}: {'resuming' if resume else 'running'} ...")
         ctx = StageContext(out=self.out, dir=sdir, resume=resume, deps={d: self.summaries.get(d, {}) for d in s.deps},
                            log=self.log)
+        return sdir, resume, ctx
+
+    def _unavailable(self, s: Stage, sdir: Path, prefix: str, reason: str, seconds: float) -> None:
+        if s.path:
+            _wipe(sdir)  # nothing to resume from: the next attempt starts clean
+        self.outcomes[s.name] = StageOutcome(s.name, s.kind, "unavailable", seconds, reason=reason)
+        self.log(f"{prefix}: unavailable ({reason})")
+
+    def _failed(self, s: Stage, sdir: Path, prefix: str, reason: str, seconds: float, trace: str) -> None:
+        self.outcomes[s.name] = StageOutcome(s.name, s.kind, "failed", seconds, reason=reason.replace("\n", " ")[:500])
+        if s.soft:
+            (sdir / "error.txt").write_text(trace)
+            self.log(f"{prefix}: FAILED ({self.outcomes[s.name].reason[:300]}); traceback in {sdir / 'error.txt'}")
+
+    def _done(self, s: Stage, key: str, sdir: Path, prefix: str, summary: dict, *, seconds: float, cpu: float,
+              resume: bool, damage) -> None:
+        self._finish(s, key, sdir, summary, seconds=seconds, cpu=cpu, resume=resume, damage=damage)
+        self.log(f"{prefix}: done in {self.outcomes[s.name].seconds:.1f} s")
+        self.write_timings()
+
+    def _run(self, s: Stage, key: str, prefix: str, damage) -> None:
+        sdir, resume, ctx = self._begin(s, key, prefix, damage)
         t0, c0 = time.perf_counter(), time.process_time()
         try:
             summary = s.fn(ctx) or {}
         except StageUnavailable as err:
-            if s.path:
-                _wipe(sdir)  # nothing to resume from: the next attempt starts clean
-            self.outcomes[s.name] = StageOutcome(s.name, s.kind, "unavailable", time.perf_counter() - t0, reason=str(err))
-            self.log(f"{prefix}: unavailable ({err})")
+            self._unavailable(s, sdir, prefix, str(err), time.perf_counter() - t0)
             return
         except Exception as err:
-            self.outcomes[s.name] = StageOutcome(s.name, s.kind, "failed", time.perf_counter() - t0,
-                                                 reason=f"{type(err).__name__}: {err}".replace("\n", " ")[:500])
-            if not s.soft:
-                raise
             import traceback
 
-            (sdir / "error.txt").write_text(traceback.format_exc())
-            self.log(f"{prefix}: FAILED ({self.outcomes[s.name].reason[:300]}); traceback in {sdir / 'error.txt'}")
+            self._failed(s, sdir, prefix, f"{type(err).__name__}: {err}", time.perf_counter() - t0, traceback.format_exc())
+            if not s.soft:
+                raise
             return
         except BaseException:
             self.outcomes[s.name] = StageOutcome(s.name, s.kind, "failed", time.perf_counter() - t0)
             raise
-        self._finish(s, key, sdir, summary, seconds=time.perf_counter() - t0, cpu=time.process_time() - c0,
-                     resume=resume, damage=damage)
-        self.log(f"{prefix}: done in {self.outcomes[s.name].seconds:.1f} s")
-        self.write_timings()
+        self._done(s, key, sdir, prefix, summary, seconds=time.perf_counter() - t0, cpu=time.process_time() - c0,
+                   resume=resume, damage=damage)
+
+    def run_parallel(self, jobs: int, threads: int | None) -> None:
+        """Every stage, up to ``jobs`` at once in forked processes, each once its dependencies are done."""
+        from multiprocessing.connection import wait
+
+        from opdgeo.study.workers import StageProcess
+
+        pending, running = list(self.stages), {}
+        try:
+            while pending or running:
+                for s in list(pending):
+                    if len(running) >= jobs:
+                        break
+                    if any(d in running or d in {q.name for q in pending if q is not s} for d in s.deps):
+                        continue
+                    pending.remove(s)
+                    todo = self.decide(s)
+                    if todo is None:
+                        continue
+                    key, prefix, damage = todo
+                    sdir, resume, ctx = self._begin(s, key, prefix, damage)
+                    proc = StageProcess(s.name, lambda s=s, ctx=ctx: s.fn(ctx), threads=threads,
+                                        unavailable=StageUnavailable)
+                    running[s.name] = (proc, s, key, prefix, damage, sdir, resume)
+                if not running:
+                    continue
+                ready = wait([r[0].sentinel for r in running.values()])
+                for name in [n for n, r in running.items() if r[0].sentinel in ready]:
+                    self._collect(*running.pop(name))
+        except BaseException:
+            for proc, *_ in running.values():
+                proc.kill()
+            raise
+
+    def _collect(self, proc, s: Stage, key: str, prefix: str, damage, sdir: Path, resume: bool) -> None:
+        """Record what a stage's process reported; a hard failure stops the study."""
+        res = proc.result()
+        if res.status == "ok":
+            self._done(s, key, sdir, prefix, res.summary or {}, seconds=res.seconds, cpu=res.cpu_seconds,
+                       resume=resume, damage=damage)
+        elif res.status == "unavailable":
+            self._unavailable(s, sdir, prefix, res.message, res.seconds)
+        else:
+            self._failed(s, sdir, prefix, f"{res.error_type}: {res.message}", res.seconds, res.traceback)
+            if not s.soft:
+                if res.traceback and sdir.is_dir():
+                    (sdir / "error.txt").write_text(res.traceback)
+                if res.exception is not None:  # the stage's own error, as a serial run raises it
+                    raise res.exception
+                if res.error_type == "ConfigError":
+                    raise ConfigError(res.message)
+                raise RuntimeError(f"stage {s.name} failed: {res.error_type}: {res.message}"
+                                   + (f" (traceback in {sdir / 'error.txt'})" if res.traceback else ""))
 
     def _finish(self, s: Stage, key: str, sdir: Path, summary: dict, *, seconds: float, cpu: float, resume: bool,
                 damage) -> None:
