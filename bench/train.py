@@ -1,7 +1,9 @@
 """Training throughput: steps/s and tokens/s of SFT, RLVR and OPD on the tiny preset, and the
-same GRPO step through TRL's ``GRPOTrainer`` (benchmark-only extra: ``pip install trl``).
+same GRPO step through TRL's ``GRPOTrainer`` (benchmark-only extra: ``pip install trl``);
+then the memory and step-time ratios of FSDP2 vs DDP and of activation checkpointing on
+SmolLM2-135M (``bench/train_memory.py``, whose docstring says how peak memory is measured).
 
-    python bench/train.py [--steps 4] [--smollm2]
+    python bench/train.py [--steps 4] [--smollm2] [--no-memory] [--rows 4] [--seq 256]
 
 "Tokens" are response tokens (demonstration tokens for SFT, sampled tokens for RLVR/OPD)
 per second of optimizer-step wall time (rollout + scoring + loss + update; the first step is
@@ -107,6 +109,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4, help="timed steps per objective (after one warm-up step)")
     ap.add_argument("--smollm2", action="store_true", help="also time one RLVR and one OPD step with SmolLM2-135M")
     ap.add_argument("--no-trl", action="store_true")
+    ap.add_argument("--no-memory", action="store_true", help="skip the FSDP/DDP and checkpointing memory runs")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import train_memory
+
+    train_memory.add_arguments(ap)
     a = ap.parse_args()
     torch.manual_seed(0)
     import transformers
@@ -163,6 +170,8 @@ def main() -> None:
                     extra.append("model.teacher=smollm2")
                 h = train(load_config(None, extra)).history[0].values
                 results[f"smollm2_{obj}_step_s"] = h["train/step_time"]
+    if not a.no_memory:
+        results.update(train_memory.run_all(a))
     for k, v in results.items():
         print(f"{k}: {v:.4g}")
 

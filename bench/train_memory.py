@@ -1,20 +1,31 @@
 """Memory and step time of the distributed strategies and of activation checkpointing, on
-SmolLM2-135M, measured in one run (ratios, not absolute claims):
+SmolLM2-135M, measured in one run (ratios, not absolute claims); ``bench/train.py`` runs it
+and prints its lines with the throughput benchmark's:
 
-    python bench/train_memory.py [--model smollm2] [--seq 256] [--rows 4]
+    python bench/train_memory.py [--model smollm2] [--seq 256] [--rows 2] [--steps 3]
+
+Peak memory per rank *during training*: each worker builds the model, wraps it, takes one
+warm-up step (gradients and AdamW's moments now exist), returns freed heap to the system
+(``malloc_trim``), resets the kernel's resident high-water mark (``/proc/self/clear_refs``
+= 5) and takes the measured steps; the peak is ``VmHWM`` over those steps minus the
+resident memory before the model was built (imports). Loading is excluded: it is not
+training, and every rank loads the whole model on the CPU before ``fully_shard``. Workers
+run with ``MALLOC_MMAP_THRESHOLD_=65536`` so that glibc serves large buffers from mmap and
+returns them when freed: with its default, adaptive threshold the buffers FSDP gathers
+and frees layer by layer stay resident as heap fragments (about 0.35 GB more in the FSDP
+forward on this model), which would measure glibc, not the training.
 
 - ``fsdp_vs_ddp_state_mem``: per-rank bytes of parameters + gradients + AdamW state held by
-  rank 0 after one optimizer step, FSDP2 over 2 processes / DDP over 2 processes (gloo, CPU);
-- ``fsdp_vs_ddp_peak_mem``: the same ratio of peak resident memory (``ru_maxrss``) above
-  each process's resident memory before the model was built;
+  rank 0 after a step, FSDP2 over 2 processes / DDP over 2 processes (gloo, CPU);
+- ``fsdp_vs_ddp_peak_mem``: the same ratio of the peak during training (above);
 - ``fsdp_vs_ddp_step_time``: median step time (forward + backward + AdamW) ratio;
 - ``ckpt_act_saved_mem``: bytes autograd saves for backward with activation checkpointing on
   / off (one process, one micro-batch of ``rows`` sequences of ``seq`` tokens);
-- ``ckpt_act_peak_mem``: peak resident memory above the pre-step level, on / off (each in
-  its own fresh process).
+- ``ckpt_act_peak_mem``: the peak during training, on / off (one process each);
+- ``ckpt_act_peak_mem_fsdp``: the same under FSDP2 over 2 processes.
 
 Every worker runs the same forward as training (``sequence_logprobs`` through
-``opdgeo.distributed.wrap_model``). The last lines are ``name: value`` pairs.
+``opdgeo.distributed.wrap_model``), in fp32. The last lines are ``name: value`` pairs.
 """
 
 from __future__ import annotations
@@ -22,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import socket
 import statistics
 import subprocess
@@ -32,12 +42,21 @@ import time
 import torch
 
 
-def _rss_kib() -> int:
+def _status_kib(field: str) -> int:
     with open("/proc/self/status") as fh:
         for line in fh:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
+
+
+def _reset_peak() -> None:
+    """Return freed heap to the system, then restart the resident high-water mark here."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
 
 
 def _state_bytes(model, optimizer) -> int:
@@ -58,7 +77,7 @@ def worker(args) -> dict:
     from opdgeo.training.rollout import sequence_logprobs
 
     torch.manual_seed(0)
-    base_kib = _rss_kib()
+    base_kib = _status_kib("VmRSS")
     ctx = distributed.init(single_process_group=args.strategy == "fsdp")
     model, _ = load_policy(args.model)
     model = model.float().eval()
@@ -70,8 +89,11 @@ def worker(args) -> dict:
     ids = torch.randint(0, min(model.config.vocab_size, 1000), (args.rows, args.seq), generator=g)
     att = torch.ones_like(ids)
     resp = torch.ones(args.rows, args.seq // 2, dtype=torch.bool)
-    times, saved, state = [], 0, 0
-    for step in range(args.steps):
+    times, saved, state, setup_kib = [], 0, 0, 0
+    for step in range(args.mem_steps):
+        if step == 1:  # after the warm-up step: the peak of the training steps from here
+            setup_kib = _status_kib("VmHWM")  # loading, wrapping and the warm-up step (clear_refs resets it)
+            _reset_peak()
         distributed.barrier()
         t0 = time.perf_counter()
         seen: dict[int, int] = {}
@@ -84,13 +106,15 @@ def worker(args) -> dict:
             lp = sequence_logprobs(wrapped, ids, att, resp)
         saved = sum(seen.values())
         (-lp.sum() / lp.numel()).backward()
+        del lp
         opt.step()
         state = _state_bytes(model, opt)  # parameters, gradients and AdamW's moments held here
         opt.zero_grad(set_to_none=False)
         distributed.barrier()
         times.append(time.perf_counter() - t0)
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = {"state_bytes": state, "saved_bytes": saved, "peak_above_base": (peak_kib - base_kib) * 1024,
+    out = {"state_bytes": state, "saved_bytes": saved,
+           "peak_above_base": (_status_kib("VmHWM") - base_kib) * 1024,
+           "setup_peak_above_base": (setup_kib - base_kib) * 1024,
            "step_time": statistics.median(times[1:] if len(times) > 1 else times)}
     rows = distributed.gather_to_rank0(out)
     distributed.destroy(ctx)
@@ -102,22 +126,49 @@ def _launch(args, strategy: str, nproc: int, ckpt: bool) -> dict:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     flags = ["--worker", "--strategy", strategy, "--model", args.model, "--seq", str(args.seq), "--rows", str(args.rows),
-             "--steps", str(args.steps)] + (["--ckpt"] if ckpt else [])
+             "--mem-steps", str(args.mem_steps)] + (["--ckpt"] if ckpt else [])
     head = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(port)] \
         if nproc > 1 else [sys.executable]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "MALLOC_MMAP_THRESHOLD_": "65536"}
     proc = subprocess.run([*head, __file__, *flags], env=env, capture_output=True, text=True, timeout=3000)
     if proc.returncode:
         sys.exit(f"worker failed ({strategy}, {nproc}, ckpt={ckpt}):\n{proc.stderr[-3000:]}")
     return json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1].removeprefix("RESULT "))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--seq", type=int, default=256, help="tokens per sequence (the last half are the response)")
     ap.add_argument("--rows", type=int, default=4, help="sequences per micro-batch")
-    ap.add_argument("--steps", type=int, default=3, help="optimizer steps per measurement (the first is a warm-up)")
+    ap.add_argument("--mem-steps", type=int, default=3, dest="mem_steps",
+                    help="optimizer steps per memory measurement (the first is a warm-up)")
+
+
+def run_all(args) -> dict[str, float]:
+    """Every measurement, each in fresh processes; prints one line per measurement and
+    returns the ratios."""
+    runs = {"ddp x2": ("ddp", 2, False), "fsdp x2": ("fsdp", 2, False), "ckpt off": ("none", 1, False),
+            "ckpt on": ("none", 1, True), "fsdp x2 ckpt on": ("fsdp", 2, True)}
+    rows = {name: _launch(args, *spec) for name, spec in runs.items()}
+    for name, row in rows.items():
+        print(f"{name}: state {row['state_bytes'] / 2**20:.1f} MiB, saved for backward {row['saved_bytes'] / 2**20:.1f} MiB, "
+              f"peak in steps {row['peak_above_base'] / 2**20:.1f} MiB (load + warm-up step "
+              f"{row['setup_peak_above_base'] / 2**20:.1f} MiB), step {row['step_time']:.2f} s", file=sys.stderr)
+    ddp, fsdp, off, on, fsdp_on = (rows[k] for k in runs)
+    return {
+        "fsdp_vs_ddp_state_mem": fsdp["state_bytes"] / ddp["state_bytes"],
+        "fsdp_vs_ddp_peak_mem": fsdp["peak_above_base"] / ddp["peak_above_base"],
+        "fsdp_vs_ddp_step_time": fsdp["step_time"] / ddp["step_time"],
+        "ckpt_act_saved_mem": on["saved_bytes"] / off["saved_bytes"],
+        "ckpt_act_peak_mem": on["peak_above_base"] / off["peak_above_base"],
+        "ckpt_act_peak_mem_fsdp": fsdp_on["peak_above_base"] / fsdp["peak_above_base"],
+        "ckpt_act_step_time": on["step_time"] / off["step_time"],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(ap)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--strategy", default="none", help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", action="store_true", help=argparse.SUPPRESS)
@@ -127,19 +178,8 @@ def main() -> None:
         if row is not None:
             print("RESULT " + json.dumps(row), flush=True)
         return
-    ddp = _launch(args, "ddp", 2, False)
-    fsdp = _launch(args, "fsdp", 2, False)
-    off = _launch(args, "none", 1, False)
-    on = _launch(args, "none", 1, True)
-    for name, row in (("ddp x2", ddp), ("fsdp x2", fsdp), ("ckpt off", off), ("ckpt on", on)):
-        print(f"{name}: state {row['state_bytes'] / 2**20:.1f} MiB, saved for backward {row['saved_bytes'] / 2**20:.1f} MiB, "
-              f"peak above base {row['peak_above_base'] / 2**20:.1f} MiB, step {row['step_time']:.2f} s")
-    print(f"fsdp_vs_ddp_state_mem: {fsdp['state_bytes'] / ddp['state_bytes']:.3f}")
-    print(f"fsdp_vs_ddp_peak_mem: {fsdp['peak_above_base'] / ddp['peak_above_base']:.3f}")
-    print(f"fsdp_vs_ddp_step_time: {fsdp['step_time'] / ddp['step_time']:.3f}")
-    print(f"ckpt_act_saved_mem: {on['saved_bytes'] / off['saved_bytes']:.3f}")
-    print(f"ckpt_act_peak_mem: {on['peak_above_base'] / off['peak_above_base']:.3f}")
-    print(f"ckpt_act_step_time: {on['step_time'] / off['step_time']:.3f}")
+    for k, v in run_all(args).items():
+        print(f"{k}: {v:.3f}")
 
 
 if __name__ == "__main__":

@@ -115,3 +115,37 @@ def test_teacher_dtype_auto_follows_native_bf16_and_is_frozen():
     cfg = load_config(None, ["model.student=tiny:quick", "model.teacher_dtype=bfloat16"])
     t = inference_model(_tiny(), cfg, cpu)
     assert not t.training and all(p.dtype == torch.bfloat16 and not p.requires_grad for p in t.parameters())
+
+
+def test_teacher_under_fsdp_is_sharded_and_scores_as_the_whole_model():
+    """``inference_model`` under ``fsdp`` (a process group of one here; the 2-process OPD
+    step in test_train_ddp checks the scores across ranks): FSDP2 shards in the teacher
+    dtype, marked so that transformers' ``generate`` syncs the ranks, same log-probs."""
+    import dataclasses
+
+    from torch.distributed.tensor import DTensor
+    from transformers.distributed.fsdp import is_fsdp_managed_module
+
+    from opdgeo import distributed
+    from opdgeo.training.config import load_config
+    from opdgeo.training.loop import inference_model
+    from opdgeo.training.rollout import sequence_logprobs
+
+    cfg = load_config(None, ["model.student=tiny:quick", "model.teacher_dtype=float32"])
+    cpu = torch.device("cpu")
+    whole = inference_model(_tiny(), cfg, cpu)
+    ids = torch.randint(0, whole.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    att, resp = torch.ones_like(ids), torch.ones(2, 5, dtype=torch.bool)
+    with torch.no_grad():
+        ref = sequence_logprobs(whole, ids, att, resp)
+    ctx = distributed.init(single_process_group=True)
+    try:
+        fsdp_cfg = dataclasses.replace(cfg, distributed=dataclasses.replace(cfg.distributed, strategy="fsdp"))
+        sharded = inference_model(_tiny(), fsdp_cfg, cpu)
+        assert all(isinstance(p, DTensor) and not p.requires_grad for p in sharded.parameters())
+        assert is_fsdp_managed_module(sharded) and distributed.is_sharded(sharded)
+        with torch.no_grad():
+            got = sequence_logprobs(sharded, ids, att, resp)
+    finally:
+        distributed.destroy(ctx)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)

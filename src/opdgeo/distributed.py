@@ -11,6 +11,7 @@ and the data-parallel wrappers (PyTorch's own DDP and FSDP2).
   then the root), both made to SUM gradients over ranks (not average: the loss is already
   divided by the global token count, so the sum over ranks is the gradient of the
   token-level mean over the global batch, exactly as in one process).
+- ``shard_for_inference`` — the teacher under ``fsdp``: FSDP2 shards, no optimizer.
 - ``all_reduce_sum``, ``all_reduce_max``, ``barrier``, ``broadcast_object``,
   ``gather_to_rank0``, ``all_gather`` — identities in one process.
 
@@ -47,6 +48,7 @@ __all__ = [
     "all_gather",
     "resolve_strategy",
     "wrap_model",
+    "shard_for_inference",
     "unwrap",
     "decoder_layers",
     "is_sharded",
@@ -331,8 +333,31 @@ def wrap_model(model: torch.nn.Module, strategy: str, ctx: Context, *, bf16_comp
             if hasattr(m, "set_gradient_divide_factor"):
                 m.set_gradient_divide_factor(1.0)  # a sum over ranks, not a mean
                 m.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
+        model._is_fsdp_managed_module = True  # transformers' mark: generate() then keeps ranks in step (synced_gpus)
         return model
     raise ConfigError(f"distributed.strategy: must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
+
+
+def shard_for_inference(model: torch.nn.Module) -> torch.nn.Module:
+    """A no-gradient model (the teacher) sharded like the student under ``fsdp``: FSDP2
+    ``fully_shard`` per decoder layer and at the root, in its own dtype (no mixed-precision
+    cast), each layer gathered for its forward and freed after it. Every rank then holds
+    1/world of the weights plus the layers in flight. ``fully_shard`` moves each layer's
+    shard to the device as it goes, so pass the model on the CPU: the whole model never
+    reaches the device. Marked as FSDP-managed so that ``generate`` keeps the ranks in step.
+
+    Raises:
+        ConfigError: no process group.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    if _dist() is None:
+        raise ConfigError("distributed.strategy: fsdp needs a process group (init(single_process_group=True))")
+    for layer in decoder_layers(model):
+        fully_shard(layer, reshard_after_forward=True)
+    fully_shard(model, reshard_after_forward=True)
+    model._is_fsdp_managed_module = True
+    return model
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -23,7 +23,11 @@ import click
                    "their update since the run's origin; everything else is frozen. Default --out: "
                    "<run.out_dir>-projected-<step folder>-k<rank>.")
 @click.option("--rank", type=int, default=None, help="K for --project-from (default: project.rank, 16).")
-def train_cmd(config_path, overrides, resume, out_dir, no_progress, project_from, rank):
+@click.option("--dry-run", is_flag=True, help="Validate the config and print the plan (batches, strategy, per-GPU "
+              "memory and which strategy fits 8 x 80 GB); load and run nothing.")
+@click.option("--world-size", type=click.IntRange(min=1), default=None,
+              help="--dry-run: processes to plan for (default: the launcher's, 1 in a plain process).")
+def train_cmd(config_path, overrides, resume, out_dir, no_progress, project_from, rank, dry_run, world_size):
     """Train with SFT, RLVR (GRPO) or OPD from a YAML config (SPEC §3).
 
     Writes the run folder: config.yaml, metrics.jsonl and step-NNNNNN/ checkpoints in
@@ -53,6 +57,13 @@ def train_cmd(config_path, overrides, resume, out_dir, no_progress, project_from
     if no_progress:
         run = dataclasses.replace(run, progress=False)
     config = dataclasses.replace(config, run=run)
+    if dry_run:
+        from opdgeo.training.memory_plan import train_plan
+
+        click.echo(train_plan(config, world=world_size), nl=False)
+        return
+    if world_size is not None:
+        raise ConfigError("--world-size: only with --dry-run (the launcher sets the world size)")
     from opdgeo.cli.output import check_folder
 
     check_folder("--out" if out_dir is not None else "run.out_dir", run.out_dir)  # before any model loads

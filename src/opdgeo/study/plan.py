@@ -1,54 +1,32 @@
-"""The study plan shown by ``opdgeo study --dry-run``: stages, runs, model sizes and a GPU
-memory estimate, all computed from the preset's configs without loading a model.
+"""The study plan shown by ``opdgeo study --dry-run``: stages, runs, model sizes and the GPU
+memory of the OPD run, all computed from the preset's configs without loading a model.
 
-Parameter count of a Qwen3/Llama decoder (no biases), from its config::
-
-    P = V·h                                   (embedding)
-      + L·[ h·(n_q·d) + 2·h·(n_kv·d) + (n_q·d)·h      (q, k, v, o)
-            + 3·h·I                                    (gate, up, down)
-            + 2·h + 2·d·[qk_norm] ]                    (norms; Qwen3 q/k norms)
-      + h                                      (final norm)
-      + V·h·[not tied]                         (lm_head)
-
-Training memory (bytes), the paper's precision (fp32 master weights, bf16 autocast, AdamW)::
-
-    M_student = 16·P_s            (4 weights + 4 grads + 8 Adam moments)
-    M_teacher = 2·P_t             (bf16, inference only; OPD runs)
-    M_kv      = 2·2·L·n_kv·d·(prompt+response)·B_gen      (bf16 KV cache of one generation micro-batch)
-    M_logits  = 4·V·T_micro       (fp32 logits of one training micro-batch of T_micro tokens)
-    M_act     = 2·L·h·T_micro·c   (bf16 activations kept for backward; c ≈ 2 with activation
-                                   checkpointing, ≈ 34 without — Korthikanti et al. 2022)
-    per GPU (DDP, the training core's mode)   = M_student + M_teacher + M_kv + M_logits + M_act
-    per GPU (FSDP/ZeRO-3 over N GPUs)         = (M_student + M_teacher)/N + M_kv + M_logits + M_act
-
-The estimate ignores allocator fragmentation and framework buffers (add ~10 %).
+Parameter counts and memory come from ``opdgeo.training.memory_plan`` (formulas there),
+applied to the training config the study would launch (``train_config_dict``), on the
+launcher's GPUs (8 for a CUDA preset).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from pathlib import Path
 
 from opdgeo.study.presets import ModelSpec, StudyPreset, StudyRun
+from opdgeo.training.memory_plan import Arch
 
-__all__ = ["count_parameters", "model_arch", "MemoryEstimate", "memory_estimate", "plan_rows", "format_plan",
-           "preset_argument"]
+__all__ = ["count_parameters", "model_arch", "memory_lines", "plan_rows", "format_plan", "preset_argument", "GPUS"]
+
+GPUS = 8  # GPUs of a CUDA preset (the default launcher: accelerate launch --num_processes 8)
 
 
 def count_parameters(arch: dict) -> int:
-    """Parameters of a Qwen3/Llama decoder from its config numbers (formula in the module doc).
+    """Parameters of a Qwen3/Llama decoder from its config numbers (``memory_plan.Arch``).
 
     Args:
         arch: ``hidden_size``, ``num_hidden_layers``, ``num_attention_heads``,
             ``num_key_value_heads``, ``head_dim``, ``intermediate_size``, ``vocab_size``,
             ``tie_word_embeddings``; optional ``qk_norm`` (default True: Qwen3).
     """
-    h, L = arch["hidden_size"], arch["num_hidden_layers"]
-    nq, nkv = arch["num_attention_heads"], arch["num_key_value_heads"]
-    d = arch.get("head_dim") or h // nq
-    inter, V = arch["intermediate_size"], arch["vocab_size"]
-    qk_norm = arch.get("qk_norm", True)
-    per_layer = h * nq * d + 2 * h * nkv * d + nq * d * h + 3 * h * inter + 2 * h + (2 * d if qk_norm else 0)
-    return V * h + L * per_layer + h + (0 if arch.get("tie_word_embeddings", False) else V * h)
+    return Arch.from_dict({"qk_norm": True, **arch}).parameters
 
 
 def model_arch(spec: ModelSpec) -> dict | None:
@@ -73,62 +51,6 @@ def model_arch(spec: ModelSpec) -> dict | None:
                     head_dim=p.head_dim, intermediate_size=p.intermediate_size,
                     vocab_size=len(CHAR_VOCAB) + len(SPECIAL_TOKENS), tie_word_embeddings=True)
     return None
-
-
-@dataclass(frozen=True)
-class MemoryEstimate:
-    """Training-memory estimate in bytes (see the module docstring for the formulas)."""
-
-    student: float
-    teacher: float
-    kv: float
-    logits: float
-    activations: float
-    prompt_tokens: int
-    micro_tokens: int
-
-    @property
-    def ddp_per_gpu(self) -> float:
-        return self.student + self.teacher + self.kv + self.logits + self.activations
-
-    def sharded_per_gpu(self, n_gpus: int) -> float:
-        return (self.student + self.teacher) / n_gpus + self.kv + self.logits + self.activations
-
-
-def memory_estimate(student: dict, teacher: dict | None, run: StudyRun, *, prompt_tokens: int = 512,
-                    micro_batch_sequences: int = 1, checkpointing: bool = True) -> MemoryEstimate:
-    """Estimate the per-GPU training memory of ``run`` (bytes).
-
-    Args:
-        student, teacher: architecture dicts (`count_parameters` keys); teacher None = no teacher.
-        run: the run (its ``max_new_tokens`` and ``samples_per_prompt`` size the rollouts).
-        prompt_tokens: assumed prompt length **(our assumption; dapo-math prompts are short)**.
-        micro_batch_sequences: sequences per training micro-batch.
-        checkpointing: activation checkpointing on (c = 2) or off (c = 34).
-    """
-    ps = count_parameters(student)
-    pt = count_parameters(teacher) if teacher else 0
-    seq = prompt_tokens + run.max_new_tokens
-    L, h = student["num_hidden_layers"], student["hidden_size"]
-    d = student.get("head_dim") or h // student["num_attention_heads"]
-    kv = 2 * 2 * L * student["num_key_value_heads"] * d * seq * run.samples_per_prompt
-    micro = seq * micro_batch_sequences
-    return MemoryEstimate(
-        student=16.0 * ps,
-        teacher=2.0 * pt,
-        kv=float(kv),
-        logits=4.0 * student["vocab_size"] * micro,
-        activations=2.0 * L * h * micro * (2 if checkpointing else 34),
-        prompt_tokens=prompt_tokens,
-        micro_tokens=micro,
-    )
-
-
-def _gib(x: float) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if x >= scale:
-            return f"{x / scale:,.1f} {unit}"
-    return f"{x:.0f} B"
 
 
 def _fmt_params(n: int | None) -> str:
@@ -249,33 +171,7 @@ def format_plan(preset: StudyPreset, stages, statuses: dict[str, str] | None = N
               f"optimizer steps in total: {sum(r.steps for r in preset.runs)}",
               f"student parameters: {_fmt_params(ps)}; teacher parameters: {_fmt_params(pt)}"]
     if sa:
-        opd_name = preset.roles()["opd"]
-        opd = preset.run(opd_name) if opd_name else preset.runs[0]
-        micro = (opd.micro_batch_size or opd.batch_size) * opd.samples_per_prompt
-        m = memory_estimate(sa, ta, opd, prompt_tokens=16 if preset.task.startswith("arithmetic") else 512,
-                            micro_batch_sequences=micro)
-        lines += [
-            "",
-            f"GPU memory estimate for the {opd.name} run (bytes; P_s = {ps:,}, P_t = {pt or 0:,}):",
-            f"  M_student = 16*P_s                      = {_gib(m.student)}   (fp32 weights 4 + grads 4 + Adam 8)",
-            f"  M_teacher = 2*P_t                       = {_gib(m.teacher)}   (bf16, inference)",
-            f"  M_kv      = 4*L*n_kv*d*seq*G            = {_gib(m.kv)}   (seq = {m.prompt_tokens} prompt + {opd.max_new_tokens} new, G = {opd.samples_per_prompt})",
-            f"  M_logits  = 4*V*T_micro                 = {_gib(m.logits)}   (T_micro = {micro} sequences x "
-            f"{m.micro_tokens // micro} = {m.micro_tokens} tokens; chunked log-softmax would cut this)",
-            f"  M_act     = 2*L*h*T_micro*2             = {_gib(m.activations)}   (activation checkpointing)",
-            f"  per GPU, DDP (full replica)             = {_gib(m.ddp_per_gpu)}",
-            f"  per GPU, FSDP/ZeRO-3 over 8 GPUs        = {_gib(m.sharded_per_gpu(8))}",
-        ]
-        gpu = 80 * 2**30
-        if m.ddp_per_gpu > gpu:
-            per_rank = m.kv + m.logits + m.activations
-            if per_rank >= gpu:
-                lines.append(f"  -> the per-GPU activations alone ({_gib(per_rank)}) exceed an 80 GiB GPU: use fewer tokens "
-                             "per micro-step (one sequence, chunked log-softmax) and FSDP/ZeRO-3 sharding.")
-            else:
-                n = -(-(m.student + m.teacher) // (gpu - per_rank))
-                lines.append(f"  -> exceeds one 80 GiB GPU with DDP: shard with FSDP/ZeRO-3 (accelerate config) over "
-                             f">= {int(n)} x 80 GiB GPUs.")
+        lines += [""] + memory_lines(preset, sa, ta, launcher=launcher)
     if preset.step_seconds:
         lines += ["", f"estimated time of these {len(stages)} stages: ~{estimate_seconds(preset, stages) / 60:.0f} min "
                       f"(from step times measured {preset.measured_on})"]
@@ -287,3 +183,43 @@ def format_plan(preset: StudyPreset, stages, statuses: dict[str, str] | None = N
                   f"--launcher \"{launcher or 'accelerate launch --num_processes 8'}\""]
     return "\n".join(lines) + "\n"
 
+
+def _launcher_world(launcher: str | None, preset: StudyPreset) -> int:
+    """Processes the launcher starts (``--num_processes N`` / ``--nproc_per_node N``), else
+    ``GPUS`` for a CUDA preset and 1 on a CPU."""
+    import shlex
+
+    words = shlex.split(launcher or "")
+    for i, w in enumerate(words[:-1]):
+        if w.replace("_", "-") in ("--num-processes", "--nproc-per-node") and words[i + 1].isdigit():
+            return int(words[i + 1])
+    return GPUS if preset.device == "cuda" else 1
+
+
+def memory_lines(preset: StudyPreset, sa: dict, ta: dict | None, *, launcher: str | None = None) -> list[str]:
+    """The OPD run's per-GPU memory (``opdgeo.training.memory_plan``) from the training config
+    that the study launches, and which strategy fits 8 x 80 GB."""
+    from opdgeo.study.pipeline import train_config_dict
+    from opdgeo.training.config import config_from_dict
+    from opdgeo.training.memory_plan import GPU_BYTES, format_plan, settings_from_config, uses_teacher
+
+    opd_name = preset.roles()["opd"]
+    opd = preset.run(opd_name) if opd_name else preset.runs[0]
+    # the models are described by their arch dicts, not read: tiny stand-ins keep the config check off the disk
+    config = config_from_dict(train_config_dict(opd, preset, student="tiny:student", teacher="tiny:teacher",
+                                                out_dir=Path("plan")), check_paths=False)
+    world = _launcher_world(launcher, preset)
+    on_gpu = preset.device == "cuda"
+    if on_gpu:
+        native = True
+    else:
+        from opdgeo.training.precision import native_bf16
+
+        native = native_bf16("cpu")
+    settings = settings_from_config(config, world=world, native_bf16=native)
+    teacher = Arch.from_dict({"qk_norm": True, **ta}) if ta and uses_teacher(config) else None
+    lines = format_plan(Arch.from_dict({"qk_norm": True, **sa}), teacher, settings,
+                        title=f"GPU memory estimate for the {opd.name} run", table_world=GPUS if on_gpu else None)
+    prompt = settings.prompt_tokens
+    lines.append(f"  (prompt length {prompt} tokens is an assumption; GPU = {GPU_BYTES / 1e9:.0f} GB)")
+    return lines

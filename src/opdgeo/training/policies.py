@@ -63,8 +63,12 @@ def teacher_dtype(setting: str, device: torch.device) -> torch.dtype:
 
 def inference_model(model, config: TrainConfig, device: torch.device):
     """A scoring-only model: on ``device`` in ``model.teacher_dtype``, eval mode, no gradients
-    (its log-probs enter the loss as constants, under ``torch.no_grad``)."""
-    return model.to(device=device, dtype=teacher_dtype(config.model.teacher_dtype, device)).eval().requires_grad_(False)
+    (its log-probs enter the loss as constants, under ``torch.no_grad``). Under ``fsdp`` it
+    is sharded like the student (``distributed.shard_for_inference``: 1/world per rank)."""
+    dtype = teacher_dtype(config.model.teacher_dtype, device)
+    if config.distributed.strategy == "fsdp":  # cast on the CPU; fully_shard moves each layer's shard to the device
+        return distributed.shard_for_inference(model.to(dtype=dtype).eval().requires_grad_(False))
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 def activation_checkpointing_(model: torch.nn.Module) -> None:

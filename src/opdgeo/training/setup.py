@@ -141,7 +141,9 @@ def _load_models(config: TrainConfig, device: torch.device):
 
     m = config.model
     student, tokenizer = load_policy(m.student, init_seed=m.init_seed)
-    student = student.to(device=device, dtype=torch.float32).eval()  # fp32 master weights
+    # fp32 master weights; under fsdp they stay on the CPU until fully_shard moves each layer's shard
+    on = None if config.distributed.strategy == "fsdp" else device
+    student = student.to(device=on, dtype=torch.float32).eval()
     if m.activation_checkpointing:
         activation_checkpointing_(student)
     teacher = None
