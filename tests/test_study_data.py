@@ -187,7 +187,7 @@ def test_tiny_plan_counts_by_hand():
     assert (rows["sft"].used, rows["sft"].drawn, rows["sft"].steps) == (5000, 5000, 120)
     assert rows["sft"].epochs == 120 * 32 / 5000 and rows["opd"].steps_per_epoch == 5000 / 8
     assert rows["teacher"].steps == 500 and rows["teacher"].epochs == 500 * 32 / 5000
-    assert (rows["eval"].used, rows["eval"].k, rows["eval"].split) == (128, 2, "test")
+    assert (rows["eval"].used, rows["eval"].k, rows["eval"].split) == (512, 2, "test")
     assert resolve_steps(p) is p  # no run in epochs
     assert check_study_eval(p) == []  # the arithmetic splits are disjoint
 
