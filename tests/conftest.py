@@ -58,3 +58,16 @@ def save_tiny_qwen3(
 @pytest.fixture(scope="session")
 def tiny_qwen3_factory():
     return save_tiny_qwen3
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory):
+    """A different tiny model (seed 1) with the same character tokenizer, saved as a HF folder:
+    the teacher of the training tests."""
+    from opdgeo.models import build_model, char_tokenizer, tiny_qwen3_config
+
+    tok = char_tokenizer()
+    path = tmp_path_factory.mktemp("teacher")
+    build_model(tiny_qwen3_config("quick", len(tok)), seed=1).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -35,18 +35,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    from opdgeo.models import build_model, char_tokenizer, tiny_qwen3_config
-
-    tok = char_tokenizer()
-    path = tmp_path_factory.mktemp("teacher")
-    build_model(tiny_qwen3_config("quick", len(tok)), seed=1).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def one_process(tmp_path_factory, teacher):
+def one_process(tmp_path_factory, teacher_dir):
     """The reference: one plain process (strategy none), per objective, run once."""
     runs = {}
 
@@ -54,7 +43,7 @@ def one_process(tmp_path_factory, teacher):
         if objective not in runs:
             folder = tmp_path_factory.mktemp(f"one-{objective}")
             cfg = folder / "cfg.yaml"
-            cfg.write_text(CONFIG.format(objective=objective, teacher=teacher))
+            cfg.write_text(CONFIG.format(objective=objective, teacher=teacher_dir))
             train(load_config(cfg, [f"run.out_dir={folder / 'run'}"]))
             runs[objective] = folder / "run"
         return runs[objective]
@@ -99,9 +88,9 @@ def _assert_same_step(one, two, objective, *, rtol, atol):
     ("torchrun", "ddp", "sft"),
 ])
 @pytest.mark.skipif(shutil.which("accelerate") is None, reason="needs the accelerate launcher")
-def test_two_ddp_processes_take_the_same_step_as_one(tmp_path, teacher, one_process, launcher, strategy, objective):
+def test_two_ddp_processes_take_the_same_step_as_one(tmp_path, teacher_dir, one_process, launcher, strategy, objective):
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(CONFIG.format(objective=objective, teacher=teacher))
+    cfg.write_text(CONFIG.format(objective=objective, teacher=teacher_dir))
     _launch(launcher, cfg, tmp_path / "two", "--set", f"distributed.strategy={strategy}")
     import yaml
 
@@ -110,14 +99,14 @@ def test_two_ddp_processes_take_the_same_step_as_one(tmp_path, teacher, one_proc
     _assert_same_step(one_process(objective), tmp_path / "two", objective, rtol=1e-5, atol=1e-6)
 
 
-def test_two_fsdp_processes_take_the_same_step_as_one(tmp_path, teacher, one_process):
+def test_two_fsdp_processes_take_the_same_step_as_one(tmp_path, teacher_dir, one_process):
     """FSDP2 over 2 ranks (each holds half of every parameter, gradient and AdamW moment)
     takes one process's step. Tolerance: the only differences are the order of fp32 sums
     (the reduce-scatter over ranks, the gradient norm over shards), ~1e-7 relative per
     step; AdamW's first update is ±lr per entry whatever the rounding, so after two steps
     rtol 1e-5 / atol 1e-6 holds, while the steps move the weights by > 1e-4 (checked)."""
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(CONFIG.format(objective="opd", teacher=teacher))
+    cfg.write_text(CONFIG.format(objective="opd", teacher=teacher_dir))
     _launch("torchrun", cfg, tmp_path / "two", "--set", "distributed.strategy=fsdp")
     one = one_process("opd")
     _assert_same_step(one, tmp_path / "two", "opd", rtol=1e-5, atol=1e-6)
@@ -145,11 +134,11 @@ def test_two_fsdp_processes_take_the_same_step_as_one(tmp_path, teacher, one_pro
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_processes_take_the_same_mini_batch_steps_as_one(tmp_path, teacher, strategy):
+def test_two_processes_take_the_same_mini_batch_steps_as_one(tmp_path, teacher_dir, strategy):
     """``ppo_mini_batch_size``: 2 ranks step through the same shuffled mini-batches (each
     rank holds half of every one) with the same global token means as one process."""
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(CONFIG.format(objective="opd", teacher=teacher))
+    cfg.write_text(CONFIG.format(objective="opd", teacher=teacher_dir))
     mini = ["optim.ppo_mini_batch_size=2", "optim.ppo_epochs=2"]
     train(load_config(cfg, [f"run.out_dir={tmp_path / 'one'}", *mini]))
     _launch("torchrun", cfg, tmp_path / "two", "--set", f"distributed.strategy={strategy}",

@@ -25,17 +25,6 @@ SPEC = "arithmetic:difficulty=1,ops=+"
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    from opdgeo.models import build_model, char_tokenizer, tiny_qwen3_config
-
-    tok = char_tokenizer()
-    path = tmp_path_factory.mktemp("teacher")
-    build_model(tiny_qwen3_config("quick", len(tok)), seed=1).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 def _cfg(out, teacher_dir, *extra):
     return load_config(None, ["model.student=tiny:quick", f"task.spec={SPEC}", "task.num_problems=32",
                               "run.progress=false", f"run.out_dir={out}", "objective=opd",

@@ -481,14 +481,16 @@ class _Runner:
         pending, running = list(self.stages), {}
         try:
             while pending or running:
+                waiting = {q.name for q in pending} | set(running)  # a stage never depends on itself
                 for s in list(pending):
                     if len(running) >= jobs:
                         break
-                    if any(d in running or d in {q.name for q in pending if q is not s} for d in s.deps):
+                    if waiting.intersection(s.deps):
                         continue
                     pending.remove(s)
                     todo = self.decide(s)
-                    if todo is None:
+                    if todo is None:  # reused or skipped: its dependents may go on in this pass
+                        waiting.discard(s.name)
                         continue
                     key, prefix, damage = todo
                     sdir, resume, ctx = self._begin(s, key, prefix, damage)
@@ -497,8 +499,8 @@ class _Runner:
                     running[s.name] = (proc, s, key, prefix, damage, sdir, resume)
                 if not running:
                     continue
-                ready = wait([r[0].sentinel for r in running.values()])
-                for name in [n for n, r in running.items() if r[0].sentinel in ready]:
+                ready = wait([r[0].recv for r in running.values()])
+                for name in [n for n, r in running.items() if r[0].recv in ready]:
                     self._collect(*running.pop(name))
         except BaseException:
             for proc, *_ in running.values():

@@ -134,7 +134,6 @@ class StageProcess:
         self.proc = ctx.Process(target=_child, args=(send, call, name, threads, unavailable), name=f"stage-{name}")
         self.proc.start()
         send.close()
-        self.sentinel = self.recv
 
     def result(self) -> ChildResult:
         """The child's report (after `ready`); a child that died without one is an error."""
