@@ -61,6 +61,19 @@ def test_parallel_equals_serial(tmp_path):
     assert {o.status for o in again.values()} == {"cached"}
 
 
+def test_always_stage_waits_for_every_stage_before_it(tmp_path):
+    # the report has no declared dependencies: it reads the whole run folder, so under jobs > 1
+    # it must still start after every stage listed before it (as it does in a serial run)
+    def report(ctx):
+        seen = sorted(p.parent.name for p in ctx.out.glob("*/out.json"))
+        return {"seen": seen}
+
+    stages = _diamond() + [Stage("report", "report", "", {}, report, always=True)]
+    out = run_stages(stages, tmp_path, log=lambda m: None, jobs=3, threads=1)
+    assert out["report"].status == "ran"
+    assert out["report"].summary["seen"] == list("abcdef")
+
+
 def test_soft_failure_and_unavailable_in_a_child(tmp_path):
     def boom(ctx):
         raise ValueError("bad control")

@@ -97,7 +97,9 @@ class Stage:
         deps: names of the stages whose outputs this one reads.
         fn: ``fn(ctx) -> dict`` writes the outputs, returns a small JSON-able summary.
         resumable: the function can continue an interrupted run (``ctx.resume``).
-        always: rerun on every invocation (cheap stages whose output embeds timings).
+        always: rerun on every invocation (cheap stages whose output embeds timings). Such a
+            stage reads the whole run folder (the report), so with ``jobs > 1`` it starts
+            only after every stage listed before it has finished, as in a serial run.
         soft: an exception inside the stage does not stop the study: the stage is marked
             ``failed`` (traceback in ``<dir>/error.txt``), the stages depending on it are
             skipped, and the report lists it as not measured (used for the controls, so
@@ -478,6 +480,8 @@ class _Runner:
 
         from opdgeo.study.workers import StageProcess
 
+        order = [s.name for s in self.stages]
+        after = {s.name: set(order[:order.index(s.name)]) if s.always else set(s.deps) for s in self.stages}
         pending, running = list(self.stages), {}
         try:
             while pending or running:
@@ -485,7 +489,7 @@ class _Runner:
                 for s in list(pending):
                     if len(running) >= jobs:
                         break
-                    if waiting.intersection(s.deps):
+                    if waiting.intersection(after[s.name]):
                         continue
                     pending.remove(s)
                     todo = self.decide(s)
