@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 VOCAB = 99
 
@@ -120,7 +121,6 @@ def _fsdp(out: Path) -> None:
     (``GatherRecorder``) to ``gathers-<rank>.json``."""
     import json
 
-    import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
     from transformers import TrainerControl, TrainerState
 
@@ -160,3 +160,7 @@ def _fsdp(out: Path) -> None:
 
 if __name__ == "__main__":
     {"ddp": _ddp, "fsdp": _fsdp, "zero3": _zero3}[sys.argv[1]](Path(sys.argv[2]))
+    # a process group left to interpreter exit can abort rank 0 ("terminate called without an
+    # active exception") while gloo's threads are still up
+    if dist.is_initialized():
+        dist.destroy_process_group()

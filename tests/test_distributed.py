@@ -70,3 +70,39 @@ def test_checkpoint_metadata_reader_refuses_foreign_objects():
 
         _MetadataUnpickler(io.BytesIO(pickle.dumps(filesystem._split_by_size_and_type))).load()
     assert _MetadataUnpickler(io.BytesIO(pickle.dumps(torch.Size([2, 3])))).load() == torch.Size([2, 3])
+
+
+def test_state_save_rewrites_after_the_zip_writers_position_failure_and_raises_other_errors(tmp_path, monkeypatch):
+    import torch.distributed.checkpoint as dcp
+
+    from opdgeo.training import sharded
+
+    real = dcp.save
+    calls = []
+
+    def flaky(state, **kw):
+        calls.append(kw["storage_writer"].path)
+        if len(calls) == 1:
+            real(state, **kw)  # a complete folder the retry must replace, not add to
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+        return real(state, **kw)
+
+    monkeypatch.setattr(dcp, "save", flaky)
+    master = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
+    state = {0: {"step": torch.tensor(3.0), "exp_avg": torch.full((2, 3), 0.5)}}
+    sharded.save_state(tmp_path / "ck", meta={"step": 3}, master=master,
+                       optimizer={"state": state, "param_groups": [{"lr": 1e-3, "params": [0]}]},
+                       rng_tensors={"cpu": torch.get_rng_state()}, rng_meta={"python": 1})
+    assert len(calls) == 2
+    got = sharded.read_state_tensors(tmp_path / "ck")
+    assert torch.equal(got["master/w"], master["w"])
+    assert sorted(got) == sorted(sharded.state_keys(tmp_path / "ck"))
+
+    def broken(state, **kw):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(dcp, "save", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        sharded.save_state(tmp_path / "ck2", meta={"step": 3}, master=master,
+                           optimizer={"state": state, "param_groups": [{"lr": 1e-3, "params": [0]}]},
+                           rng_tensors={"cpu": torch.get_rng_state()}, rng_meta={"python": 1})

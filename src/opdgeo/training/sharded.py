@@ -178,7 +178,6 @@ def save_state(folder: Path, *, meta: Mapping[str, Any], master: Mapping[str, to
                rng_meta: Mapping[str, Any]) -> None:
     """Write ``folder`` (created here) as described in the module docstring. Collective
     when distributed: every rank calls it with its own shards and RNG state."""
-    import torch.distributed.checkpoint as dcp
     from safetensors.torch import save_file
 
     rank = distributed.rank()
@@ -186,7 +185,7 @@ def save_state(folder: Path, *, meta: Mapping[str, Any], master: Mapping[str, to
         folder.mkdir(parents=True)
     distributed.barrier()
     flat, key_types = _flat_tensors(master, optimizer["state"])
-    _quiet(dcp.save, flat, storage_writer=dcp.FileSystemWriter(str(folder / "dcp")), no_dist=not distributed.is_distributed())
+    _save_with_retry(flat, folder / "dcp")
     save_file({k: v.contiguous() for k, v in rng_tensors.items()}, str(folder / f"rng-rank{rank}.safetensors"))
     per_rank = distributed.gather_to_rank0(_plain(rng_meta))
     if rank == 0:
@@ -194,6 +193,33 @@ def save_state(folder: Path, *, meta: Mapping[str, Any], master: Mapping[str, to
                "rng": per_rank}
         (folder / "state.json").write_text(json.dumps(doc))
     distributed.barrier()
+
+
+_TRANSIENT_WRITE_ERROR = "unexpected pos"
+
+
+def _save_with_retry(flat: Mapping[str, torch.Tensor], path: Path, attempts: int = 3) -> None:
+    """``dcp.save`` of ``flat`` into ``path``, written afresh up to ``attempts`` times when
+    torch.save's zip writer fails its end-of-record position check ("unexpected pos 704 vs
+    598"): an intermittent upstream failure that leaves a partial folder but no corrupt state.
+    DCP gathers every rank's write result, so all ranks see the same failure and retry together.
+    Any other error is raised at once."""
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+
+    for attempt in range(1, attempts + 1):
+        try:
+            _quiet(dcp.save, flat, storage_writer=dcp.FileSystemWriter(str(path)),
+                   no_dist=not distributed.is_distributed())
+            return
+        except Exception as e:  # DCP wraps a rank's RuntimeError into CheckpointException
+            if _TRANSIENT_WRITE_ERROR not in str(e) or attempt == attempts:
+                raise
+        distributed.barrier()
+        if distributed.rank() == 0:
+            shutil.rmtree(path, ignore_errors=True)
+        distributed.barrier()
 
 
 class _MetadataUnpickler(pickle.Unpickler):
