@@ -112,7 +112,11 @@ def test_projected_gradient_lies_in_span_and_energy_is_right():
         g = params[n].grad
         assert _residual(g, v) < 1e-6  # float32 rounding of the projection
         ref = before[n] @ v @ v.T  # float64 reference
-        torch.testing.assert_close(g.double(), ref, rtol=1e-5, atol=1e-7 * float(ref.abs().max()))
+        # float32 rounding, entry by entry: |fl(G V Vᵀ) − G V Vᵀ| <= γ (|G| |V| |V|ᵀ) with
+        # γ ~ (n + k) u (a fixed relative tolerance fails where the entry itself cancels)
+        va = v.double().abs()
+        bound = (g.shape[1] + v.shape[1]) * torch.finfo(torch.float32).eps * (before[n].abs() @ va @ va.T)
+        assert ((g.double() - ref).abs() <= bound).all()
         kept += float(ref.pow(2).sum())
         tot += float(before[n].pow(2).sum())
         assert _residual(before[n], v) > 0.1  # the raw gradient was not in the span
