@@ -5,15 +5,17 @@ Trainer state (``trainer_state/``)::
 
     dcp/                   DCP: every tensor, one flat mapping ``master/<name>`` (fp32
                            master weights) and ``optimizer/<param>/<key>`` (AdamW moments,
-                           step); each rank writes its own shards (FSDP2 DTensors) in parallel
+                           step), as safetensors files (DCP's ``HuggingFaceStorageWriter``);
+                           each rank writes its own shards (FSDP2 DTensors) in parallel
     rng-rank<r>.safetensors   rank r's torch RNG state and numpy key array
     state.json             step, data position, scheduler state, optimizer param groups,
                            Python/numpy RNG metadata per rank, world size
 
 Only tensors go through DCP (DCP pickles non-tensor values and reads them back with
-``torch.load(weights_only=False)``), everything else is JSON, and DCP's own ``.metadata``
-file is read with an unpickler that admits only DCP's metadata classes, so loading a
-checkpoint never runs code from it. DCP reshards on load: a state saved by W ranks loads
+``torch.load(weights_only=False)``), everything else is JSON, and DCP's metadata is the
+safetensors headers' JSON, so loading a checkpoint never runs code from it. A state written
+by an earlier version (torch.save records, a pickled ``.metadata``) still loads: that file
+is read with an unpickler that admits only DCP's metadata classes. DCP reshards on load: a state saved by W ranks loads
 into any other number of ranks (FSDP2 or a plain model).
 
 HF export: ``model.safetensors`` or, above ``max_shard_bytes``,
@@ -185,7 +187,7 @@ def save_state(folder: Path, *, meta: Mapping[str, Any], master: Mapping[str, to
         folder.mkdir(parents=True)
     distributed.barrier()
     flat, key_types = _flat_tensors(master, optimizer["state"])
-    _save_with_retry(flat, folder / "dcp")
+    _save(flat, folder / "dcp")
     save_file({k: v.contiguous() for k, v in rng_tensors.items()}, str(folder / f"rng-rank{rank}.safetensors"))
     per_rank = distributed.gather_to_rank0(_plain(rng_meta))
     if rank == 0:
@@ -195,31 +197,31 @@ def save_state(folder: Path, *, meta: Mapping[str, Any], master: Mapping[str, to
     distributed.barrier()
 
 
-_TRANSIENT_WRITE_ERROR = "unexpected pos"
+def _unshared(flat: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``flat`` with a private copy of every tensor whose storage an earlier one already
+    uses (tied embeddings): safetensors refuses shared memory, and each name loads on its own."""
+    from torch.distributed.tensor import DTensor
+
+    seen: set[int] = set()
+    out = {}
+    for k, v in flat.items():
+        local = v.to_local() if isinstance(v, DTensor) else v
+        ptr = local.untyped_storage().data_ptr() if local.numel() else None
+        out[k] = v.clone() if ptr in seen else v
+        if ptr is not None:
+            seen.add(ptr)
+    return out
 
 
-def _save_with_retry(flat: Mapping[str, torch.Tensor], path: Path, attempts: int = 3) -> None:
-    """``dcp.save`` of ``flat`` into ``path``, written afresh up to ``attempts`` times when
-    torch.save's zip writer fails its end-of-record position check ("unexpected pos 704 vs
-    598"): an intermittent upstream failure that leaves a partial folder but no corrupt state.
-    DCP gathers every rank's write result, so all ranks see the same failure and retry together.
-    Any other error is raised at once."""
-    import shutil
-
+def _save(flat: Mapping[str, torch.Tensor], path: Path) -> None:
+    """``dcp.save`` of ``flat`` into ``path`` through DCP's safetensors writer (each rank its
+    own shards when distributed). Not ``FileSystemWriter``'s torch.save records: their zip
+    writer fails at random, and then for the rest of the process, on its end-of-file
+    position check ("unexpected pos 704 vs 598")."""
     import torch.distributed.checkpoint as dcp
 
-    for attempt in range(1, attempts + 1):
-        try:
-            _quiet(dcp.save, flat, storage_writer=dcp.FileSystemWriter(str(path)),
-                   no_dist=not distributed.is_distributed())
-            return
-        except Exception as e:  # DCP wraps a rank's RuntimeError into CheckpointException
-            if _TRANSIENT_WRITE_ERROR not in str(e) or attempt == attempts:
-                raise
-        distributed.barrier()
-        if distributed.rank() == 0:
-            shutil.rmtree(path, ignore_errors=True)
-        distributed.barrier()
+    writer = dcp.HuggingFaceStorageWriter(str(path), save_distributed=distributed.is_distributed())
+    _quiet(dcp.save, _unshared(flat), storage_writer=writer, no_dist=not distributed.is_distributed())
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -249,9 +251,14 @@ def _quiet(fn, *args, **kwargs):
 
 
 def _reader(path: Path):
-    """A DCP ``FileSystemReader`` whose metadata is read by ``_MetadataUnpickler``."""
+    """A DCP reader for ``path``: DCP's safetensors reader (JSON headers, no pickle), or for
+    a state written by an earlier version (torch.save records and a pickled ``.metadata``)
+    a ``FileSystemReader`` whose metadata is read by ``_MetadataUnpickler``."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import StorageMeta
+
+    if not (Path(path) / ".metadata").is_file():
+        return dcp.HuggingFaceStorageReader(str(path))
 
     class SafeReader(dcp.FileSystemReader):
         def read_metadata(self, *args: Any, **kwargs: Any):
