@@ -13,10 +13,11 @@ Trainer state (``trainer_state/``)::
 
 Only tensors go through DCP (DCP pickles non-tensor values and reads them back with
 ``torch.load(weights_only=False)``), everything else is JSON, and DCP's metadata is the
-safetensors headers' JSON, so loading a checkpoint never runs code from it. A state written
-by an earlier version (torch.save records, a pickled ``.metadata``) still loads: that file
-is read with an unpickler that admits only DCP's metadata classes. DCP reshards on load: a state saved by W ranks loads
-into any other number of ranks (FSDP2 or a plain model).
+safetensors headers' JSON, so loading a checkpoint never runs code from it. A state
+written by an earlier version (torch.save records, a pickled ``.metadata``) still loads:
+that file is read with an unpickler that admits only DCP's metadata classes. DCP reshards
+on load: a state saved by W ranks loads into any other number of ranks (FSDP2 or a plain
+model).
 
 HF export: ``model.safetensors`` or, above ``max_shard_bytes``,
 ``model-0000k-of-0000n.safetensors`` plus ``model.safetensors.index.json``, in the checkpoint
@@ -216,8 +217,8 @@ def _unshared(flat: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _save(flat: Mapping[str, torch.Tensor], path: Path) -> None:
     """``dcp.save`` of ``flat`` into ``path`` through DCP's safetensors writer (each rank its
     own shards when distributed). Not ``FileSystemWriter``'s torch.save records: their zip
-    writer fails at random, and then for the rest of the process, on its end-of-file
-    position check ("unexpected pos 704 vs 598")."""
+    writer fails its end-of-file position check ("unexpected pos 704 vs 598") on some
+    states, every time the same state is saved."""
     import torch.distributed.checkpoint as dcp
 
     writer = dcp.HuggingFaceStorageWriter(str(path), save_distributed=distributed.is_distributed())
