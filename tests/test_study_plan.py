@@ -178,3 +178,45 @@ def test_training_through_a_launcher_subprocess(tmp_path):
     _run_training(cfg, run_dir, resume=False, launcher=sys.executable, log=lines.append)
     assert (run_dir / "step-000002" / "config.json").is_file()
     assert lines and "-m opdgeo train" in lines[0] and str(run_dir / "study-config.yaml") in lines[0]
+
+
+def test_study_runs_keep_the_last_trainer_state_and_their_restart_sources():
+    from opdgeo.training.config import config_from_dict
+
+    p = get_preset("smollm2")
+    assert p.keep_trainer_state == "last"
+    for name, kept in (("opd", [8]), ("sft", [8]), ("rlvr", []), ("opd_proj16", [])):
+        run = p.run(name)
+        cfg = config_from_dict(train_config_dict(run, p, student="tiny:student", teacher="tiny:teacher",
+                                                 out_dir=tmp_dir()), check_paths=False)
+        assert cfg.checkpoint.keep_trainer_state == "last"
+        assert list(cfg.checkpoint.keep_trainer_state_steps) == kept, name
+    # the step each restart reads is the one the source keeps: 20 % of 40 steps = step 8
+    assert p.run("opd").checkpoint_steps() == [8, 16, 24, 32, 40]
+    from opdgeo.study.presets import nearest_step
+
+    assert nearest_step([8, 16, 24], 12.0) == 8 and nearest_step([8, 16, 24], 12.1) == 16
+
+
+def test_dry_run_disk_estimate_by_hand(capsys, tmp_path, no_datasets):
+    from opdgeo.study.plan import disk_study_bytes
+
+    p = get_preset("smollm2")
+    core = select_stages(build_stages(p), p.default_stages)
+    P = count_parameters(dict(p.base.arch))
+    V_h = 49152 * 576
+    w, s = 2 * P, 12 * P + 4 * V_h  # bf16 weights; fp32 master (tied matrix twice) + AdamW moments
+    # models: base + teacher folders, the teacher's SFT (one checkpoint, with its state);
+    # 9 runs x 5 checkpoints' weights; one state each, plus step 8 of sft and opd (restart sources)
+    end = 2 * w + (w + s) + 9 * 5 * w + 9 * s + 2 * s
+    total, peak, runs = disk_study_bytes(p, core, dict(p.base.arch), dict(p.teacher.arch))
+    assert (total, runs) == (end, 9) and peak == end + s  # the last run holds two states for a moment
+    everything = dataclasses.replace(p, keep_trainer_state="all")
+    assert disk_study_bytes(everything, core, dict(p.base.arch), dict(p.teacher.arch))[0] == (
+        2 * w + (w + s) + 9 * 5 * (w + s))
+    main(["study", "--preset", "smollm2", "--dry-run", "--out", str(tmp_path / "x")])
+    text = capsys.readouterr().out
+    assert f"disk of these stages: ~{end / 2**30:.1f} GiB at the end, ~{(end + s) / 2**30:.1f} GiB at most" in text
+    assert f"free at {tmp_path / 'x'}: " in text
+    with pytest.raises(ConfigError, match="keep_trainer_state must be all|last"):
+        dataclasses.replace(p, keep_trainer_state="some")

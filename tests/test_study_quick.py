@@ -150,3 +150,20 @@ def test_real_report_html_is_valid_self_contained_and_matches_the_csvs(quick_stu
     for p in sorted((out / "tables").glob("*.csv")):
         assert p.stem in c.tables, p.stem
         _check_table(c.tables[p.stem], _csv_rows(p), f"html:{p.stem}")
+
+
+def test_runs_keep_only_the_trainer_states_the_study_needs(quick_study):
+    from opdgeo.training.checkpointing import list_checkpoints
+
+    out, *_ = quick_study
+    p = get_preset("quick")
+    sources = 0
+    for run in p.runs:
+        cks = list_checkpoints(out / "runs" / run.name)
+        if not cks:
+            continue  # a control the core does not offer
+        with_state = [s for s, path in cks if (path / "trainer_state").exists()]
+        assert with_state == sorted({cks[-1][0], *p.restart_steps(run)}), run.name
+        assert all((path / "model.safetensors").is_file() for _, path in cks), run.name
+        sources += bool(p.restart_steps(run))
+    assert sources == 2  # sft and opd: the projected runs restart from their early checkpoint

@@ -85,3 +85,19 @@ def test_cli_config_error_is_one_message_and_exit_2(tmp_path, capsys):
     assert err.startswith("opdgeo: error: invalid training config (3 problems)")
     assert "optim.lr" in err and "optim.steps" in err and "rollout.group_size" in err
     assert "Traceback" not in err
+
+
+def test_keep_trainer_state_is_validated_and_free_on_resume():
+    from opdgeo.training.config import resume_differences
+
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["model.student=tiny:quick", "checkpoint.keep_trainer_state=first",
+                           "checkpoint.keep_trainer_state_steps=[0, 4]"])
+    msg = str(err.value)
+    assert "checkpoint.keep_trainer_state: must be one of all, last; got 'first'" in msg
+    assert "checkpoint.keep_trainer_state_steps: steps must be >= 1; got 0" in msg
+    c = load_config(None, ["model.student=tiny:quick", "checkpoint.keep_trainer_state=last",
+                           "checkpoint.keep_trainer_state_steps=[8]"])
+    assert c.checkpoint.keep_trainer_state_steps == (8,)
+    saved = config_to_dict(load_config(None, ["model.student=tiny:quick"]))
+    assert resume_differences(saved, c) == []  # what is kept on disk does not change the updates

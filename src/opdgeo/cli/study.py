@@ -13,7 +13,7 @@ import click
 @click.option("--out", default=None, type=click.Path(file_okay=False),
               help="Run folder (default: runs/study-<the preset's name>).")
 @click.option("--fresh", is_flag=True, help="Redo the selected stages even when cached.")
-@click.option("--dry-run", is_flag=True, help="Validate and show the plan (stages, runs, sizes, GPU memory); run nothing.")
+@click.option("--dry-run", is_flag=True, help="Validate and show the plan (stages, runs, sizes, GPU memory, disk); run nothing.")
 @click.option("--stages", "stages", default=None,
               help="Comma-separated stage names, kinds (model, train, eval, compare, trajectory, report) or tags "
                    "(core, controls, matched, sparsification, offpolicy, mixing, projection; all) to run, with their "

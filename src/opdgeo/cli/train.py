@@ -24,7 +24,7 @@ import click
                    "<run.out_dir>-projected-<step folder>-k<rank>.")
 @click.option("--rank", type=int, default=None, help="K for --project-from (default: project.rank, 16).")
 @click.option("--dry-run", is_flag=True, help="Validate the config and print the plan (batches, strategy, per-GPU "
-              "memory and which strategy fits 8 x 80 GB); load and run nothing.")
+              "memory and which strategy fits 8 x 80 GB, the disk its checkpoints take); load and run nothing.")
 @click.option("--world-size", type=click.IntRange(min=1), default=None,
               help="--dry-run: processes to plan for (default: the launcher's, 1 in a plain process).")
 def train_cmd(config_path, overrides, resume, out_dir, no_progress, project_from, rank, dry_run, world_size):

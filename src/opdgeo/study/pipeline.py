@@ -98,11 +98,12 @@ def _final_checkpoint(run_dir: Path) -> Path:
 
 def _checkpoint_near(run_dir: Path, fraction: float, total_steps: int) -> Path:
     """The checkpoint of the run whose step is nearest to ``fraction`` of ``total_steps``."""
-    cks = run_checkpoints(run_dir)
+    from opdgeo.study.presets import nearest_step
+
+    cks = dict(run_checkpoints(run_dir))
     if not cks:
         raise ConfigError(f"{run_dir}: run has no checkpoint")
-    target = fraction * total_steps
-    return min(cks, key=lambda sc: (abs(sc[0] - target), sc[0]))[1]
+    return cks[nearest_step(cks, fraction * total_steps)]
 
 
 def train_config_dict(run: StudyRun, preset: StudyPreset, *, student: str, teacher: str, out_dir: Path,
@@ -127,7 +128,8 @@ def train_config_dict(run: StudyRun, preset: StudyPreset, *, student: str, teach
             "betas": list(o.betas), "weight_decay": o.weight_decay, "grad_clip": o.grad_clip or None,
         },
         "objective": objective,
-        "checkpoint": {"every": every, "dtype": preset.dtype},
+        "checkpoint": {"every": every, "dtype": preset.dtype, "keep_trainer_state": preset.keep_trainer_state,
+                       "keep_trainer_state_steps": list(preset.restart_steps(run))},
         # progress on: a live bar in a terminal, a plain line every <= 30 s in a log; how it
         # is shown is not part of the stage's cache key (the key is the StudyRun view)
         "run": {"out_dir": str(out_dir), "seed": run.seed, "progress": True},

@@ -13,7 +13,8 @@ from pathlib import Path
 from opdgeo.study.presets import ModelSpec, StudyPreset, StudyRun
 from opdgeo.training.memory_plan import Arch
 
-__all__ = ["count_parameters", "model_arch", "memory_lines", "plan_rows", "format_plan", "preset_argument", "GPUS"]
+__all__ = ["count_parameters", "model_arch", "memory_lines", "disk_study_bytes", "disk_study_lines", "free_bytes", "plan_rows", "format_plan",
+           "preset_argument", "GPUS"]
 
 GPUS = 8  # GPUs of a CUDA preset (the default launcher: accelerate launch --num_processes 8)
 
@@ -146,9 +147,9 @@ def preset_argument(preset: StudyPreset) -> str:
 
 
 def format_plan(preset: StudyPreset, stages, statuses: dict[str, str] | None = None, *,
-                launcher: str | None = None,
-                data_plan: str | None = None) -> str:
-    """The plain-text plan: stages, data, sizes, memory estimate with its formula, time, launch."""
+                launcher: str | None = None, data_plan: str | None = None, out: Path | None = None) -> str:
+    """The plain-text plan: stages, data, sizes, memory and disk estimates with their
+    formulas (the free space at ``out`` when given), time, launch."""
     demos = "the task's solutions" if preset.demonstrations is None else preset.demonstrations
     evals = f"suite {preset.eval.suite}" if preset.eval.suite else f"{preset.eval.split} split of the task"
     lines = [f"opdgeo study --preset {preset_argument(preset)}: {preset.description}",
@@ -172,6 +173,7 @@ def format_plan(preset: StudyPreset, stages, statuses: dict[str, str] | None = N
               f"student parameters: {_fmt_params(ps)}; teacher parameters: {_fmt_params(pt)}"]
     if sa:
         lines += [""] + memory_lines(preset, sa, ta, launcher=launcher)
+        lines += [""] + disk_study_lines(preset, stages, sa, ta, out)
     if preset.step_seconds:
         lines += ["", f"estimated time of these {len(stages)} stages: ~{estimate_seconds(preset, stages) / 60:.0f} min "
                       f"(from step times measured {preset.measured_on})"]
@@ -222,4 +224,59 @@ def memory_lines(preset: StudyPreset, sa: dict, ta: dict | None, *, launcher: st
                         title=f"GPU memory estimate for the {opd.name} run", table_world=GPUS if on_gpu else None)
     prompt = settings.prompt_tokens
     lines.append(f"  (prompt length {prompt} tokens is an assumption; GPU = {GPU_BYTES / 1e9:.0f} GB)")
+    return lines
+
+
+def disk_study_bytes(preset: StudyPreset, stages, sa: dict, ta: dict | None) -> tuple[int, int, int]:
+    """``(at the end, at most, training runs)``: the bytes the stages write
+    (``opdgeo.training.memory_plan``, "Disk"): the model stages' folders and every training
+    run's step folders under the preset's ``keep_trainer_state``."""
+    from opdgeo.training.memory_plan import plan_disk
+
+    student = Arch.from_dict({"qk_norm": True, **sa})
+    teacher = Arch.from_dict({"qk_norm": True, **ta}) if ta else student
+    b = 4 if preset.dtype == "float32" else 2
+    keep = preset.keep_trainer_state
+    total = peak = runs = 0
+    for s in stages:
+        if s.kind == "model":
+            arch = student if s.name == "base" else teacher
+            total += b * arch.parameters  # models/base/model, models/teacher/pretrained
+            peak = max(peak, total)
+            if s.name == "teacher" and preset.teacher.sft_steps:
+                d = plan_disk(arch, steps=preset.teacher.sft_steps, every=0, dtype_bytes=b, keep=keep)
+                peak, total = max(peak, total + d.peak), total + d.run
+        elif s.kind == "train":
+            run = preset.run(s.name)
+            d = plan_disk(student, steps=run.steps, every=run.every(), dtype_bytes=b, keep=keep,
+                          keep_steps=preset.restart_steps(run))
+            peak, total = max(peak, total + d.peak), total + d.run
+            runs += 1
+    return total, peak, runs
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the file system that holds ``path`` (its nearest existing folder)."""
+    import shutil
+
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def disk_study_lines(preset: StudyPreset, stages, sa: dict, ta: dict | None, out: Path | None = None) -> list[str]:
+    """The disk plan of the stages as text, with the free space at ``out``."""
+    from opdgeo.training.memory_plan import plan_disk
+
+    total, peak, runs = disk_study_bytes(preset, stages, sa, ta)
+    one = plan_disk(Arch.from_dict({"qk_norm": True, **sa}), steps=1, every=0,
+                    dtype_bytes=4 if preset.dtype == "float32" else 2)
+    lines = [f"disk of these stages: ~{total / 2**30:.1f} GiB at the end, ~{peak / 2**30:.1f} GiB at most "
+             f"({runs} training run(s), keep_trainer_state: {preset.keep_trainer_state}; one checkpoint's weights "
+             f"{one.weights / 2**20:,.0f} MiB, one trainer state {one.trainer_state / 2**20:,.0f} MiB)"]
+    if out is not None:
+        free = free_bytes(out)
+        lines.append(f"  free at {out}: {free / 2**30:.1f} GiB" + (
+            "" if free >= peak else " -- NOT enough for these stages (stages already cached there need none)"))
     return lines

@@ -2,7 +2,8 @@
 
 A study file has the study-level sections (``name``, ``description``, ``task``, ``dedup``,
 ``demonstrations``, ``dtype``, ``device``, ``torch_threads``, ``expected_minutes``,
-``step_seconds``, ``measured_on``, ``default_stages``, ``seeds``, ``seeded``, ``base``, ``teacher``, ``eval``, ``diagnose``), ``defaults`` and
+``step_seconds``, ``measured_on``, ``default_stages``, ``seeds``, ``seeded``,
+``keep_trainer_state``, ``base``, ``teacher``, ``eval``, ``diagnose``), ``defaults`` and
 ``runs``. Every entry of ``runs`` is a partial training config (the sections of
 ``opdgeo train``'s YAML config) with one more section, ``study`` (``init``, ``group``,
 ``checkpoint_every``, ``warmup_fraction``, ``epochs``); it is deep-merged over
@@ -27,8 +28,8 @@ from opdgeo.study.presets import PRESETS, DiagnoseSpec, EvalSpec, ModelSpec, Opt
 __all__ = ["preset_path", "load_preset", "shipped_presets_dir", "PLACEHOLDERS", "STUDY_RUN_KEYS"]
 
 _TOP = ("name", "description", "task", "dedup", "demonstrations", "dtype", "device", "torch_threads",
-        "expected_minutes", "step_seconds", "measured_on", "default_stages", "seeds", "seeded", "base", "teacher",
-        "eval", "diagnose", "defaults", "runs")
+        "expected_minutes", "step_seconds", "measured_on", "default_stages", "seeds", "seeded", "keep_trainer_state",
+        "base", "teacher", "eval", "diagnose", "defaults", "runs")
 STUDY_RUN_KEYS = {"init": "anchor", "group": "main", "checkpoint_every": 0.2, "warmup_fraction": 0.0, "epochs": None}
 """The keys of a run's ``study`` section, with their defaults."""
 _STUDY_RUN_TYPES = {"init": str, "group": str, "checkpoint_every": int | float, "warmup_fraction": int | float,
@@ -42,6 +43,8 @@ _STUDY_SET = {
     "project.from": "study.init", "project.origin": "study.init",
     "checkpoint.every": "study.checkpoint_every (a fraction of the steps)",
     "checkpoint.dtype": "the preset's dtype",
+    "checkpoint.keep_trainer_state": "the preset's keep_trainer_state",
+    "checkpoint.keep_trainer_state_steps": "the projected runs' study.init",
     "optim.warmup_steps": "study.warmup_fraction (a fraction of the steps)",
 }
 # Training keys the StudyRun view carries in its own fields; any other key a run sets is
@@ -107,7 +110,7 @@ def load_preset(path) -> StudyPreset:
 
 _TOP_TYPES = {"name": str, "description": str, "task": str, "dedup": bool, "demonstrations": str | None, "dtype": str,
               "device": str, "torch_threads": int | None, "expected_minutes": dict, "seeds": tuple[int, ...],
-              "seeded": tuple[str, ...] | None}
+              "seeded": tuple[str, ...] | None, "keep_trainer_state": str}
 """The type of each scalar top-level key (the sections are checked by their dataclasses)."""
 
 
@@ -178,7 +181,7 @@ def _build(data: Mapping, where: str) -> StudyPreset:
         eval=_section(EvalSpec, data.get("eval"), "eval"), diagnose=_section(DiagnoseSpec, data.get("diagnose"), "diagnose"),
         dtype=study["dtype"], device=data.get("device", "cpu"), expected_minutes=dict(data.get("expected_minutes") or {}),
         torch_threads=data.get("torch_threads"), dedup=study["dedup"], demonstrations=study["demonstrations"],
-        seeds=seeds, path=where, step_seconds={str(k): float(v) for k, v in (data.get("step_seconds") or {}).items()},
+        seeds=seeds, keep_trainer_state=data.get("keep_trainer_state", "last"), path=where, step_seconds={str(k): float(v) for k, v in (data.get("step_seconds") or {}).items()},
         measured_on=str(data.get("measured_on") or ""), default_stages=tuple(data.get("default_stages") or ()))
 
 

@@ -183,11 +183,9 @@ class StudyRun:
 
     def checkpoint_steps(self) -> list[int]:
         """Steps at which checkpoints are saved: multiples of `every` and the final step."""
-        e = self.every()
-        steps = list(range(e, self.steps + 1, e)) if e else []
-        if not steps or steps[-1] != self.steps:
-            steps.append(self.steps)
-        return steps
+        from opdgeo.training.memory_plan import checkpoint_steps
+
+        return checkpoint_steps(self.steps, self.every())
 
     def cache_config(self) -> dict:
         """What the run's training stage hashes: every field as JSON data (``extra`` only
@@ -282,6 +280,10 @@ class StudyPreset:
         dedup: every run's ``task.dedup``.
         demonstrations: the SFT runs' ``task.demonstrations``.
         seeds: the seeds every run (or every run of ``seeded``) runs with.
+        keep_trainer_state: every run's ``checkpoint.keep_trainer_state``. ``"last"`` (our
+            choice): a finished run keeps the ``trainer_state/`` of its last checkpoint and
+            of the checkpoints a projected run restarts from (``restart_steps``), the HF
+            weights of every checkpoint; ``"all"``: every checkpoint's.
         path: the file the preset was read from (``""`` when built in code).
     """
 
@@ -303,6 +305,7 @@ class StudyPreset:
     dedup: bool = True
     demonstrations: str | None = None
     seeds: tuple[int, ...] = (0,)
+    keep_trainer_state: str = "last"
     path: str = ""
 
     def __post_init__(self):
@@ -319,6 +322,13 @@ class StudyPreset:
 
     def has_run(self, name: str) -> bool:
         return any(r.name == name for r in self.runs)
+
+    def restart_steps(self, src: StudyRun) -> tuple[int, ...]:
+        """The checkpoint steps of run ``src`` that a projected run restarts from (its
+        ``init`` is ``"<src>@<f>"``: the checkpoint nearest to fraction ``f`` of the steps)."""
+        out = {nearest_step(src.checkpoint_steps(), float(r.init.partition("@")[2]) * src.steps)
+               for r in self.runs if "@" in r.init and r.init.partition("@")[0] == src.name}
+        return tuple(sorted(out))
 
     def mixing_panel(self) -> list[tuple[float, str]]:
         """``(α, run)`` of the mixing sweep, α descending (`opdgeo.study.mixing.mixing_panel`)."""
@@ -343,6 +353,8 @@ class StudyPreset:
             out.append(f"runs must include {ANCHOR_RUN!r} (it produces the anchor)")
         if self.dtype not in ("bfloat16", "float16", "float32"):
             out.append(f"dtype must be bfloat16/float16/float32; got {self.dtype!r}")
+        if self.keep_trainer_state not in ("all", "last"):
+            out.append(f"keep_trainer_state must be all|last; got {self.keep_trainer_state!r}")
         seen: set[str] = set()
         for r in self.runs:
             out.extend(_run_problems(r, seen))
@@ -405,6 +417,12 @@ def _run_problems(r: StudyRun, seen: set[str]) -> list[str]:
     if r.epochs is not None and not r.epochs > 0:
         out.append(f"{key}.study.epochs must be > 0; got {r.epochs}")
     return out
+
+
+def nearest_step(steps, target: float) -> int:
+    """The step of ``steps`` nearest to ``target`` (the earlier one on a tie): the checkpoint
+    a projected run restarts from."""
+    return min(steps, key=lambda s: (abs(s - target), s))
 
 
 def get_preset(name: str) -> StudyPreset:

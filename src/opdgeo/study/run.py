@@ -85,7 +85,7 @@ def plan_text(preset: StudyPreset, out: Path | None = None, *, launcher: str | N
     preset, data_text = data_plan(preset)
     stages = select_stages(build_stages(preset, launcher=launcher), select or preset.default_stages)
     statuses = stage_statuses(preset, Path(out)) if out is not None and Path(out).is_dir() else None
-    return format_plan(preset, stages, statuses, launcher=launcher, data_plan=data_text)
+    return format_plan(preset, stages, statuses, launcher=launcher, data_plan=data_text, out=out)
 
 
 def run_study(preset: StudyPreset, out: str | Path, *, fresh: bool = False, select: Sequence[str] | None = None,
@@ -121,9 +121,27 @@ def run_study(preset: StudyPreset, out: str | Path, *, fresh: bool = False, sele
                            jobs=jobs if jobs is not None else default_jobs(preset.torch_threads, launcher=launcher))
 
 
+def _warn_disk(preset: StudyPreset, out: Path, stages, select, *, fresh: bool, log) -> None:
+    """A warning when the stages still to run may write more than the free disk at ``out``
+    (their run folders fill as they train; a full disk fails the stage that hits it)."""
+    from opdgeo.study.plan import disk_study_bytes, free_bytes, model_arch
+
+    sa = model_arch(preset.base)
+    if sa is None:
+        return
+    done = {} if fresh else stage_statuses(preset, out)
+    todo = [s for s in select_stages(stages, select) if done.get(s.name) != "done"]
+    _, peak, _ = disk_study_bytes(preset, todo, sa, model_arch(preset.teacher))
+    free = free_bytes(out)
+    if peak > free:
+        log(f"warning: the {len(todo)} stage(s) to run may write up to ~{peak / 2**30:.1f} GiB; {out} has "
+            f"{free / 2**30:.1f} GiB free (opdgeo study --dry-run shows the estimate)")
+
+
 def _run_locked(preset: StudyPreset, out: Path, stages, *, select, fresh: bool, log, t0: float,
                 jobs: int = 1) -> StudyResult:
     (out / "study.json").write_text(json.dumps(study_info(preset), indent=2) + "\n")
+    _warn_disk(preset, out, stages, select, fresh=fresh, log=log)
     import torch
     import transformers
 

@@ -54,6 +54,7 @@ __all__ = [
     "read_metrics",
     "truncate_metrics",
     "remove_partial",
+    "prune_trainer_states",
 ]
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -78,6 +79,33 @@ def remove_partial(run_dir: str | Path) -> list[Path]:
     """Delete what a killed save left (``opdgeo.files.clean_temporaries``: a previous step
     folder renamed aside is restored, never deleted); returns what was removed."""
     return clean_temporaries(run_dir)
+
+
+def prune_trainer_states(run_dir: str | Path, keep: set[int] | frozenset[int]) -> list[Path]:
+    """Delete the ``trainer_state/`` of every step folder of ``run_dir`` whose step is not in
+    ``keep`` (their HF weights stay); returns the step folders pruned.
+
+    Each ``trainer_state/`` is first renamed to a temporary name in the run folder (one
+    atomic rename), then deleted: a kill midway leaves either the whole trainer state in its
+    step folder or a temporary folder that ``remove_partial`` deletes at resume, never a
+    step folder with half a trainer state. Main process only, after the step folder of the
+    state to keep is complete.
+    """
+    import shutil
+
+    from opdgeo.files import temporary_sibling
+
+    run_dir = Path(run_dir)
+    pruned = []
+    for step, folder in list_checkpoints(run_dir):
+        state = folder / "trainer_state"
+        if step in keep or not state.is_dir():
+            continue
+        aside = temporary_sibling(run_dir / f"trainer_state-{folder.name}", folder=True)
+        os.replace(state, aside)  # onto the empty folder just made: atomic, same file system
+        shutil.rmtree(aside, ignore_errors=True)
+        pruned.append(folder)
+    return pruned
 
 
 # ------------------------------------------------------------------------------- RNG

@@ -71,6 +71,7 @@ OBJECTIVES = ("sft", "rlvr", "opd")
 SIGNALS = ("rlvr", "opd")
 SCHEDULES = ("constant", "cosine")
 SAVE_DTYPES = ("bfloat16", "float16", "float32")
+KEEP_TRAINER_STATE = ("all", "last")
 TOKEN_KEEP_MODES = ("none", "topkl", "random")
 PROJECT_MODES = ("project", "freeze")
 MONITOR_MATRICES = ("attention", "all")
@@ -291,6 +292,15 @@ class CheckpointConfig:
     save_trainer_state: bool = True
     """Also save ``trainer_state/`` (fp32 master weights, optimizer, scheduler, RNG) so that
     ``--resume`` continues exactly."""
+    keep_trainer_state: str = "all"
+    """``"all"``: every step folder keeps its ``trainer_state/``. ``"last"``: once a step
+    folder is complete, the ``trainer_state/`` of the earlier ones is deleted (their HF
+    weights stay), except at ``keep_trainer_state_steps``: a run then holds one trainer
+    state (12 bytes per parameter and more) instead of one per checkpoint, and still
+    resumes from its last checkpoint."""
+    keep_trainer_state_steps: tuple[int, ...] = ()
+    """Steps whose ``trainer_state/`` ``"last"`` keeps too (a projected restart's source
+    checkpoint, which carries its fp32 weights and AdamW state to the restart)."""
 
 
 @dataclass(frozen=True)
@@ -556,7 +566,8 @@ def config_to_dict(config: TrainConfig) -> dict[str, Any]:
 
 RESUME_FREE = frozenset({("optim", "steps"), ("checkpoint", "every"), ("run", "progress"), ("run", "out_dir"),
                          ("run", "answer_log_every"), ("run", "answer_log_samples"), ("run", "report_to"),
-                         ("run", "report_offline"), ("distributed", "strategy")})
+                         ("run", "report_offline"), ("distributed", "strategy"),
+                         ("checkpoint", "keep_trainer_state"), ("checkpoint", "keep_trainer_state_steps")})
 """Keys ``--resume`` may change: they extend or report a run without changing its updates."""
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from opdgeo.errors import ConfigError
 from opdgeo.training.config import (
+    KEEP_TRAINER_STATE,
     MONITOR_MATRICES,
     OBJECTIVES,
     PROJECT_MODES,
@@ -261,6 +262,12 @@ def _checkpoint_problems(c: CheckpointConfig) -> list[str]:
         e.append(f"checkpoint.every: must be >= 0; got {c.every}")
     if c.dtype not in SAVE_DTYPES:
         e.append(f"checkpoint.dtype: must be one of {', '.join(SAVE_DTYPES)}; got {c.dtype!r}")
+    if c.keep_trainer_state not in KEEP_TRAINER_STATE:
+        e.append(f"checkpoint.keep_trainer_state: must be one of {', '.join(KEEP_TRAINER_STATE)}; "
+                 f"got {c.keep_trainer_state!r}")
+    bad = [s for s in c.keep_trainer_state_steps if s < 1]
+    if bad:
+        e.append(f"checkpoint.keep_trainer_state_steps: steps must be >= 1; got {bad[0]}")
     return e
 
 

@@ -366,5 +366,10 @@ def checkpoint(state: RunState, step: int) -> list[Path]:
             scheduler=state.scheduler.state_dict(), rng=ckpt.rng_state(),
             extra={"objective": config.objective.name, "world_size": state.ctx.world,
                    "strategy": config.distributed.strategy})
-    return [ckpt.save_checkpoint(state.run_dir, n, state.student, state.tokenizer, dtype=config.checkpoint.dtype,
-                                 trainer_state=trainer_state)]
+    saved = ckpt.save_checkpoint(state.run_dir, n, state.student, state.tokenizer, dtype=config.checkpoint.dtype,
+                                 trainer_state=trainer_state)
+    if trainer_state is not None and config.checkpoint.keep_trainer_state == "last":
+        if state.ctx.is_main:
+            ckpt.prune_trainer_states(state.run_dir, {n, *config.checkpoint.keep_trainer_state_steps})
+        distributed.barrier()  # no rank looks at the run folder while it is pruned
+    return [saved]

@@ -30,6 +30,20 @@ of a compute element (2 under bf16, 4 in fp32), T = tokens of one training micro
                                       generation: kv + gathered)
 
 Allocator fragmentation and framework buffers are not included (allow ~10 %).
+
+Disk of a run's step folders (bytes; b = bytes of an element of ``checkpoint.dtype``,
+n = checkpoints saved, k = trainer states kept)::
+
+    weights       = b·P_s                       one step folder's HF weights (a tied embedding once)
+    trainer_state = 12·P_s + 4·V·h·[tied]       fp32 master weights + AdamW's two moments (fp32); a
+                                                tied embedding's master copy is written under both names
+    run           = n·weights + k·trainer_state k = n (keep_trainer_state: all), else the last
+                                                checkpoint plus keep_trainer_state_steps
+    peak          = run + trainer_state         under "last": a new state is complete before
+                                                the previous one is deleted
+
+Tokenizer and config files (a few MB per step folder) and AdamW's step counters (4 bytes
+per parameter tensor) are not included.
 """
 
 from __future__ import annotations
@@ -37,9 +51,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 __all__ = ["Arch", "Settings", "MemoryPlan", "plan_memory", "settings_from_config", "arch_of_source",
-           "format_plan", "strategy_table", "GPU_BYTES", "LOGPROB_CHUNK_ELEMENTS"]
+           "format_plan", "strategy_table", "GPU_BYTES", "LOGPROB_CHUNK_ELEMENTS", "DiskPlan", "plan_disk",
+           "checkpoint_steps", "disk_lines"]
 
 GPU_BYTES = 80 * 10**9  # an "80 GB" accelerator (H100/A100 80GB: 79.6-85 GB usable before the ~10 % margin)
+_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 LOGPROB_CHUNK_ELEMENTS = 2**24  # opdgeo.training.rollout.sequence_logprobs' chunk of logits
 
 
@@ -241,6 +257,55 @@ def settings_from_config(config, *, world: int, native_bf16: bool = True, prompt
                     cpu_offload=config.distributed.cpu_offload)
 
 
+@dataclass(frozen=True)
+class DiskPlan:
+    """Bytes a run's step folders take (module docstring, "Disk")."""
+
+    weights: int  # one step folder's HF weights
+    trainer_state: int  # one trainer state
+    checkpoints: int  # n
+    kept_states: int  # k
+
+    @property
+    def run(self) -> int:
+        return self.checkpoints * self.weights + self.kept_states * self.trainer_state
+
+    @property
+    def peak(self) -> int:
+        """The most the run holds at once (a new state is written before an old one goes)."""
+        return self.run + (self.trainer_state if self.kept_states < self.checkpoints else 0)
+
+
+def checkpoint_steps(steps: int, every: int) -> list[int]:
+    """The steps a run saves at: every ``every`` steps (0: none) and the last step."""
+    out = list(range(every, steps + 1, every)) if every else []
+    if not out or out[-1] != steps:
+        out.append(steps)
+    return out
+
+
+def plan_disk(arch: Arch, *, steps: int, every: int, dtype_bytes: int = 2, save_trainer_state: bool = True,
+              keep: str = "all", keep_steps: tuple[int, ...] = ()) -> DiskPlan:
+    """The disk of one run's step folders from its ``checkpoint`` settings."""
+    saved = checkpoint_steps(steps, every)
+    p = arch.parameters
+    state = 12 * p + (4 * arch.vocab_size * arch.hidden_size if arch.tie_word_embeddings else 0)
+    if not save_trainer_state:
+        kept = 0
+    elif keep == "last":
+        kept = len({saved[-1], *(s for s in keep_steps if s in saved)})
+    else:
+        kept = len(saved)
+    return DiskPlan(weights=dtype_bytes * p, trainer_state=state, checkpoints=len(saved), kept_states=kept)
+
+
+def disk_lines(disk: DiskPlan, *, keep: str) -> list[str]:
+    """The disk plan of one run as text."""
+    return [f"disk: {disk.checkpoints} checkpoint(s) x {_b(disk.weights)} weights + {disk.kept_states} trainer "
+            f"state(s) x {_b(disk.trainer_state)} = {_b(disk.run)} at the end, {_b(disk.peak)} at most "
+            f"(checkpoint.keep_trainer_state: {keep})"]
+
+
 def _b(x: float) -> str:
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if x >= scale:
@@ -336,6 +401,11 @@ def train_plan(config, *, world: int | None = None) -> str:
     lines += format_plan(student, teacher, settings, title=f"memory per {'GPU' if on_gpu else 'process'}",
                          table_world=8)
     lines.append(f"  (prompt length {settings.prompt_tokens} tokens is an assumption)")
+    c = config.checkpoint
+    disk = plan_disk(student, steps=o.steps, every=c.every, dtype_bytes=_DTYPE_BYTES[c.dtype],
+                     save_trainer_state=c.save_trainer_state, keep=c.keep_trainer_state,
+                     keep_steps=c.keep_trainer_state_steps)
+    lines += [""] + disk_lines(disk, keep=c.keep_trainer_state)
     return "\n".join(lines) + "\n"
 
 
