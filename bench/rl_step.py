@@ -1,7 +1,7 @@
 """One SmolLM2-135M-Instruct RL step (batch 2 prompts x 4 samples x 64 new tokens), before and after.
 
     python bench/rl_step.py [--steps 3] [--before-rev 78b1270] [--objective rlvr] [--rounds 1] [--part step|adamw]
-                            [--precision auto|fp32|bf16]
+                            [--precision auto|fp32|bf16] [--generate-batch 2]
 
 "before" is the training core at git revision ``--before-rev`` (exported with ``git archive``
 into a temporary folder; default: main before the step speed-up) run with the environment
@@ -16,7 +16,9 @@ loss, backward, AdamW); the first step of each process is a warm-up and not coun
 last lines are ``name: value`` pairs; ``speedup`` = median before / median after, measured
 in one run. ``--part adamw`` times only the optimizer update over SmolLM2's 135M parameters
 (random gradients): the multi-tensor AdamW with OpenMP spinning (before) against the fused
-AdamW with passive waiting (after).
+AdamW with passive waiting (after). ``--generate-batch N`` runs "after" with
+``rollout.micro_batch_size=N`` (default 2: the step's two micro-batches of 1 prompt are
+sampled in one ``generate`` call; the backward still runs per micro-batch of 1 prompt).
 """
 
 from __future__ import annotations
@@ -33,15 +35,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def config_overrides(objective: str, steps: int, out: str) -> list[str]:
+def config_overrides(objective: str, steps: int, out: str, *, generate_batch: int | None = None) -> list[str]:
+    """The step's config; ``generate_batch``: ``rollout.micro_batch_size`` (prompts per generate
+    call; None: one call per micro-batch of 1 prompt, the only layout "before" knows)."""
     over = ["model.student=smollm2", f"objective={objective}", "optim.batch_size=2", "optim.micro_batch_size=1",
             "rollout.group_size=4", "rollout.max_new_tokens=64", "task.spec=arithmetic:difficulty=2",
             "task.num_problems=64", f"optim.steps={steps}", "optim.lr=1e-6", "run.progress=false",
             f"run.out_dir={out}", "checkpoint.save_trainer_state=false"]
+    over += [f"rollout.micro_batch_size={generate_batch}"] if generate_batch else []
     return over + (["model.teacher=smollm2"] if objective == "opd" else [])
 
 
-def worker(objective: str, steps: int, out: str, after: bool) -> None:
+def worker(objective: str, steps: int, out: str, after: bool, generate_batch: int | None = None) -> None:
     if after:
         import opdgeo.cli  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads, as the CLI does)
     import torch
@@ -49,7 +54,7 @@ def worker(objective: str, steps: int, out: str, after: bool) -> None:
     from opdgeo.training.config import load_config
     from opdgeo.training.loop import train
 
-    history = train(load_config(None, config_overrides(objective, steps, out))).history
+    history = train(load_config(None, config_overrides(objective, steps, out, generate_batch=generate_batch))).history
     print("RESULT " + json.dumps({
         "step_time": [h.values["train/step_time"] for h in history],
         "tokens": [h.values["train/tokens"] for h in history],
@@ -85,13 +90,14 @@ def adamw_worker(after: bool, steps: int) -> None:
 
 
 def run_side(name: str, src: Path, objective: str, steps: int, tmp: Path, index: int, part: str = "step",
-             precision: str = "auto") -> dict:
+             precision: str = "auto", generate_batch: int | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OPDGEO_AUTOCAST")}
     env["PYTHONPATH"] = str(src)
     if precision != "auto":
         env["OPDGEO_AUTOCAST"] = precision
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--objective", objective,
            "--steps", str(steps), "--out", str(tmp / f"{name}-{index}"), "--part", part]
+    cmd += ["--generate-batch", str(generate_batch)] if generate_batch else []
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -109,6 +115,9 @@ def main() -> None:
                     help="the whole RL step, or only the AdamW update over SmolLM2's parameters")
     ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                     help="the forward passes' precision on both sides (auto: bf16 autocast where native)")
+    ap.add_argument("--generate-batch", type=int, default=2,
+                    help="after: rollout.micro_batch_size, prompts per generate call (2: both micro-batches of "
+                         "the step in one call; 1: one call per micro-batch, as before)")
     ap.add_argument("--worker", choices=("before", "after"), help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -116,7 +125,8 @@ def main() -> None:
         if a.part == "adamw":
             adamw_worker(a.worker == "after", a.steps)
         else:
-            worker(a.objective, a.steps, a.out, a.worker == "after")
+            worker(a.objective, a.steps, a.out, a.worker == "after",
+                   generate_batch=a.generate_batch if a.worker == "after" else None)
         return
     import platform
 
@@ -131,7 +141,8 @@ def main() -> None:
         info = {}
         for r in range(a.rounds):
             for name, src in sides.items():
-                res = run_side(name, src, a.objective, a.steps, tmp, r, a.part, a.precision)
+                res = run_side(name, src, a.objective, a.steps, tmp, r, a.part, a.precision,
+                               generate_batch=a.generate_batch if name == "after" else None)
                 times[name] += res["step_time"][1:]
                 info[name] = res
                 print(f"{name} round {r}: steps {[round(t, 2) for t in res['step_time']]} s "
@@ -148,6 +159,7 @@ def main() -> None:
     print(f"before_rev: {a.before_rev}")
     print(f"part: {a.part}")
     print(f"objective: {a.objective}")
+    print(f"after_generate_batch: {a.generate_batch}")
     print(f"before_median_step_s: {med['before']:.4g}")
     print(f"after_median_step_s: {med['after']:.4g}")
     print(f"speedup: {med['before'] / med['after']:.4g}")

@@ -218,3 +218,58 @@ def test_shared_prompt_prefill_samples_like_the_reference_path(model, tok):
     greedy = dict(kw, temperature=0.0)
     assert torch.equal(generate(model, tok, PROMPTS, **greedy).response_ids,
                        generate(model, tok, PROMPTS, share_prompts=False, **greedy).response_ids)
+
+
+def test_split_micro_batches_trims_each_part_to_its_own_padding(model, tok):
+    from opdgeo.training.stages import MicroBatch, split_micro_batches
+
+    prompts = ["1+2=\n", "123-456=\n", "7*8=\n", "99+1=\n"]  # the long prompt sits in the first part only
+    ro = generate(model, tok, prompts, num_samples=2, max_new_tokens=12, seed=4, batch_size=8)
+    mb = MicroBatch(input_ids=ro.input_ids, attention_mask=ro.attention_mask, response_mask=ro.response_mask.bool(),
+                    problem_index=ro.prompt_index, texts=tuple(ro.texts), behaviour_logprobs=ro.behaviour_logprobs)
+    parts = split_micro_batches(mb, 2)
+    assert [len(p.texts) for p in parts] == [4, 4] and split_micro_batches(mb, 1) == [mb]
+    P, T = ro.prompt_len, ro.response_mask.shape[1]
+    for i, part in enumerate(parts):
+        rows = slice(4 * i, 4 * i + 4)
+        p_len = part.input_ids.shape[1] - part.response_mask.shape[1]
+        # the part's own layout: its longest prompt and its longest response, no wider
+        assert p_len == max(len(tok(prompts[2 * i + j // 2], add_special_tokens=False)["input_ids"]) for j in range(4))
+        assert part.response_mask.shape[1] == int(ro.response_mask[rows].sum(1).max()) <= T
+        assert part.attention_mask[:, 0].any() and part.response_mask[:, -1].any()
+        for r in range(4):  # every row keeps its tokens, masks and log-probs
+            full = 4 * i + r
+            keep = ro.attention_mask[full].bool()
+            assert torch.equal(part.input_ids[r][part.attention_mask[r].bool()], ro.input_ids[full][keep])
+            resp = part.response_mask[r]
+            assert torch.equal(part.input_ids[r, p_len:][resp], ro.input_ids[full, P:][ro.response_mask[full]])
+            assert torch.equal(part.behaviour_logprobs[r][resp], ro.behaviour_logprobs[full][ro.response_mask[full]])
+        assert torch.equal(part.problem_index, ro.prompt_index[rows]) and part.texts == tuple(ro.texts[rows])
+        # the trimmed layout scores the same log-probs (positions follow the mask, not the padding)
+        got = sequence_logprobs(model, part.input_ids, part.attention_mask, part.response_mask)
+        torch.testing.assert_close(got[part.response_mask], ro.behaviour_logprobs[rows][ro.response_mask[rows]],
+                                   rtol=0, atol=2e-5)
+    with pytest.raises(ValueError, match="do not split"):
+        split_micro_batches(mb, 3)
+
+
+def test_inverse_cdf_sampler_draws_from_the_softmax():
+    from opdgeo.training.rollout import InverseCdfSampler
+
+    p = torch.tensor([0.5, 0.3, 0.2 - 1e-4, 1e-4, 0.0])
+    scores = torch.log(p).repeat(40000, 1)  # -inf at the last token: probability 0
+    torch.manual_seed(3)
+    out = InverseCdfSampler(1.0)(None, scores)
+    assert out.isfinite().sum(1).eq(1).all() and out.max(1).values.eq(0).all()  # one-hot: greedy takes the draw
+    counts = torch.bincount(out.argmax(1), minlength=5).double()
+    expected = 40000 * p.double()
+    assert counts[4] == 0 and counts[3] > 0
+    # chi-square over the four reachable tokens (3 dof): < 16.3 with probability 0.999
+    assert float(((counts[:4] - expected[:4]) ** 2 / expected[:4]).sum()) < 16.3
+    # at temperature 2 the draw follows softmax(log p / 2) ∝ sqrt(p)
+    torch.manual_seed(4)
+    hot = torch.bincount(InverseCdfSampler(2.0)(None, scores).argmax(1), minlength=5).double()
+    q = p.double().sqrt() / p.double().sqrt().sum()
+    assert float(((hot[:4] - 40000 * q[:4]) ** 2 / (40000 * q[:4])).sum()) < 16.3
+    torch.manual_seed(3)
+    assert torch.equal(InverseCdfSampler(1.0)(None, scores), out)  # seeded by torch's generator

@@ -75,6 +75,11 @@ def test_the_view_writes_back_the_config_the_training_validation_accepted(name):
         written = train_config_dict(run, p, student=PLACEHOLDERS["student"], teacher=PLACEHOLDERS["teacher"],
                                     out_dir=Path(PLACEHOLDERS["out_dir"]), project_from=PLACEHOLDERS["from"],
                                     project_origin=PLACEHOLDERS["origin"])
+        # what is kept on disk is the study's to set from the whole preset (keep_trainer_state, the
+        # restart steps), like the paths, and is not part of a run's view
+        kept = {k: written["checkpoint"].pop(k) for k in ("keep_trainer_state", "keep_trainer_state_steps")}
+        assert kept == {"keep_trainer_state": p.keep_trainer_state,
+                        "keep_trainer_state_steps": list(p.restart_steps(run))}
         assert config_to_dict(config_from_dict(written, check_paths=False)) == config_to_dict(validated), rname
         assert _run(rname, _merge(data.get("defaults") or {}, raw), study) == run
 

@@ -101,3 +101,20 @@ def test_keep_trainer_state_is_validated_and_free_on_resume():
     assert c.checkpoint.keep_trainer_state_steps == (8,)
     saved = config_to_dict(load_config(None, ["model.student=tiny:quick"]))
     assert resume_differences(saved, c) == []  # what is kept on disk does not change the updates
+
+
+def test_rollout_micro_batch_size_is_validated_against_the_batch_and_the_processes():
+    from opdgeo.training.memory_plan import train_plan
+
+    base = ["model.student=tiny:quick", "objective=rlvr", "rollout.group_size=2", "optim.batch_size=8",
+            "optim.micro_batch_size=2"]
+    for bad in (3, 16, 0):
+        with pytest.raises(ConfigError, match=f"rollout.micro_batch_size: must be a multiple of optim.micro_batch_size "
+                                              f"= 2 that divides optim.batch_size = 8; got {bad}"):
+            load_config(None, [*base, f"rollout.micro_batch_size={bad}"])
+    c = load_config(None, [*base, "rollout.micro_batch_size=8"])
+    train_plan(c, world=1)  # one process: one call of 4 micro-batches
+    with pytest.raises(ConfigError, match="4 micro-batches per generate call do not divide the 2 micro-batches of "
+                                          "each of 2 processes"):
+        train_plan(c, world=2)
+    train_plan(load_config(None, [*base, "rollout.micro_batch_size=4"]), world=2)

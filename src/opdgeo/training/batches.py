@@ -23,6 +23,8 @@ __all__ = [
     "learning_rate",
     "step_prompts",
     "micro_batch_seed",
+    "generation_units",
+    "micro_batches_per_call",
     "sparsify_seed",
     "rank_micro_batches",
     "num_mini_batches",
@@ -90,6 +92,30 @@ def rank_micro_batches(num_micro_batches: int, rank: int, world: int) -> range:
         )
     k = num_micro_batches // world
     return range(rank * k, (rank + 1) * k)
+
+
+def micro_batches_per_call(rollout_micro_batch_size: int | None, optim: OptimConfig, *, demonstrations: bool) -> int:
+    """Micro-batches one ``generate`` call samples (1 for demonstrations)."""
+    if demonstrations or not rollout_micro_batch_size:
+        return 1
+    return rollout_micro_batch_size // optim.micro_batch_size
+
+
+def generation_units(positions: range, per_unit: int, world: int) -> list[range]:
+    """This rank's micro-batches (``positions``) grouped into generation calls of
+    ``per_unit`` consecutive micro-batches (``rollout.micro_batch_size / optim.micro_batch_size``),
+    each starting at a multiple of ``per_unit``, so every call is the same on any number of
+    processes.
+
+    Raises:
+        ConfigError: a rank's micro-batches do not split into whole calls.
+    """
+    if len(positions) % per_unit or positions.start % per_unit:
+        raise ConfigError(
+            f"rollout.micro_batch_size: {per_unit} micro-batches per generate call do not divide the "
+            f"{len(positions)} micro-batches of each of {world} processes"
+        )
+    return [range(c, c + per_unit) for c in positions[::per_unit]]
 
 
 def num_mini_batches(optim: OptimConfig) -> int:

@@ -144,6 +144,14 @@ class RolloutConfig:
     refuses it rather than train on a distribution it does not score."""
     max_new_tokens: int = 64
     """Longest response; generation stops earlier at EOS."""
+    micro_batch_size: int | None = None
+    """Prompts per ``generate`` call (None: ``optim.micro_batch_size``). A multiple of
+    ``optim.micro_batch_size`` dividing each process's share of the batch: the call's
+    samples are then cut into that many training micro-batches (each trimmed to its own
+    padding), so decoding, which on a CPU costs about as much for 8 sequences as for 4,
+    runs once per rank and step instead of once per micro-batch, while the forward/backward
+    keeps its memory. Its samples are seeded by (run seed, step, first micro-batch), so they
+    depend on this value, not on the number of processes. SFT ignores it."""
     policy: str = "student"
     """Behaviour policy that generates the responses (the off-policy control, SPEC §3):
     ``"student"`` (on-policy), ``"teacher"`` (``model.teacher``) or a model source (folder,
@@ -170,8 +178,8 @@ class OptimConfig:
     batch_size: int = 8
     """Prompts per step over all ranks (global batch; RL: each prompt has G samples)."""
     micro_batch_size: int = 4
-    """Prompts per micro-batch: the unit of generation and of one forward/backward with
-    gradient accumulation. ``batch_size / micro_batch_size`` micro-batches are split over
+    """Prompts per micro-batch: the unit of one forward/backward with gradient
+    accumulation, and of generation unless ``rollout.micro_batch_size`` is larger. ``batch_size / micro_batch_size`` micro-batches are split over
     the data-parallel ranks, so it must be a multiple of the number of processes. The
     rollouts depend on this value (each micro-batch has its own generation seed), not on
     the number of processes."""

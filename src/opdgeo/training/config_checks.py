@@ -47,6 +47,7 @@ def validate(config: TrainConfig, *, check_paths: bool = True) -> list[str]:
         *_token_keep_problems(config, weights),
         *_project_problems(config, check_paths),
         *_optim_problems(config.optim),
+        *_generation_batch_problems(config.rollout, config.optim),
         *_checkpoint_problems(config.checkpoint),
         *_run_problems(config.run),
         *_engine_problems(config),
@@ -211,6 +212,16 @@ def _project_problems(config: TrainConfig, check_paths: bool) -> list[str]:
     if pj.mode not in PROJECT_MODES:
         e.append(f"project.mode: must be one of {', '.join(PROJECT_MODES)}; got {pj.mode!r}")
     return e
+
+
+def _generation_batch_problems(r: RolloutConfig, o: OptimConfig) -> list[str]:
+    n = r.micro_batch_size
+    if n is None or o.micro_batch_size < 1:
+        return []
+    if n < 1 or n % o.micro_batch_size or o.batch_size % n:
+        return [f"rollout.micro_batch_size: must be a multiple of optim.micro_batch_size = {o.micro_batch_size} "
+                f"that divides optim.batch_size = {o.batch_size}; got {n}"]
+    return []
 
 
 def _optim_problems(o: OptimConfig) -> list[str]:

@@ -4,8 +4,9 @@
 distributed wrapping) and then, per optimizer step, one named call per stage::
 
     prompts  = step_prompts(...)                     # seeded, global batch
-    for c in this rank's micro-batches:
-        mb = state.sequences(...)                    # rollout: demonstrations (SFT) or samples of the behaviour policy
+    for c, mb in this rank's micro-batches, rollout(...):
+                                                     # rollout: demonstrations (SFT) or samples of the behaviour
+                                                     #   policy, rollout.micro_batch_size prompts per generate call
         mb = score(...)                              # rewards, old and teacher log-probs
         mb = advantages(...)                         # the per-token weight: the ONLY difference
     update = update(...)                             # loss -> step: ppo_epochs × mini-batches, each
@@ -62,8 +63,10 @@ from opdgeo.locking import holds_run_folder
 from opdgeo.training import checkpointing as ckpt
 from opdgeo.training.batches import (
     demonstration_batch,
+    generation_units,
     learning_rate,
     micro_batch_seed,
+    micro_batches_per_call,
     mini_batch_order,
     mini_batch_share,
     num_mini_batches,
@@ -93,6 +96,7 @@ from opdgeo.training.stages import (
     optimizer_step,
     rollout_micro_batch,
     score_micro_batch,
+    split_micro_batches,
     step_metrics,
     token_keep_mask,
     update_policy,
@@ -246,8 +250,7 @@ def run(state: RunState, hooks: Hooks) -> RunResult:
             t0 = time.perf_counter()
             prompts = step_prompts(len(state.problems), o.batch_size, step, config.run.seed)
             batches = []
-            for c in state.positions:
-                mb = rollout(state, prompts, step, c)
+            for c, mb in zip(state.positions, rollout(state, prompts, step), strict=True):
                 mb = score(state, mb)
                 batches.append(advantages(state, mb, step, c))
             upd = update(state, batches, step, hooks)
@@ -271,10 +274,20 @@ def run(state: RunState, hooks: Hooks) -> RunResult:
 # ------------------------------------------------------------------ the stages
 
 
-def rollout(state: RunState, prompts, step: int, c: int) -> MicroBatch:
-    """Micro-batch ``c`` of step ``step``: its prompts' demonstrations or samples (seeded by (seed, step, c))."""
-    mbs = state.config.optim.micro_batch_size
-    return state.sequences(prompts[c * mbs:(c + 1) * mbs], seed=micro_batch_seed(state.config.run.seed, step, c))
+def rollout(state: RunState, prompts, step: int) -> list[MicroBatch]:
+    """This rank's micro-batches of step ``step``, in order: their prompts' demonstrations,
+    or samples generated ``rollout.micro_batch_size`` prompts per call (seeded by (seed,
+    step, the call's first micro-batch)) and cut into micro-batches."""
+    config = state.config
+    mbs = config.optim.micro_batch_size
+    per_call = micro_batches_per_call(config.rollout.micro_batch_size, config.optim,
+                                      demonstrations=config.objective.demonstrations)
+    out = []
+    for unit in generation_units(state.positions, per_call, state.ctx.world):
+        mb = state.sequences(prompts[unit.start * mbs:unit.stop * mbs],
+                             seed=micro_batch_seed(config.run.seed, step, unit.start))
+        out.extend(split_micro_batches(mb, len(unit)))
+    return out
 
 
 def score(state: RunState, mb: MicroBatch) -> MicroBatch:

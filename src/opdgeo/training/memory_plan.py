@@ -251,8 +251,11 @@ def settings_from_config(config, *, world: int, native_bf16: bool = True, prompt
     bf16 = native_bf16 if o.bf16_autocast == "auto" else bool(o.bf16_autocast)
     t_bytes = {"bfloat16": 2, "float32": 4}.get(m.teacher_dtype, 2 if native_bf16 else 4)
     prompt = assumed_prompt_tokens(config.task.spec) if prompt_tokens is None else prompt_tokens
+    gen = sequences if config.objective.demonstrations else (
+        (config.rollout.micro_batch_size or o.micro_batch_size) * config.rollout.group_size)
     return Settings(strategy=resolve_strategy(config.distributed.strategy, world), world=world,
-                    micro_sequences=sequences, prompt_tokens=prompt, response_tokens=config.rollout.max_new_tokens,
+                    micro_sequences=sequences, gen_sequences=gen, prompt_tokens=prompt,
+                    response_tokens=config.rollout.max_new_tokens,
                     activation_checkpointing=m.activation_checkpointing, bf16_compute=bf16, teacher_bytes=t_bytes,
                     cpu_offload=config.distributed.cpu_offload)
 
@@ -381,6 +384,11 @@ def train_plan(config, *, world: int | None = None) -> str:
     n_micro = o.batch_size // o.micro_batch_size
     per_rank = len(rank_micro_batches(n_micro, 0, world))
     mini_batch_share(n_micro, o, world)  # the same refusals as a launch
+    from opdgeo.training.batches import generation_units, micro_batches_per_call
+
+    generation_units(rank_micro_batches(n_micro, 0, world),
+                     micro_batches_per_call(config.rollout.micro_batch_size, o,
+                                            demonstrations=config.objective.demonstrations), world)
     strategy = distributed.resolve_strategy(config.distributed.strategy, world)
     if world > 1 and strategy == "none":
         from opdgeo.errors import ConfigError

@@ -23,7 +23,14 @@ from opdgeo import distributed
 from opdgeo.errors import ConfigError
 from opdgeo.files import atomic_write_text
 from opdgeo.training import checkpointing as ckpt
-from opdgeo.training.batches import learning_rate, mini_batch_share, num_mini_batches, rank_micro_batches
+from opdgeo.training.batches import (
+    generation_units,
+    learning_rate,
+    micro_batches_per_call,
+    mini_batch_share,
+    num_mini_batches,
+    rank_micro_batches,
+)
 from opdgeo.training.config import TrainConfig, config_to_dict, resume_differences
 from opdgeo.training.monitor import MonitorSettings, restore_monitor, start_monitor
 from opdgeo.training.policies import (
@@ -93,6 +100,8 @@ def setup(config: TrainConfig, ctx: distributed.Context, *, resume: bool = False
     n_micro = o.batch_size // o.micro_batch_size
     positions = rank_micro_batches(n_micro, ctx.rank, ctx.world)  # ConfigError before any model loads
     mini_batch_share(n_micro, o, ctx.world)
+    generation_units(positions, micro_batches_per_call(config.rollout.micro_batch_size, o,
+                                                       demonstrations=config.objective.demonstrations), ctx.world)
     run_dir = Path(config.run.out_dir)
     resume_from = _prepare_run_dir(run_dir, config, resume=resume)
     distributed.barrier()

@@ -53,6 +53,7 @@ __all__ = [
     "backward_micro_batches",
     "clip_range",
     "optimizer_step",
+    "split_micro_batches",
     "update_policy",
     "step_metrics",
 ]
@@ -123,6 +124,32 @@ def rollout_micro_batch(model, tokenizer, task, problems, indices: Sequence[int]
     return MicroBatch(input_ids=ro.input_ids.to(device), attention_mask=ro.attention_mask.to(device),
                       response_mask=ro.response_mask.to(device).bool(), problem_index=idx, texts=tuple(ro.texts),
                       behaviour_logprobs=None if ro.behaviour_logprobs is None else ro.behaviour_logprobs.to(device))
+
+
+def split_micro_batches(mb: MicroBatch, parts: int) -> list[MicroBatch]:
+    """The rows of one generate call (prompt-major) cut into ``parts`` micro-batches of equal
+    row counts, each trimmed to its own padding: leading prompt columns that are padding in
+    every row and response columns after its longest response are dropped, so each part is
+    laid out as if it had been sampled alone (its tokens, masks and log-probs unchanged)."""
+    if parts == 1:
+        return [mb]
+    n = mb.input_ids.shape[0]
+    if n % parts:
+        raise ValueError(f"{n} rows do not split into {parts} micro-batches")
+    rows, T = n // parts, mb.response_mask.shape[1]
+    P = mb.input_ids.shape[1] - T
+    out = []
+    for i in range(parts):
+        sl = slice(i * rows, (i + 1) * rows)
+        att = mb.attention_mask[sl]
+        lead = int((att[:, :P] != 0).int().argmax(dim=1).min()) if P else 0  # all-padding prompt columns
+        t = max(int(mb.response_mask[sl].sum(dim=1).max()), 1)
+        cols = slice(lead, P + t)
+        out.append(dataclasses.replace(
+            mb, input_ids=mb.input_ids[sl, cols], attention_mask=att[:, cols], response_mask=mb.response_mask[sl, :t],
+            problem_index=mb.problem_index[sl], texts=tuple(mb.texts[sl]),
+            behaviour_logprobs=None if mb.behaviour_logprobs is None else mb.behaviour_logprobs[sl, :t]))
+    return out
 
 
 # ---------------------------------------------------------------------- score
