@@ -421,3 +421,22 @@ def test_trajectory_means_come_from_the_trajectory_summary(tmp_path):
     assert res.trajectory("opd") == ([0.5, 1.0], [9.25, 7.5])
     # sft's summary has no means: the mean over its two matrices in trajectory.csv (SRANK + 0, + 2)
     assert [m["stable_rank"] for m in res.traj_means["sft"]] == [v + 0 - 1 + 1 for v in SRANK["sft"]]
+
+
+def test_report_states_the_training_precision_and_warns_when_runs_differ(tmp_path):
+    from opdgeo.report.study_report import precision_sentence
+    from opdgeo.report.study_results import load_results
+
+    out = make_fake_study(tmp_path / "s")
+    for run, value in (("sft", True), ("opd", True), ("rlvr", False), ("odd", "auto")):
+        d = out / "runs" / run
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "config.yaml").write_text(f"optim: {{bf16_autocast: {str(value).lower()}}}\n")
+    res = load_results(out)
+    assert res.precision == {"sft": "bf16-autocast", "opd": "bf16-autocast", "rlvr": "fp32"}  # "auto" says nothing
+    text = precision_sentence(res.precision)
+    assert text.startswith("WARNING: the runs trained in different precisions (bf16-autocast: opd, sft; fp32: rlvr)")
+    write_report(out)
+    assert "WARNING: the runs trained in different precisions" in (out / "report.md").read_text()
+    assert "WARNING: the runs trained in different precisions" in (out / "report.html").read_text()
+    assert precision_sentence({"a": "fp32", "b": "fp32"}).startswith("Training precision: fp32 in all 2 runs")

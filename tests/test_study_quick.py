@@ -126,6 +126,7 @@ def test_artifacts_exist_and_are_well_formed(quick_study):
     traj = list(csv.DictReader((out / "diagnose" / "trajectory" / "main" / "trajectory.csv").open()))
     assert {r["run"] for r in traj} == {"sft", "opd", "rlvr"}
     html = (out / "report.html").read_text()
+    assert "Training precision: " in html and "WARNING: the runs trained in different precisions" not in html
     assert 'src="http' not in html and 'href="http' not in html and 'src="//' not in html
 
 

@@ -139,6 +139,22 @@ def _matched_sentence(claims: list[dict], matched: str | None) -> str:
             "step count): " + "; ".join(parts) + ".") if parts and matched else ""
 
 
+def precision_sentence(precision: dict) -> str:
+    """How the runs computed, and a warning when they did not all compute alike: a claim
+    compares runs, and its verdict may change with the precision (the tiny preset's
+    verdicts near the null differ between bf16 autocast and fp32: bench/RESULTS.md)."""
+    groups: dict[str, list[str]] = {}
+    for run, p in sorted(precision.items()):
+        groups.setdefault(p, []).append(run)
+    if len(groups) == 1:
+        (p, runs), = groups.items()
+        return (f"Training precision: {p} in all {len(runs)} runs (verdicts close to their null can change with "
+                "the precision; compare a study run in another precision before relying on one).")
+    return ("WARNING: the runs trained in different precisions (" + "; ".join(
+        f"{p}: {', '.join(runs)}" for p, runs in sorted(groups.items()))
+        + "); claims comparing them mix precisions (e.g. a study resumed on another CPU).")
+
+
 def render_html(res: StudyResults, tables: list[Table], claims: list[dict], figures: list[tuple[str, str, bytes]],
                 timings: dict | None) -> str:
     """The self-contained HTML report (inline CSS, figures as base64 PNG data URIs)."""
@@ -154,6 +170,7 @@ def render_html(res: StudyResults, tables: list[Table], claims: list[dict], figu
     if timings:
         parts.append(f"<p>Total stage time: {timings.get('total_seconds', 0):.1f} s "
                      f"({timings.get('total_cpu_seconds', 0):.1f} CPU s).</p>\n")
+    parts.append(f"<p>{e(precision_sentence(res.precision))}</p>\n" if res.precision else "")
     names = {"base": "base student", res.role("sft"): "SFT anchor", "teacher": "teacher"}
     models = [(n, res.acc(n)) for n in names if n and res.acc(n) is not None]
     if models:
@@ -222,6 +239,8 @@ def render_markdown(res: StudyResults, tables: list[Table], claims: list[dict], 
     lines = [f"# opdgeo study: {info.get('preset', '')}", "", f"{info.get('description', '')}. Task: `{info.get('task', '')}`.", ""]
     if timings:
         lines += [f"Total stage time: {timings.get('total_seconds', 0):.1f} s.", ""]
+    if res.precision:
+        lines += [precision_sentence(res.precision), ""]
     lines += ["## Claims", "", "| " + " | ".join(_CLAIM_HEAD) + " |", "|" + "---|" * len(_CLAIM_HEAD)]
     for c in claims:
         lines.append("| " + " | ".join(x.replace("|", "/") for x in [c["claim"], *_claim_cells(c)]) + " |")

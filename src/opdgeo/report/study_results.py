@@ -65,6 +65,9 @@ class StudyResults:
         evals: ``{name: eval.json}``.
         markers: ``{stage: marker}``.
         figures: ``{name: path}`` of figure files written by trajectory.
+        precision: ``{run: "bf16-autocast" | "fp32"}``, each training run's compute
+            precision as its ``config.yaml`` recorded it (``optim.bf16_autocast`` resolved
+            at launch), the teacher's SFT as ``teacher``.
     """
 
     info: dict
@@ -76,6 +79,7 @@ class StudyResults:
     evals: dict = field(default_factory=dict)
     markers: dict = field(default_factory=dict)
     figures: dict = field(default_factory=dict)
+    precision: dict = field(default_factory=dict)
 
     def roles(self) -> dict:
         """Which run plays which part (``study.json``'s ``roles``, `opdgeo.study.roles`; from
@@ -242,6 +246,7 @@ def load_results(out: Path) -> StudyResults:
             e = _read_json(d / "eval.json")
             if e is not None:
                 res.evals[d.name] = e
+    res.precision = _precisions(out)
     mdir = out / ".study" / "stages"
     if mdir.is_dir():
         for p in sorted(mdir.glob("*.json")):
@@ -249,3 +254,25 @@ def load_results(out: Path) -> StudyResults:
             if m is not None:
                 res.markers[p.stem] = m
     return res
+
+
+def _precisions(out: Path) -> dict:
+    """``{run: precision}`` from the runs' ``config.yaml`` (a run without one is absent)."""
+    import yaml
+
+    from opdgeo.training.precision import precision_name
+
+    folders = sorted((out / "runs").glob("*/config.yaml")) if (out / "runs").is_dir() else []
+    named = [(p.parent.name, p) for p in folders]
+    teacher = out / "models" / "teacher" / "sft" / "config.yaml"
+    if teacher.is_file():
+        named.append(("teacher", teacher))
+    found = {}
+    for name, path in named:
+        try:
+            value = (yaml.safe_load(path.read_text()) or {}).get("optim", {}).get("bf16_autocast")
+        except (OSError, yaml.YAMLError, AttributeError):
+            continue
+        if isinstance(value, bool):  # "auto" is resolved at launch; an unresolved value says nothing
+            found[name] = precision_name(value)
+    return found
