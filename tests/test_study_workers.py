@@ -188,3 +188,14 @@ def test_default_jobs():
     assert default_jobs(None) == 1
     assert default_jobs(1, launcher="torchrun --nproc-per-node 8") == 1
     assert default_jobs(cores * 4) == 1
+
+
+def test_preload_imports_the_stage_modules_and_skips_missing_ones(monkeypatch):
+    import sys
+
+    from opdgeo.study import workers
+
+    monkeypatch.setattr(workers, "PRELOADED", ("opdgeo.no_such_module", "opdgeo.training.evaluate"))
+    monkeypatch.delitem(sys.modules, "opdgeo.training.evaluate", raising=False)
+    workers.preload_stage_modules()
+    assert "opdgeo.training.evaluate" in sys.modules and "opdgeo.no_such_module" not in sys.modules

@@ -299,8 +299,9 @@ def wrap_model(model: torch.nn.Module, strategy: str, ctx: Context, *, bf16_comp
                cpu_offload: bool = False) -> torch.nn.Module:
     """The student wrapped for ``strategy`` (``none`` returns it as is).
 
-    ``ddp``: ``DistributedDataParallel`` with a SUM communication hook (a world of one
-    without a process group is left unwrapped: nothing to reduce). ``fsdp``: FSDP2
+    ``ddp``: ``DistributedDataParallel`` with a SUM communication hook and
+    ``gradient_as_bucket_view`` (the gradients live in its all-reduce buckets; a world of
+    one without a process group is left unwrapped: nothing to reduce). ``fsdp``: FSDP2
     ``fully_shard`` on every decoder layer and at the root; parameters (the fp32 masters)
     and hence AdamW's state are sharded over ranks; ``bf16_compute`` sets a
     ``MixedPrecisionPolicy`` (bf16 parameters in forward/backward, fp32 gradient
@@ -315,7 +316,8 @@ def wrap_model(model: torch.nn.Module, strategy: str, ctx: Context, *, bf16_comp
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-        ddp = DistributedDataParallel(model, device_ids=ids)
+        # the gradients are views of DDP's flat buckets: no second copy of them (4 bytes a parameter)
+        ddp = DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
         ddp.register_comm_hook(None, _sum_hook)
         return ddp
     if strategy == "fsdp":

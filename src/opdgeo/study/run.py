@@ -14,7 +14,7 @@ from opdgeo.study.pipeline import build_stages, study_info
 from opdgeo.study.plan import format_plan
 from opdgeo.study.presets import StudyPreset
 from opdgeo.study.stages import StageOutcome, read_marker, run_stages, select_stages, stage_keys
-from opdgeo.study.workers import default_jobs
+from opdgeo.study.workers import default_jobs, preload_stage_modules
 
 __all__ = ["StudyResult", "run_study", "plan_text", "data_plan", "stage_statuses"]
 
@@ -146,6 +146,7 @@ def _run_locked(preset: StudyPreset, out: Path, stages, *, select, fresh: bool, 
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # the study prints one line per stage
+    preload_stage_modules()  # once here rather than in every forked stage
     threads = torch.get_num_threads()
     if preset.torch_threads:
         torch.set_num_threads(preset.torch_threads)

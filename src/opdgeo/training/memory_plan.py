@@ -11,7 +11,6 @@ of a compute element (2 under bf16, 4 in fp32), T = tokens of one training micro
 (sequences × (prompt + response)), T_g = tokens of one generation call::
 
     student    = 16·P_s / S                 fp32 weights 4 + grads 4 + AdamW moments 8 (on the CPU with cpu_offload)
-    buckets    = 4·P_s                      ddp: DDP's flat gradient buckets beside .grad
     cast_cache = 2·P_s                      none/ddp under bf16 autocast: bf16 copies of the weights kept for backward
     gathered   = (2·P_layer + P_root)·(c+4) fsdp: two unsharded layers (current + prefetch) and the root
                                             (embedding, lm_head), in c bytes plus their fp32 gradients
@@ -26,10 +25,12 @@ of a compute element (2 under bf16, 4 in fp32), T = tokens of one training micro
                                             gradient in fp32), the final hidden states
     kv         = 2·L·n_kv·d·T_g·c           KV cache of one generation call
 
-    per GPU = student + teacher + max(training: buckets + cast_cache + gathered + act + logprobs,
+    per GPU = student + teacher + max(training: cast_cache + gathered + act + logprobs,
                                       generation: kv + gathered)
 
-Allocator fragmentation and framework buffers are not included (allow ~10 %).
+DDP adds no term: it runs with ``gradient_as_bucket_view``, so the gradients are views of
+its flat all-reduce buckets, not a second copy. Allocator fragmentation and framework
+buffers are not included (allow ~10 %).
 
 Disk of a run's step folders (bytes; b = bytes of an element of ``checkpoint.dtype``,
 n = checkpoints saved, k = trainer states kept)::
@@ -135,7 +136,7 @@ class MemoryPlan:
     @property
     def training(self) -> float:
         t = self.terms
-        return t["buckets"] + t["cast_cache"] + t["gathered"] + t["act"] + t["logprobs"]
+        return t["cast_cache"] + t["gathered"] + t["act"] + t["logprobs"]
 
     @property
     def generation(self) -> float:
@@ -171,7 +172,6 @@ def plan_memory(student: Arch, teacher: Arch | None, s: Settings) -> MemoryPlan:
     terms = {
         "student": 0.0 if s.cpu_offload else state,
         "teacher": teacher_b,
-        "buckets": 4.0 * ps if s.strategy == "ddp" and s.world > 1 else 0.0,
         "cast_cache": 2.0 * ps if not fsdp and s.bf16_compute else 0.0,
         "gathered": (2 * student.layer_parameters + student.root_parameters) * (c + 4.0) if fsdp else 0.0,
         "act": float(act),
@@ -319,7 +319,6 @@ def _b(x: float) -> str:
 _LABELS = (
     ("student", "16*P_s/S", "fp32 weights 4 + grads 4 + AdamW 8, S = {S} shards"),
     ("teacher", "t*P_t/S (+2 layers)", "t = {t} bytes, inference only"),
-    ("buckets", "4*P_s", "ddp gradient buckets"),
     ("cast_cache", "2*P_s", "bf16 autocast's weight copies"),
     ("gathered", "(2*P_layer+P_root)*(c+4)", "fsdp: unsharded layers in flight"),
     ("act", "{act}", "T = {T} tokens per micro-batch"),
