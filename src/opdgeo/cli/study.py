@@ -7,7 +7,7 @@ import click
 
 @click.command("study")
 @click.option("--preset", default="tiny", show_default=True, metavar="NAME|FILE.yaml",
-              help="quick: CI smoke test (minutes); tiny: the default small study (<= 15 min on 2 CPU cores); "
+              help="quick: CI smoke test (< 1 min); tiny: the default small study (<= 15 min on 2 CPU cores); "
                    "smollm2: real SmolLM2-135M-Instruct student; paper: the paper's recipe (GPUs); or a study "
                    "file of your own (recipes/study/*.yaml show the format).")
 @click.option("--out", default=None, type=click.Path(file_okay=False),
