@@ -54,6 +54,7 @@ def worker(objective: str, steps: int, out: str, after: bool, generate_batch: in
     from opdgeo.training.config import load_config
     from opdgeo.training.loop import train
 
+    out = out or tempfile.mkdtemp(prefix="rl-step-worker-")  # a worker started by hand: never a folder "None"
     history = train(load_config(None, config_overrides(objective, steps, out, generate_batch=generate_batch))).history
     print("RESULT " + json.dumps({
         "step_time": [h.values["train/step_time"] for h in history],
