@@ -183,18 +183,20 @@ _NEUTRAL_SAMPLING = {
 }
 
 
-def neutral_generation_config(*, temperature: float, max_new_tokens: int, eos_ids: list[int], pad_id: int):
-    """A ``GenerationConfig`` under which ``generate`` samples exactly from softmax(z / τ).
+def neutral_generation_config(*, max_new_tokens: int, eos_ids: list[int], pad_id: int):
+    """A ``GenerationConfig`` that decodes greedily over the scores it is given and changes
+    nothing else: sampling happens in ``InverseCdfSampler`` (a logits processor whose
+    one-hot scores greedy decoding takes; ``sample_chunk`` adds it unless τ = 0, which is
+    then plain greedy decoding of the logits).
 
     Every field that could reshape the distribution (top-k/top-p/min-p/typical/epsilon/eta
     truncation, repetition and n-gram penalties, suppressed, forced or biased tokens,
     minimum lengths, beams, watermarking, guidance) is set to its neutral value, so nothing
     is inherited from a model's ``generation_config``; ``generate`` additionally swaps the
-    model's own config for an empty one during the call. ``temperature == 0``: greedy.
+    model's own config for an empty one during the call.
     """
     from transformers import GenerationConfig
 
-    # greedy decoding over `InverseCdfSampler`'s one-hot scores when sampling (the sampler draws)
     return GenerationConfig(
         do_sample=False, temperature=None, max_new_tokens=max_new_tokens,
         max_length=None, eos_token_id=list(eos_ids), pad_token_id=pad_id, use_cache=True, **_NEUTRAL_SAMPLING)
@@ -280,7 +282,7 @@ def generate(model, tokenizer, prompts: list[str], *, num_samples: int = 1, temp
     eos_ids = _eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     device = next(model.parameters()).device
-    gen_config = neutral_generation_config(temperature=temperature, max_new_tokens=max_new_tokens,
+    gen_config = neutral_generation_config(max_new_tokens=max_new_tokens,
                                            eos_ids=eos_ids, pad_id=pad_id)
     encoded = _encode(tokenizer, prompts)
     rows = [i for i in range(len(prompts)) for _ in range(num_samples)]  # prompt-major
