@@ -172,6 +172,45 @@ def test_square_gaussian_bulk_with_spikes_takes_no_full_svdvals(monkeypatch):
     assert len(calls) == 1 and calls[0][0] == n and 0 < calls[0][1] < n
 
 
+@pytest.mark.parametrize("k", [0, 24, 150, 170, 200])
+def test_gram_eigenvectors_only_for_the_cluster_and_the_top_k(k):
+    """The LAPACK route forms the eigenvectors of the near-null cluster and of the top k
+    only (c + k columns, or all N where they meet), each an eigenvector of WᵀW to
+    ~eps·||WᵀW|| against float64 ``scipy.linalg.eigh``, orthonormal, with every eigenvalue."""
+    import scipy.linalg
+
+    from opdgeo.geometry.spectrum import _CLUSTER_RATIO, _gram_eigen_lapack
+
+    w, _, _ = matrix_with_spectrum(260, 200, ILL, seed=31)
+    gram = w.T @ w
+    ref_vals, ref_vecs = scipy.linalg.eigh(gram)
+    lam, vecs, c = _gram_eigen_lapack(w, k, _CLUSTER_RATIO)
+    assert c == int((ILL < _CLUSTER_RATIO * ILL[0]).sum()) and 0 < c < 200
+    assert vecs.shape == (200, min(200, c + k))
+    np.testing.assert_allclose(lam, ref_vals, rtol=0, atol=1e-13 * ref_vals[-1])
+    wanted = np.r_[0:c, 200 - vecs.shape[1] + c:200] if c + k < 200 else np.arange(200)
+    resid = gram @ vecs - vecs * ref_vals[wanted]
+    assert np.abs(resid).max() < 1e-12 * ref_vals[-1]
+    assert np.abs(vecs.T @ vecs - np.eye(vecs.shape[1])).max() < 1e-12
+    if k == 24:  # a well-determined top-k eigenspace (relative gap 0.7 at 24): the same span
+        top, ref_top = vecs[:, -k:], ref_vecs[:, -k:]
+        assert np.linalg.norm(ref_top - top @ (top.T @ ref_top), 2) < 1e-12
+
+
+def test_values_are_the_same_bits_with_and_without_vectors():
+    """NSS alone and NSS with angles read the same singular values: no value depends on k
+    (k below, at and beyond the point where the top k meet the near-null cluster)."""
+    # 40 values in [10, 1], 160 in the cluster (< 1e-2·σ1) but above 1e-3·σ1 (Gram route)
+    sigma = np.concatenate([np.linspace(10.0, 1.0, 40), np.geomspace(0.09, 0.011, 160)])
+    for shape in ((260, 200), (200, 200), (200, 260)):
+        w, _, _ = matrix_with_spectrum(*shape, sigma, seed=32)
+        t = torch.from_numpy(w)
+        values = singular_values(t)
+        np.testing.assert_allclose(values.numpy(), sigma, rtol=0, atol=1e-14 * sigma[0])
+        for k in (1, 24, 40, 100, 200):
+            assert torch.equal(top_singular_subspaces(t, k).S, values), (shape, k)
+
+
 def test_relative_gap_known_values():
     S = torch.tensor([10.0, 8.0, 8.0, 2.0], dtype=torch.float64)
     assert relative_gap(S, 1) == pytest.approx(0.2, abs=1e-15)

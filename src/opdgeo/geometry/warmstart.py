@@ -23,12 +23,13 @@ __all__ = ["WARM_TOL", "WarmStart", "iteration_budget", "update_norm_estimate", 
 #: accuracy the principal angles are held to (each angle moves by at most Θ).
 WARM_TOL = 1e-10
 
-# Cost model of the budget, in GEMM-equivalent flops, measured with torch 2.13 (MKL) on the
-# 2-core AMD EPYC (AVX2) development box: a dense float64 eigendecomposition with vectors
-# (``eigh``, LAPACK syevd) of a p x p Gram matrix costs ~22 p^3, and the QR / small SVD of
-# an m x k block ~6x its flop count (LAPACK's Householder kernels run at ~1/6 of GEMM speed
-# there).
-_EIGH_FLOPS = 22.0
+# Cost model of the budget, in GEMM-equivalent flops, measured with one thread on the
+# 2-core AMD EPYC (AVX-512) development box: the dense route's p x p eigenproblem (LAPACK
+# dsytrd, dsterf, MRRR vectors for the top k and the near-null cluster, their
+# back-transformation; ``spectrum._gram_parts``) costs ~8 p^3 at k = p/4 (1.34 s against
+# 0.34 s for a 2048^3 GEMM), and the QR / small SVD of an m x k block ~6x its flop count
+# (LAPACK's Householder kernels run at ~1/6 of GEMM speed on these CPUs).
+_EIGH_FLOPS = 8.0
 _HOUSEHOLDER_SLOWDOWN = 6.0
 
 
@@ -66,7 +67,7 @@ def iteration_budget(m: int, n: int, k: int) -> int:
     Formula (GEMM-equivalent flops, constants measured on the development CPU, see
     ``_EIGH_FLOPS``)::
 
-        dense = 4 m n p + 22 p^3                       (Gram + refinement GEMMs, eigh)
+        dense = m n p + 2 m n k + 8 p^3              (syrk, GEMM on k columns, eigenproblem)
         step  = 4 m n k + 6 (2 n k^2 + 2 m k^2 + 2 k^3) (two GEMMs, QR of V, SVD of W V)
         budget = floor(dense / step)
 
@@ -77,7 +78,7 @@ def iteration_budget(m: int, n: int, k: int) -> int:
         The budget, at least 0.
     """
     p = min(m, n)
-    dense = 4.0 * m * n * p + _EIGH_FLOPS * p**3
+    dense = 1.0 * m * n * p + 2.0 * m * n * k + _EIGH_FLOPS * p**3
     step = 4.0 * m * n * k + _HOUSEHOLDER_SLOWDOWN * (2.0 * n * k * k + 2.0 * m * k * k + 2.0 * k**3)
     return max(0, int(dense // step))
 
