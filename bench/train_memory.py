@@ -25,7 +25,12 @@ forward on this model), which would measure glibc, not the training.
 - ``ckpt_act_peak_mem_fsdp``: the same under FSDP2 over 2 processes.
 
 Every worker runs the same forward as training (``sequence_logprobs`` through
-``opdgeo.distributed.wrap_model``), in fp32. The last lines are ``name: value`` pairs.
+``opdgeo.distributed.wrap_model``) at the precision training would use: ``--precision
+auto`` (default) resolves like ``optim.bf16_autocast: auto`` (bf16 where the device computes
+bf16 natively, fp32 elsewhere); ``bf16`` is what training does then: the forward under bf16
+autocast and, under ``fsdp``, FSDP2's ``MixedPrecisionPolicy`` (bf16 parameters in compute,
+fp32 gradient reduction, fp32 master weights and AdamW state either way). The last lines
+are ``name: value`` pairs.
 """
 
 from __future__ import annotations
@@ -74,6 +79,7 @@ def worker(args) -> dict:
     """One measurement in this process (a torchrun worker or a plain process)."""
     from opdgeo import distributed
     from opdgeo.training.loop import activation_checkpointing_, load_policy
+    from opdgeo.training.precision import autocast_context
     from opdgeo.training.rollout import sequence_logprobs
 
     torch.manual_seed(0)
@@ -83,7 +89,8 @@ def worker(args) -> dict:
     model = model.float().eval()
     if args.ckpt:
         activation_checkpointing_(model)
-    wrapped = distributed.wrap_model(model, args.strategy, ctx)
+    bf16 = args.precision == "bf16"
+    wrapped = distributed.wrap_model(model, args.strategy, ctx, bf16_compute=bf16)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     g = torch.Generator().manual_seed(ctx.rank)
     ids = torch.randint(0, min(model.config.vocab_size, 1000), (args.rows, args.seq), generator=g)
@@ -102,7 +109,7 @@ def worker(args) -> dict:
             seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast_context(bf16, ctx.device):
             lp = sequence_logprobs(wrapped, ids, att, resp)
         saved = sum(seen.values())
         (-lp.sum() / lp.numel()).backward()
@@ -126,7 +133,7 @@ def _launch(args, strategy: str, nproc: int, ckpt: bool) -> dict:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     flags = ["--worker", "--strategy", strategy, "--model", args.model, "--seq", str(args.seq), "--rows", str(args.rows),
-             "--mem-steps", str(args.mem_steps)] + (["--ckpt"] if ckpt else [])
+             "--mem-steps", str(args.mem_steps), "--precision", args.precision] + (["--ckpt"] if ckpt else [])
     head = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(port)] \
         if nproc > 1 else [sys.executable]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -136,17 +143,31 @@ def _launch(args, strategy: str, nproc: int, ckpt: bool) -> dict:
     return json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1].removeprefix("RESULT "))
 
 
+def resolved_precision(setting: str) -> str:
+    """``fp32`` or ``bf16``: ``auto`` as training resolves ``optim.bf16_autocast: auto`` on the CPU."""
+    from opdgeo.training.precision import resolve_bf16_autocast
+
+    if setting == "auto":
+        return "bf16" if resolve_bf16_autocast("auto", "cpu") else "fp32"
+    return setting
+
+
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--seq", type=int, default=256, help="tokens per sequence (the last half are the response)")
     ap.add_argument("--rows", type=int, default=4, help="sequences per micro-batch")
     ap.add_argument("--mem-steps", type=int, default=3, dest="mem_steps",
                     help="optimizer steps per memory measurement (the first is a warm-up)")
+    ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                    help="compute precision of the measured steps (auto: as training resolves it here)")
 
 
 def run_all(args) -> dict[str, float]:
     """Every measurement, each in fresh processes; prints one line per measurement and
     returns the ratios."""
+    args.precision = resolved_precision(args.precision)
+    print(f"train_memory: precision {args.precision}, {args.rows} x {args.seq} tokens per rank, "
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()}", file=sys.stderr)
     runs = {"ddp x2": ("ddp", 2, False), "fsdp x2": ("fsdp", 2, False), "ckpt off": ("none", 1, False),
             "ckpt on": ("none", 1, True), "fsdp x2 ckpt on": ("fsdp", 2, True)}
     rows = {name: _launch(args, *spec) for name, spec in runs.items()}

@@ -259,7 +259,9 @@ def _gram_eigen_lapack(a, k: int, cluster_ratio: float):
     if info != 0:
         raise RuntimeError(f"LAPACK dsterf failed (info={info})")
     top = float(np.sqrt(max(lam[-1], 0.0)))
-    c = int(np.searchsorted(lam, (cluster_ratio * top) ** 2)) if top > 0 else N
+    if not top > 0:  # a zero matrix: no vectors to form
+        return lam, np.zeros((N, 0)), 0
+    c = int(np.searchsorted(lam, (cluster_ratio * top) ** 2))
     e_n = np.concatenate([e, [0.0]])  # dstemr's workspace length for e
     blocks = []
     # the cluster's vectors in a call of their own whatever k is, so that its values (and
