@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import time
 
 import pytest
 import torch
@@ -213,3 +215,35 @@ def test_smollm2_loads_formats_and_generates(tmp_path, monkeypatch):
     lp = ro.behaviour_logprobs[ro.response_mask]
     assert lp.numel() > 0 and torch.isfinite(lp).all() and (lp <= 0).all()
     assert len(ro.texts) == 2
+
+
+def test_concurrent_exports_write_once_and_all_reuse_it(tmp_path, monkeypatch):
+    """Ranks started together on a fresh machine: one process exports, the others wait on
+    the lock and reuse the complete folder (before the lock, each exported and renamed its
+    copy over the folder the others were loading)."""
+    import multiprocessing
+
+    import opdgeo.models.loading as loading
+
+    out, record = tmp_path / "export", tmp_path / "writes.txt"
+
+    def fake_write(folder):  # the GGUF dequantization, replaced by a slow stand-in
+        with open(record, "a") as fh:
+            fh.write(f"{os.getpid()}\n")
+        time.sleep(0.5)  # a window in which the other processes arrive (not a timing assertion)
+        with loading.atomic_folder(folder) as tmp:
+            (tmp / "config.json").write_text("{}")
+            (tmp / loading._EXPORT_MARKER).write_text("test\n")
+
+    monkeypatch.setattr(loading, "_write_export", fake_write)
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=loading.export_smollm2, args=(out,)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert len(record.read_text().splitlines()) == 1  # written once
+    assert loading._export_complete(out) and loading.export_smollm2(out) == out
+    assert (tmp_path / ".export.lock").is_file()  # the lock lives beside the folder, not in it
+    assert sorted(q.name for q in out.iterdir()) == [loading._EXPORT_MARKER, "config.json"]

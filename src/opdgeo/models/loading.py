@@ -15,8 +15,10 @@ Pickled weights (``pytorch_model*.bin``) are refused unless ``allow_pickle=True`
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from opdgeo.errors import ConfigError
@@ -55,6 +57,26 @@ def _export_complete(folder: Path) -> bool:
     return (folder / _EXPORT_MARKER).is_file() and (folder / "config.json").is_file()
 
 
+@contextlib.contextmanager
+def _exporting(out: Path) -> Iterator[None]:
+    """Hold a blocking ``flock`` on ``.<name>.lock`` beside ``out`` inside the block, so that
+    processes started together (the ranks of a ``torchrun`` launch on a fresh machine)
+    export once: the first writes the folder, the others wait and then reuse it. Without
+    it each rank exported and renamed its copy over the folder the others were reading."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no lock, as before
+        yield
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out.parent / f".{out.name}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def export_smollm2(out_dir: str | Path | None = None) -> Path:
     """Write SmolLM2-135M-Instruct as a normal HF safetensors folder (model + tokenizer).
 
@@ -62,7 +84,8 @@ def export_smollm2(out_dir: str | Path | None = None) -> Path:
     GGUF quantizer state is cleared before saving (``hf_quantizer = None``,
     ``is_quantized = False``, no ``quantization_config``) so the folder loads as an ordinary
     model. The export is written to a temporary sibling folder and renamed into place, with
-    a completion marker; a complete export is reused, not redone.
+    a completion marker; a complete export is reused, not redone. Concurrent callers (the
+    ranks of one launch) export once: the others wait for it (a lock file beside the folder).
 
     Args:
         out_dir: target folder; default ``cache_dir() / "smollm2-135m-instruct"``.
@@ -77,8 +100,22 @@ def export_smollm2(out_dir: str | Path | None = None) -> Path:
     out = Path(out_dir) if out_dir is not None else cache_dir() / "smollm2-135m-instruct"
     if _export_complete(out):
         return out
+    with _exporting(out):
+        return _export_smollm2_once(out)
+
+
+def _export_smollm2_once(out: Path) -> Path:
+    """``export_smollm2`` under its lock: reuse what another process finished meanwhile."""
+    if _export_complete(out):
+        return out
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out}: exists but is not a complete SmolLM2 export; remove it or choose another folder")
+    _write_export(out)
+    return out
+
+
+def _write_export(out: Path) -> None:
+    """Dequantize the GGUF and write the export folder atomically, with its marker."""
     gguf = smollm2_gguf_path()
     if importlib.util.find_spec("gguf") is None:
         raise ConfigError("loading the SmolLM2 GGUF needs the gguf package: pip install gguf")
@@ -95,7 +132,6 @@ def export_smollm2(out_dir: str | Path | None = None) -> Path:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / _EXPORT_MARKER).write_text(f"exported from {gguf}\n")
-    return out
 
 
 def resolve_source(source) -> Path:
