@@ -29,8 +29,9 @@ Every worker runs the same forward as training (``sequence_logprobs`` through
 auto`` (default) resolves like ``optim.bf16_autocast: auto`` (bf16 where the device computes
 bf16 natively, fp32 elsewhere); ``bf16`` is what training does then: the forward under bf16
 autocast and, under ``fsdp``, FSDP2's ``MixedPrecisionPolicy`` (bf16 parameters in compute,
-fp32 gradient reduction, fp32 master weights and AdamW state either way). The last lines
-are ``name: value`` pairs.
+fp32 gradient reduction, fp32 master weights and AdamW state either way), without
+autocast's weight-cast cache, as the loss stage runs it; the optimizer is training's fused
+AdamW (``training.policies.adamw``). The last lines are ``name: value`` pairs.
 """
 
 from __future__ import annotations
@@ -78,7 +79,9 @@ def _state_bytes(model, optimizer) -> int:
 def worker(args) -> dict:
     """One measurement in this process (a torchrun worker or a plain process)."""
     from opdgeo import distributed
+    from opdgeo.training.config import OptimConfig
     from opdgeo.training.loop import activation_checkpointing_, load_policy
+    from opdgeo.training.policies import adamw
     from opdgeo.training.precision import autocast_context
     from opdgeo.training.rollout import sequence_logprobs
 
@@ -91,7 +94,7 @@ def worker(args) -> dict:
         activation_checkpointing_(model)
     bf16 = args.precision == "bf16"
     wrapped = distributed.wrap_model(model, args.strategy, ctx, bf16_compute=bf16)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    opt = adamw([p for p in model.parameters() if p.requires_grad], OptimConfig(lr=1e-5))  # training's AdamW
     g = torch.Generator().manual_seed(ctx.rank)
     ids = torch.randint(0, min(model.config.vocab_size, 1000), (args.rows, args.seq), generator=g)
     att = torch.ones_like(ids)
@@ -109,7 +112,7 @@ def worker(args) -> dict:
             seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast_context(bf16, ctx.device):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast_context(bf16, ctx.device, cache=False):
             lp = sequence_logprobs(wrapped, ids, att, resp)
         saved = sum(seen.values())
         (-lp.sum() / lp.numel()).backward()

@@ -94,6 +94,8 @@ def test_terms_by_hand():
     assert f.terms["student"] == 16.0 * 1288 / 4
     assert f.terms["teacher"] == 2.0 * 1288 / 4 + 2 * 2 * 600
     assert f.terms["cast_cache"] == 0.0
+    d = plan_memory(a, a, Settings(**{**s.__dict__, "activation_checkpointing": True}))  # ddp, checkpointed
+    assert d.terms["cast_cache"] == 2.0 * (10 * 8 + 600)  # the head's bf16 copy and one recomputed layer's
     assert f.terms["gathered"] == (2 * 600 + 88) * (2 + 4.0)
     assert f.terms["act"] == 2 * 8 * T * 2 + 171 * T * 2
     assert f.per_gpu == f.terms["student"] + f.terms["teacher"] + max(f.training, f.generation)

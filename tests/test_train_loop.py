@@ -188,3 +188,28 @@ def test_teacher_with_another_tokenizer_is_refused(tmp_path, teacher_dir):
     with pytest.raises(ConfigError, match="tokenizers differ"):
         train(cfg)
     assert not ckpt.list_checkpoints(tmp_path / "run")
+
+
+def test_the_loss_forward_keeps_no_autocast_weight_casts():
+    """Under bf16 autocast the differentiable forward runs without autocast's cast cache
+    (with activation checkpointing it would hold a bf16 copy of every weight until the
+    forward ends), and its log-probs are the same bits as a cached forward's."""
+    from opdgeo.models import build_model, char_tokenizer, tiny_qwen3_config
+    from opdgeo.training.precision import autocast_context
+    from opdgeo.training.rollout import sequence_logprobs
+
+    model = build_model(tiny_qwen3_config("quick", len(char_tokenizer())), seed=0)
+    mb = _micro_batch()
+    seen = []
+    hook = model.model.layers[0].register_forward_hook(
+        lambda *_: seen.append((torch.is_autocast_enabled("cpu"), torch.is_autocast_cache_enabled())))
+    backward_micro_batches(model, [mb], clip=(0.2, 0.28), global_tokens=float(mb.loss_mask.sum()),
+                           device=torch.device("cpu"), bf16=True)
+    hook.remove()
+    assert seen == [(True, False)]
+    with torch.no_grad():
+        with autocast_context(True, "cpu"):
+            cached = sequence_logprobs(model, mb.input_ids, mb.attention_mask, mb.response_mask)
+        with autocast_context(True, "cpu", cache=False):
+            uncached = sequence_logprobs(model, mb.input_ids, mb.attention_mask, mb.response_mask)
+    assert torch.equal(cached, uncached)

@@ -12,6 +12,9 @@ of a compute element (2 under bf16, 4 in fp32), T = tokens of one training micro
 
     student    = 16·P_s / S                 fp32 weights 4 + grads 4 + AdamW moments 8 (on the CPU with cpu_offload)
     cast_cache = 2·P_s                      none/ddp under bf16 autocast: bf16 copies of the weights kept for backward
+               = 2·(V·h + P_layer)          with activation checkpointing (the loss forward runs without
+                                            autocast's cast cache): the output head's copy, saved for its
+                                            backward, and one layer's copies while it is recomputed
     gathered   = (2·P_layer + P_root)·(c+4) fsdp: two unsharded layers (current + prefetch) and the root
                                             (embedding, lm_head), in c bytes plus their fp32 gradients
     teacher    = t·P_t / S + [fsdp] 2·t·P_layer,t   t = 2 (bf16) or 4 (fp32); sharded like the student
@@ -172,7 +175,9 @@ def plan_memory(student: Arch, teacher: Arch | None, s: Settings) -> MemoryPlan:
     terms = {
         "student": 0.0 if s.cpu_offload else state,
         "teacher": teacher_b,
-        "cast_cache": 2.0 * ps if not fsdp and s.bf16_compute else 0.0,
+        "cast_cache": (0.0 if fsdp or not s.bf16_compute else
+                       2.0 * (student.vocab_size * h + student.layer_parameters) if s.activation_checkpointing
+                       else 2.0 * ps),
         "gathered": (2 * student.layer_parameters + student.root_parameters) * (c + 4.0) if fsdp else 0.0,
         "act": float(act),
         "logprobs": 12.0 * min(s.logprob_chunk, student.vocab_size * tokens) + 4.0 * h * tokens,
@@ -319,7 +324,7 @@ def _b(x: float) -> str:
 _LABELS = (
     ("student", "16*P_s/S", "fp32 weights 4 + grads 4 + AdamW 8, S = {S} shards"),
     ("teacher", "t*P_t/S (+2 layers)", "t = {t} bytes, inference only"),
-    ("cast_cache", "2*P_s", "bf16 autocast's weight copies"),
+    ("cast_cache", "{cast}", "bf16 autocast's weight copies"),
     ("gathered", "(2*P_layer+P_root)*(c+4)", "fsdp: unsharded layers in flight"),
     ("act", "{act}", "T = {T} tokens per micro-batch"),
     ("logprobs", "12*min(C,V*T)+4*h*T", "chunked log-softmax, C = {C}"),
@@ -334,7 +339,8 @@ def format_plan(student: Arch, teacher: Arch | None, s: Settings, *, title: str,
     p = plan_memory(student, teacher, s)
     tokens = s.micro_sequences * (s.prompt_tokens + s.response_tokens)
     act = "L*h*T*c + a*T*c" if s.activation_checkpointing else "L*a*T*c"
-    fill = dict(S=s.world if s.strategy == "fsdp" else 1, t=s.teacher_bytes, act=act, T=f"{s.micro_sequences} x "
+    cast = "2*(V*h + P_layer)" if s.activation_checkpointing else "2*P_s"
+    fill = dict(S=s.world if s.strategy == "fsdp" else 1, t=s.teacher_bytes, act=act, cast=cast, T=f"{s.micro_sequences} x "
                 f"({s.prompt_tokens} prompt + {s.response_tokens} response) = {tokens:,}", C=f"{s.logprob_chunk:,}")
     lines = [f"{title}: strategy {s.strategy} on {s.world} process(es), activation checkpointing "
              f"{'on' if s.activation_checkpointing else 'off'}, compute {'bf16' if s.bf16_compute else 'fp32'}, "

@@ -68,10 +68,13 @@ def resolve_bf16_autocast(setting: bool | str, device: torch.device | str) -> bo
     return native_bf16(device)
 
 
-def autocast_context(enabled: bool, device: torch.device | str):
-    """``torch.autocast(bfloat16)`` on ``device`` when ``enabled``, else a no-op context."""
+def autocast_context(enabled: bool, device: torch.device | str, *, cache: bool = True):
+    """``torch.autocast(bfloat16)`` on ``device`` when ``enabled``, else a no-op context;
+    ``cache``: autocast's cache of bf16 casts of weights, kept until the context exits
+    (it saves recasting in the many forwards of a ``generate``; a single differentiable
+    forward gains nothing from it)."""
     device = torch.device(device)
-    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache) if enabled else nullcontext()
 
 
 def precision_name(enabled: bool) -> str:
