@@ -40,16 +40,40 @@ def test_chunked_logprobs_equal_the_float64_formula_and_save_no_logits():
     rh, rw = torch.autograd.grad(ref, (h64, w64))
     torch.testing.assert_close(gh.double(), rh, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(gw.double(), rw, rtol=1e-4, atol=1e-5)
-    # saved for backward: only the inputs; the plain formula keeps [R, V] logits (and more)
+    # saved for backward: only the inputs and the [R] log-sum-exp; the plain formula keeps
+    # [R, V] logits (and more)
     def plain():
         z = hidden @ weight.T
         return z.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(z, dim=-1)
 
     _, unchunked = _saved_bytes(plain)
-    assert chunked <= (R * h + V * h) * 4 + R * 8 < unchunked
+    assert chunked <= (R * h + V * h) * 4 + R * 8 + R * 4 < unchunked
     assert unchunked >= R * V * 4
     with pytest.raises(ValueError, match="chunk_rows"):
         linear_logprobs(hidden, weight, targets, chunk_rows=0)
+
+
+def test_chunked_logprobs_backward_under_bf16_autocast_matches_autograd_of_the_formula():
+    """The hand-written backward recomputes the projection under the forward's autocast
+    state: under bf16 autocast its gradients equal autograd of the same formula under the
+    same autocast (bf16 products, fp32 softmax) to bf16 rounding, and keep the inputs' dtypes."""
+    g = torch.Generator().manual_seed(1)
+    R, h, V = 29, 32, 257
+    hidden = torch.randn(R, h, generator=g, requires_grad=True)
+    weight = torch.randn(V, h, generator=g, requires_grad=True)
+    targets = torch.randint(0, V, (R,), generator=g)
+    upstream = torch.randn(R, generator=g)
+    for tau in (1.0, 0.6):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = linear_logprobs(hidden, weight, targets, chunk_rows=8, temperature=tau)
+            z = torch.nn.functional.linear(hidden, weight).float() / tau
+            ref = z.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(z, dim=-1)
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-4)  # the same ops (chunks may sum in another order)
+        gh, gw = torch.autograd.grad((out * upstream).sum(), (hidden, weight))
+        rh, rw = torch.autograd.grad((ref * upstream).sum(), (hidden, weight))
+        assert gh.dtype == hidden.dtype and gw.dtype == weight.dtype
+        torch.testing.assert_close(gh, rh, rtol=2e-2, atol=2e-2 * rh.abs().max().item())
+        torch.testing.assert_close(gw, rw, rtol=2e-2, atol=2e-2 * rw.abs().max().item())
 
 
 def _tiny(seed=0):

@@ -150,11 +150,69 @@ def masked_mean(
 
 
 def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    return _chunk_logprobs_lse(hidden, weight, targets, temperature)[0]
+
+
+def _chunk_logprobs_lse(hidden, weight, targets, temperature):
+    """One chunk's log-probs of ``targets`` and its log-sum-exp (both ``[r]``), with one fp32
+    ``[r, V]`` buffer: the logits are scaled, shifted and exponentiated in place (the
+    log-sum-exp as ``m + log Σ exp(z − m)``, m the row maximum, as ``torch.logsumexp``
+    computes it, without its temporary)."""
     z = torch.nn.functional.linear(hidden, weight)  # [r, V]: one chunk of logits
-    z = z.to(torch.promote_types(z.dtype, torch.float32))  # bf16 -> fp32; float64 stays
+    z = z.to(torch.promote_types(z.dtype, torch.float32))  # bf16 -> fp32 (a new buffer); float64 stays
     if temperature != 1.0:
-        z = z / temperature
-    return z.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(z, dim=-1)
+        z.div_(temperature)
+    picked = z.gather(1, targets.unsqueeze(1)).squeeze(1)
+    top = z.amax(dim=-1, keepdim=True)
+    lse = z.sub_(top).exp_().sum(dim=-1).log_().add_(top.squeeze(1))
+    return picked - lse, lse
+
+
+class _ChunkLogprobs(torch.autograd.Function):
+    """One chunk of ``linear_logprobs`` with a hand-written backward.
+
+    Forward: ``_chunk_logprobs`` (the same ops, so the same bits), keeping only the inputs
+    and the ``[r]`` log-sum-exp. Backward recomputes the chunk's projection once (under the
+    forward's autocast state) and turns it into the gradient in place::
+
+        ∂logp_r/∂z_r = (onehot(a_r) − softmax(z_r)) / τ
+
+    so a chunk's backward holds one fp32 ``[r, V]`` buffer (plus the projection's output in
+    its compute dtype and the casts of the two products) instead of the logits, their fp32
+    copy, the softmax, the gather's scattered gradient and their sum that autograd of the
+    formula allocates (about 20 bytes a logit under bf16 autocast there, 8 here).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature):
+        device = hidden.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        out, lse = _chunk_logprobs_lse(hidden, weight, targets, temperature)
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.temperature = temperature
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        device, enabled, dtype = ctx.autocast
+        tau = ctx.temperature
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            z = torch.nn.functional.linear(hidden, weight)
+        p = z.to(torch.promote_types(z.dtype, torch.float32))
+        del z
+        if tau != 1.0:
+            p.div_(tau)
+        p.sub_(lse.unsqueeze(1)).exp_()  # softmax(z_r), in place
+        g = (grad_out / tau).to(p.dtype).unsqueeze(1)  # [r, 1]
+        p.mul_(-g).scatter_add_(1, targets.unsqueeze(1), g)  # g·(onehot − softmax) / τ
+        grad_hidden = grad_weight = None
+        with torch.autocast(device, dtype=dtype, enabled=enabled):  # the casts autograd of linear makes
+            if ctx.needs_input_grad[0]:
+                grad_hidden = (p @ weight).to(hidden.dtype)
+            if ctx.needs_input_grad[1]:
+                grad_weight = (p.mT @ hidden).to(weight.dtype)
+        return grad_hidden, grad_weight, None, None
 
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, chunk_rows: int,
@@ -166,12 +224,13 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
         logp_r = z_r[a_r] − logsumexp_v z_r[v],   z_r = h_r Wᵀ / τ   (float32)
 
-    Rows are processed in chunks of ``chunk_rows``; each chunk's projection, fp32 cast and
-    log-softmax run inside ``torch.utils.checkpoint`` (non-reentrant), so backward keeps only
-    ``hidden`` and ``weight`` (which the model holds anyway) and recomputes one chunk of
-    logits at a time: saved memory falls from R·V fp32 values to nothing beyond the inputs,
-    at the cost of one more projection per chunk. Without gradient it is a plain chunked
-    loop. Same values as the unchunked formula up to fp32 rounding (tested in float64).
+    Rows are processed in chunks of ``chunk_rows``; each chunk keeps only ``hidden`` and
+    ``weight`` (which the model holds anyway) and its ``[r]`` log-sum-exp for backward, which
+    recomputes one chunk of logits at a time and turns it into the gradient in place
+    (``_ChunkLogprobs``): saved memory falls from R·V fp32 values to nothing beyond the
+    inputs, at the cost of one more projection per chunk. Without gradient it is a plain
+    chunked loop. Same values as the unchunked formula up to fp32 rounding (values and
+    gradients tested in float64).
 
     Args:
         hidden: ``[R, h]`` final hidden states (after the final norm).
@@ -186,8 +245,6 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     Raises:
         ValueError: inconsistent shapes or ``chunk_rows < 1``.
     """
-    from torch.utils.checkpoint import checkpoint
-
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1] or targets.shape != hidden.shape[:1]:
         raise ValueError(f"hidden [R, h], weight [V, h], targets [R] expected; got {tuple(hidden.shape)}, "
                          f"{tuple(weight.shape)}, {tuple(targets.shape)}")
@@ -197,7 +254,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     parts = []
     for s in range(0, hidden.shape[0], chunk_rows):
         h, t = hidden[s:s + chunk_rows], targets[s:s + chunk_rows]
-        parts.append(checkpoint(_chunk_logprobs, h, weight, t, temperature, use_reentrant=False) if grad
+        parts.append(_ChunkLogprobs.apply(h, weight, t, temperature) if grad
                      else _chunk_logprobs(h, weight, t, temperature))
     if not parts:
         return hidden.new_zeros((0,), dtype=torch.promote_types(hidden.dtype, torch.float32))
