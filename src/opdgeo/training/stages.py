@@ -290,7 +290,7 @@ def _micro_batch_loss(model, mb: MicroBatch, *, clip: tuple[float, float], globa
     """Σ per-token loss / global_tokens of one micro-batch (adds its counts to ``sums``)."""
     # No cast cache in the differentiable forward: each weight is cast once per forward either
     # way, and with activation checkpointing the cache would hold a bf16 copy of every weight
-    # until the forward ends (2 bytes a parameter; measured +258 MiB of peak on SmolLM2-135M).
+    # until the forward ends (2 bytes a parameter; measured +258 MiB of forward peak on SmolLM2-135M).
     # Casts are deterministic, so the log-probs are the same bits as rollout's (cached) forward.
     with _autocast(bf16, device, cache=False):
         lp = _logprobs(model, mb).float()  # [n, T]
