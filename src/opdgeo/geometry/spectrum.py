@@ -318,7 +318,8 @@ def _gram_parts(w: torch.Tensor, k: int) -> _GramParts | None:
     a = w if w.shape[0] >= w.shape[1] else w.T  # [M, N] with M >= N
     N = a.shape[1]
     k = min(k, N)
-    if a.device.type == "cpu" and a.dtype == torch.float64:
+    lapack = a.device.type == "cpu" and a.dtype == torch.float64
+    if lapack:
         lam_np, z, c = _gram_eigen_lapack(a.detach().numpy(), k, _CLUSTER_RATIO)
         lam = torch.from_numpy(lam_np)
         vecs = torch.from_numpy(z)
@@ -329,7 +330,7 @@ def _gram_parts(w: torch.Tensor, k: int) -> _GramParts | None:
     if not bool(lam[-1] > 0):
         return None
     S = lam.clamp(min=0).sqrt()
-    if vecs.shape[1] == N and not (a.device.type == "cpu" and a.dtype == torch.float64):
+    if not lapack:
         y = a @ vecs  # torch.linalg.eigh formed every vector: every value refined
         S = torch.linalg.vector_norm(y, dim=0)
         y_cluster, y_top = y[:, :c], y[:, N - k:]

@@ -149,11 +149,8 @@ def masked_mean(
     return total / d
 
 
-def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
-    return _chunk_logprobs_lse(hidden, weight, targets, temperature)[0]
-
-
-def _chunk_logprobs_lse(hidden, weight, targets, temperature):
+def _chunk_logprobs_lse(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                        temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """One chunk's log-probs of ``targets`` and its log-sum-exp (both ``[r]``), with one fp32
     ``[r, V]`` buffer: the logits are scaled, shifted and exponentiated in place (the
     log-sum-exp as ``m + log Σ exp(z − m)``, m the row maximum, as ``torch.logsumexp``
@@ -171,8 +168,8 @@ def _chunk_logprobs_lse(hidden, weight, targets, temperature):
 class _ChunkLogprobs(torch.autograd.Function):
     """One chunk of ``linear_logprobs`` with a hand-written backward.
 
-    Forward: ``_chunk_logprobs`` (the same ops, so the same bits), keeping only the inputs
-    and the ``[r]`` log-sum-exp. Backward recomputes the chunk's projection once (under the
+    Forward: ``_chunk_logprobs_lse`` (what the no-gradient path runs, so the same bits),
+    keeping only the inputs and the ``[r]`` log-sum-exp. Backward recomputes the chunk's projection once (under the
     forward's autocast state) and turns it into the gradient in place::
 
         ∂logp_r/∂z_r = (onehot(a_r) − softmax(z_r)) / τ
@@ -255,7 +252,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     for s in range(0, hidden.shape[0], chunk_rows):
         h, t = hidden[s:s + chunk_rows], targets[s:s + chunk_rows]
         parts.append(_ChunkLogprobs.apply(h, weight, t, temperature) if grad
-                     else _chunk_logprobs(h, weight, t, temperature))
+                     else _chunk_logprobs_lse(h, weight, t, temperature)[0])
     if not parts:
         return hidden.new_zeros((0,), dtype=torch.promote_types(hidden.dtype, torch.float32))
     return torch.cat(parts)
