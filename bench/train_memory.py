@@ -8,8 +8,11 @@ Peak memory per rank *during training*: each worker builds the model, wraps it, 
 warm-up step (gradients and AdamW's moments now exist), returns freed heap to the system
 (``malloc_trim``), resets the kernel's resident high-water mark (``/proc/self/clear_refs``
 = 5) and takes the measured steps; the peak is ``VmHWM`` over those steps minus the
-resident memory before the model was built (imports). Loading is excluded: it is not
-training, and every rank loads the whole model on the CPU before ``fully_shard``. Workers
+resident memory before the model was built: the imports, including the model's modeling
+code, which transformers imports lazily on the first load (built once on the meta device
+first; 162 MiB of Python objects for SmolLM2's Llama code, which the per-row lines also
+report counted: "with the model code"). Loading is excluded: it is not training, and
+every rank loads the whole model on the CPU before ``fully_shard``. Workers
 run with ``MALLOC_MMAP_THRESHOLD_=65536`` so that glibc serves large buffers from mmap and
 returns them when freed: with its default, adaptive threshold the buffers FSDP gathers
 and frees layer by layer stay resident as heap fragments (about 0.35 GB more in the FSDP
@@ -76,6 +79,26 @@ def _state_bytes(model, optimizer) -> int:
     return total
 
 
+def _import_model_code(source: str) -> None:
+    """Import the code that loading ``source`` runs (transformers imports a model's
+    modeling module on its first load) by building the model on the meta device: no
+    weights are read or allocated."""
+    from opdgeo.sources import ModelSource
+
+    src = ModelSource.parse(source)
+    with torch.device("meta"):
+        if src.kind == "tiny":
+            from opdgeo.models import model_and_tokenizer
+
+            model_and_tokenizer(source)
+        else:
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            from opdgeo.models.loading import resolve_source
+
+            AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_source(source), local_files_only=True))
+
+
 def worker(args) -> dict:
     """One measurement in this process (a torchrun worker or a plain process)."""
     from opdgeo import distributed
@@ -86,6 +109,9 @@ def worker(args) -> dict:
     from opdgeo.training.rollout import sequence_logprobs
 
     torch.manual_seed(0)
+    start_kib = _status_kib("VmRSS")
+    _import_model_code(args.model)
+    _reset_peak()
     base_kib = _status_kib("VmRSS")
     ctx = distributed.init(single_process_group=args.strategy == "fsdp")
     model, _ = load_policy(args.model)
@@ -124,6 +150,7 @@ def worker(args) -> dict:
         times.append(time.perf_counter() - t0)
     out = {"state_bytes": state, "saved_bytes": saved,
            "peak_above_base": (_status_kib("VmHWM") - base_kib) * 1024,
+           "model_code": (base_kib - start_kib) * 1024,
            "setup_peak_above_base": (setup_kib - base_kib) * 1024,
            "step_time": statistics.median(times[1:] if len(times) > 1 else times)}
     rows = distributed.gather_to_rank0(out)
@@ -169,6 +196,12 @@ def run_all(args) -> dict[str, float]:
     """Every measurement, each in fresh processes; prints one line per measurement and
     returns the ratios."""
     args.precision = resolved_precision(args.precision)
+    from opdgeo.sources import ModelSource
+
+    if ModelSource.parse(args.model).kind != "tiny":  # a first SmolLM2 export happens here, not in a measured worker
+        from opdgeo.models.loading import resolve_source
+
+        resolve_source(args.model)
     print(f"train_memory: precision {args.precision}, {args.rows} x {args.seq} tokens per rank, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}", file=sys.stderr)
     runs = {"ddp x2": ("ddp", 2, False), "fsdp x2": ("fsdp", 2, False), "ckpt off": ("none", 1, False),
@@ -176,7 +209,8 @@ def run_all(args) -> dict[str, float]:
     rows = {name: _launch(args, *spec) for name, spec in runs.items()}
     for name, row in rows.items():
         print(f"{name}: state {row['state_bytes'] / 2**20:.1f} MiB, saved for backward {row['saved_bytes'] / 2**20:.1f} MiB, "
-              f"peak in steps {row['peak_above_base'] / 2**20:.1f} MiB (load + warm-up step "
+              f"peak in steps {row['peak_above_base'] / 2**20:.1f} MiB "
+              f"({(row['peak_above_base'] + row['model_code']) / 2**20:.1f} with the model code; load + warm-up step "
               f"{row['setup_peak_above_base'] / 2**20:.1f} MiB), step {row['step_time']:.2f} s", file=sys.stderr)
     ddp, fsdp, off, on, fsdp_on = (rows[k] for k in runs)
     return {

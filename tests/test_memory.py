@@ -1,6 +1,8 @@
 """Memory options of training: chunked log-probs without saved logits, activation
 checkpointing, the bf16 teacher; values against float64 references."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -29,17 +31,23 @@ def test_chunked_logprobs_equal_the_float64_formula_and_save_no_logits():
     for tau in (1.0, 0.7):
         ref = torch.log_softmax(hidden.detach().double() @ weight.detach().double().T / tau, dim=-1)
         ref = ref.gather(1, targets[:, None]).squeeze(1)
-        for rows in (1, 5, R, 1000):
-            out = linear_logprobs(hidden, weight, targets, chunk_rows=rows, temperature=tau)
+        # one tile, slices of every row (300: 301 = 300 + 1 columns), 2-D tiles (256-column
+        # slices of 4 or 14 rows), one logit a tile (1 row x 256 columns)
+        for elements in (R * V, R * 300, 14 * 256, 4 * 300, 1):
+            out = linear_logprobs(hidden, weight, targets, chunk_elements=elements, temperature=tau)
             torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-5)
     # gradients equal the float64 autograd of the same formula
-    out, chunked = _saved_bytes(lambda: linear_logprobs(hidden, weight, targets, chunk_rows=4))
-    gh, gw = torch.autograd.grad(out.sum(), (hidden, weight))
+    upstream = torch.randn(R, generator=g)
     h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
-    ref = torch.log_softmax(h64 @ w64.T, dim=-1).gather(1, targets[:, None]).sum()
-    rh, rw = torch.autograd.grad(ref, (h64, w64))
-    torch.testing.assert_close(gh.double(), rh, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(gw.double(), rw, rtol=1e-4, atol=1e-5)
+    for tau in (1.0, 0.7):
+        ref = (torch.log_softmax(h64 @ w64.T / tau, dim=-1).gather(1, targets[:, None]).squeeze(1) * upstream).sum()
+        rh, rw = torch.autograd.grad(ref, (h64, w64))
+        for elements in (R * V, R * 300, 14 * 256, 4 * 300, 1):
+            out = linear_logprobs(hidden, weight, targets, chunk_elements=elements, temperature=tau)
+            gh, gw = torch.autograd.grad((out * upstream).sum(), (hidden, weight))
+            torch.testing.assert_close(gh.double(), rh, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(gw.double(), rw, rtol=1e-4, atol=1e-5)
+    out, chunked = _saved_bytes(lambda: linear_logprobs(hidden, weight, targets, chunk_elements=4 * 300))
     # saved for backward: only the inputs and the [R] log-sum-exp; the plain formula keeps
     # [R, V] logits (and more)
     def plain():
@@ -49,8 +57,8 @@ def test_chunked_logprobs_equal_the_float64_formula_and_save_no_logits():
     _, unchunked = _saved_bytes(plain)
     assert chunked <= (R * h + V * h) * 4 + R * 8 + R * 4 < unchunked
     assert unchunked >= R * V * 4
-    with pytest.raises(ValueError, match="chunk_rows"):
-        linear_logprobs(hidden, weight, targets, chunk_rows=0)
+    with pytest.raises(ValueError, match="chunk_elements"):
+        linear_logprobs(hidden, weight, targets, chunk_elements=0)
 
 
 def test_chunked_logprobs_backward_under_bf16_autocast_matches_autograd_of_the_formula():
@@ -63,9 +71,12 @@ def test_chunked_logprobs_backward_under_bf16_autocast_matches_autograd_of_the_f
     weight = torch.randn(V, h, generator=g, requires_grad=True)
     targets = torch.randint(0, V, (R,), generator=g)
     upstream = torch.randn(R, generator=g)
-    for tau in (1.0, 0.6):
+    # fp32 weights (none/ddp), and bf16 ones as FSDP2's mixed precision unshards them; one
+    # tile, vocabulary slices of every row, 2-D tiles
+    cases = [(w, e) for w in (weight, weight.detach().bfloat16().requires_grad_()) for e in (R * V, R * 256, 8 * 256)]
+    for (weight, elements), tau in itertools.product(cases, (1.0, 0.6)):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = linear_logprobs(hidden, weight, targets, chunk_rows=8, temperature=tau)
+            out = linear_logprobs(hidden, weight, targets, chunk_elements=elements, temperature=tau)
             z = torch.nn.functional.linear(hidden, weight).float() / tau
             ref = z.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(z, dim=-1)
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-4)  # the same ops (chunks may sum in another order)
@@ -74,6 +85,28 @@ def test_chunked_logprobs_backward_under_bf16_autocast_matches_autograd_of_the_f
         assert gh.dtype == hidden.dtype and gw.dtype == weight.dtype
         torch.testing.assert_close(gh, rh, rtol=2e-2, atol=2e-2 * rh.abs().max().item())
         torch.testing.assert_close(gw, rw, rtol=2e-2, atol=2e-2 * rw.abs().max().item())
+
+
+def test_logprobs_without_gradient_read_the_same_bits_as_with_it():
+    """Rollout-time log-probs (no gradient) and the loss's (with gradient) must agree exactly,
+    so that the first PPO ratio is exactly 1: both run the same tiles, in fp32 and under
+    bf16 autocast, and a tiling that splits the vocabulary stays within fp32 rounding of one
+    that does not (the online log-sum-exp)."""
+    g = torch.Generator().manual_seed(2)
+    R, h, V = 41, 24, 700
+    hidden = torch.randn(R, h, generator=g, requires_grad=True)
+    weight = torch.randn(V, h, generator=g, requires_grad=True)
+    targets = torch.randint(0, V, (R,), generator=g)
+    for bf16 in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            whole = linear_logprobs(hidden, weight, targets, chunk_elements=R * V)
+            for elements in (R * V, R * 256, 10 * 300, 1):
+                graded = linear_logprobs(hidden, weight, targets, chunk_elements=elements)
+                with torch.no_grad():
+                    plain = linear_logprobs(hidden, weight, targets, chunk_elements=elements)
+                assert graded.requires_grad and not plain.requires_grad
+                assert torch.equal(graded.detach(), plain)
+                torch.testing.assert_close(plain, whole.detach(), rtol=0, atol=1e-5)
 
 
 def _tiny(seed=0):

@@ -87,21 +87,24 @@ def test_terms_by_hand():
                  teacher_bytes=2)
     T = 30
     ddp = plan_memory(a, a, s).terms
-    assert ddp == {"student": 16.0 * 1288, "teacher": 2.0 * 1288, "cast_cache": 2.0 * 1288,
-                   "gathered": 0.0, "act": 2 * 171 * T * 2.0, "logprobs": 12.0 * 10 * T + 4 * 8 * T,
+    # the layers' bf16 weight copies; a tile of logits (fp32 + bf16), the hidden states, the head's fp32 gradient
+    assert ddp == {"student": 16.0 * 1288, "teacher": 2.0 * 1288, "cast_cache": 2.0 * 2 * 600,
+                   "gathered": 0.0, "act": 2 * 171 * T * 2.0, "logprobs": 6.0 * 10 * T + 4 * 8 * T + 4 * 10 * 8,
                    "kv": 2.0 * 2 * 1 * 4 * T * 2}
     f = plan_memory(a, a, Settings(**{**s.__dict__, "strategy": "fsdp", "activation_checkpointing": True}))
     assert f.terms["student"] == 16.0 * 1288 / 4
     assert f.terms["teacher"] == 2.0 * 1288 / 4 + 2 * 2 * 600
     assert f.terms["cast_cache"] == 0.0
     d = plan_memory(a, a, Settings(**{**s.__dict__, "activation_checkpointing": True}))  # ddp, checkpointed
-    assert d.terms["cast_cache"] == 2.0 * (10 * 8 + 600)  # the head's bf16 copy and one recomputed layer's
+    assert d.terms["cast_cache"] == 2.0 * 600  # one recomputed layer's bf16 copies
+    assert f.terms["logprobs"] == 6.0 * 10 * T + 4 * 8 * T  # the root's unsharded gradient is in gathered
     assert f.terms["gathered"] == (2 * 600 + 88) * (2 + 4.0)
     assert f.terms["act"] == 2 * 8 * T * 2 + 171 * T * 2
     assert f.per_gpu == f.terms["student"] + f.terms["teacher"] + max(f.training, f.generation)
     fp32 = plan_memory(a, None, Settings(strategy="none", world=1, micro_sequences=3, prompt_tokens=4,
                                          response_tokens=6, bf16_compute=False))
     assert fp32.terms["teacher"] == 0.0 and fp32.terms["cast_cache"] == 0.0 and fp32.terms["act"] == 2 * 171 * T * 4
+    assert fp32.terms["logprobs"] == 4.0 * 10 * T + 4 * 8 * T + 4 * 10 * 8  # no bf16 cast of the tile
     off = plan_memory(a, None, Settings(strategy="fsdp", world=2, micro_sequences=3, prompt_tokens=4,
                                         response_tokens=6, cpu_offload=True))
     assert off.terms["student"] == 0.0 and off.host == 16.0 * 1288 / 2

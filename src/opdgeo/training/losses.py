@@ -149,110 +149,169 @@ def masked_mean(
     return total / d
 
 
-def _chunk_logprobs_lse(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                        temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One chunk's log-probs of ``targets`` and its log-sum-exp (both ``[r]``), with one fp32
-    ``[r, V]`` buffer: the logits are scaled, shifted and exponentiated in place (the
-    log-sum-exp as ``m + log Σ exp(z − m)``, m the row maximum, as ``torch.logsumexp``
-    computes it, without its temporary)."""
-    z = torch.nn.functional.linear(hidden, weight)  # [r, V]: one chunk of logits
-    z = z.to(torch.promote_types(z.dtype, torch.float32))  # bf16 -> fp32 (a new buffer); float64 stays
-    if temperature != 1.0:
-        z.div_(temperature)
-    picked = z.gather(1, targets.unsqueeze(1)).squeeze(1)
-    top = z.amax(dim=-1, keepdim=True)
-    lse = z.sub_(top).exp_().sum(dim=-1).log_().add_(top.squeeze(1))
+# The narrowest vocabulary tile: below it the [rows, h] x [h, tile] products run at a
+# fraction of GEMM speed, so rows are split instead (a 2-D tiling).
+_MIN_VOCAB_TILE = 256
+
+
+def _logprob_tiles(rows: int, vocab: int, chunk_elements: int) -> tuple[int, int]:
+    """``(row block, vocabulary tile)`` of ``linear_logprobs``: at most ``chunk_elements``
+    logits a tile (or one row of ``_MIN_VOCAB_TILE``), every row in one block where the
+    tile can stay ``_MIN_VOCAB_TILE`` wide (then each tile of the weight gradient is one
+    product, written once)."""
+    if rows * vocab <= chunk_elements:
+        return max(rows, 1), vocab
+    tile = min(vocab, max(chunk_elements // max(rows, 1), _MIN_VOCAB_TILE))
+    return max(1, min(rows, chunk_elements // tile)), tile
+
+
+def _logprobs_lse(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
+                  chunk_elements: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of ``targets`` and the log-sum-exp of every row (both ``[R]``), one tile of
+    logits at a time. The log-sum-exp runs online over the vocabulary tiles,
+    ``m + log Σ exp(z − m)`` with the running maximum m rescaling the running sum (one tile:
+    exactly ``torch.logsumexp``'s formula), each tile scaled, shifted and exponentiated in
+    place in one fp32 buffer. What the gradient path runs too, so both read the same bits."""
+    R, V = hidden.shape[0], weight.shape[0]
+    rb, vc = _logprob_tiles(R, V, chunk_elements)
+    dtype = torch.promote_types(torch.promote_types(hidden.dtype, weight.dtype), torch.float32)
+    picked = torch.empty(R, dtype=dtype, device=hidden.device)
+    lse = torch.empty(R, dtype=dtype, device=hidden.device)
+    for r0 in range(0, R, rb):
+        h, t = hidden[r0:r0 + rb], targets[r0:r0 + rb]
+        top = total = None
+        for v0 in range(0, V, vc):
+            z = torch.nn.functional.linear(h, weight[v0:v0 + vc])  # [rb, vc]: one tile of logits
+            z = z.to(dtype)  # bf16 -> fp32 (a new buffer); float32 and float64 stay
+            if temperature != 1.0:
+                z.div_(temperature)
+            local = t - v0
+            inside = (local >= 0) & (local < z.shape[1])
+            hit = z.gather(1, local.clamp(0, z.shape[1] - 1).unsqueeze(1)).squeeze(1)
+            picked[r0:r0 + rb] = hit if v0 == 0 else torch.where(inside, hit, picked[r0:r0 + rb])
+            tile_top = z.amax(dim=-1)
+            if top is None:
+                top = tile_top
+                total = z.sub_(top.unsqueeze(1)).exp_().sum(dim=-1)
+            else:
+                new_top = torch.maximum(top, tile_top)
+                total.mul_((top - new_top).exp_()).add_(z.sub_(new_top.unsqueeze(1)).exp_().sum(dim=-1))
+                top = new_top
+        lse[r0:r0 + rb] = total.log_().add_(top)
     return picked - lse, lse
 
 
-class _ChunkLogprobs(torch.autograd.Function):
-    """One chunk of ``linear_logprobs`` with a hand-written backward.
+class _LinearLogprobs(torch.autograd.Function):
+    """``linear_logprobs`` with a hand-written backward.
 
-    Forward: ``_chunk_logprobs_lse`` (what the no-gradient path runs, so the same bits),
-    keeping only the inputs and the ``[r]`` log-sum-exp. Backward recomputes the chunk's projection once (under the
-    forward's autocast state) and turns it into the gradient in place::
+    Forward: ``_logprobs_lse`` (what the no-gradient path runs, so the same bits), keeping
+    only the inputs and the ``[R]`` log-sum-exp. Backward recomputes each tile of logits
+    once (same tiles, under the forward's autocast state) and turns it into the gradient
+    in place::
 
         ∂logp_r/∂z_r = (onehot(a_r) − softmax(z_r)) / τ
 
-    so a chunk's backward holds one fp32 ``[r, V]`` buffer (plus the projection's output in
-    its compute dtype and the casts of the two products) instead of the logits, their fp32
-    copy, the softmax, the gather's scattered gradient and their sum that autograd of the
-    formula allocates (about 20 bytes a logit under bf16 autocast there, 8 here).
+    A tile ``[rb, vc]`` becomes g·(onehot − softmax)/τ in one fp32 buffer; its two products
+    go straight into the gradients: the hidden states' ``[R, h]`` (summed over the tiles in
+    fp32) and the weight's ``[V, h]``, whose tile is written once, in the weight's dtype,
+    when every row is in one block. So backward holds the weight gradient it returns plus
+    one tile and its products, instead of each row chunk's full ``[V, h]`` product, its fp32
+    copy and autograd's running sum of them (about 2.5·V·h·4 bytes more under bf16).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature):
+    def forward(ctx, hidden, weight, targets, temperature, chunk_elements):
         device = hidden.device.type
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-        out, lse = _chunk_logprobs_lse(hidden, weight, targets, temperature)
+        out, lse = _logprobs_lse(hidden, weight, targets, temperature, chunk_elements)
         ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.temperature = temperature
+        ctx.temperature, ctx.chunk_elements = temperature, chunk_elements
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         hidden, weight, targets, lse = ctx.saved_tensors
-        device, enabled, dtype = ctx.autocast
+        device, enabled, cdtype = ctx.autocast
         tau = ctx.temperature
-        with torch.autocast(device, dtype=dtype, enabled=enabled):
-            z = torch.nn.functional.linear(hidden, weight)
-        p = z.to(torch.promote_types(z.dtype, torch.float32))
-        del z
-        if tau != 1.0:
-            p.div_(tau)
-        p.sub_(lse.unsqueeze(1)).exp_()  # softmax(z_r), in place
-        g = (grad_out / tau).to(p.dtype).unsqueeze(1)  # [r, 1]
-        p.mul_(-g).scatter_add_(1, targets.unsqueeze(1), g)  # g·(onehot − softmax) / τ
-        grad_hidden = grad_weight = None
-        with torch.autocast(device, dtype=dtype, enabled=enabled):  # the casts autograd of linear makes
-            if ctx.needs_input_grad[0]:
-                grad_hidden = (p @ weight).to(hidden.dtype)
-            if ctx.needs_input_grad[1]:
-                grad_weight = (p.mT @ hidden).to(weight.dtype)
-        return grad_hidden, grad_weight, None, None
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        R, V = hidden.shape[0], weight.shape[0]
+        rb, vc = _logprob_tiles(R, V, ctx.chunk_elements)
+        g = (grad_out / tau).to(lse.dtype)  # [R]
+        grad_h = torch.zeros(hidden.shape, dtype=torch.promote_types(hidden.dtype, lse.dtype), device=hidden.device) \
+            if need_h else None
+        # one row block: each tile of the weight gradient is one product, written once in the
+        # weight's dtype (bf16 under FSDP2's mixed precision); several: summed in fp32
+        grad_w = None if not need_w else torch.empty(
+            weight.shape, dtype=weight.dtype if rb >= R else torch.promote_types(weight.dtype, lse.dtype),
+            device=weight.device)
+        for r0 in range(0, R, rb):
+            h, gr, t = hidden[r0:r0 + rb], g[r0:r0 + rb], targets[r0:r0 + rb]
+            for v0 in range(0, V, vc):
+                w = weight[v0:v0 + vc]
+                with torch.autocast(device, dtype=cdtype, enabled=enabled):
+                    z = torch.nn.functional.linear(h, w)
+                p = z.to(lse.dtype)
+                del z
+                if tau != 1.0:
+                    p.div_(tau)
+                p.sub_(lse[r0:r0 + rb].unsqueeze(1)).exp_().mul_(-gr.unsqueeze(1))  # −g·softmax(z)/τ, in place
+                local = t - v0
+                inside = (local >= 0) & (local < p.shape[1])
+                p.scatter_add_(1, local.clamp(0, p.shape[1] - 1).unsqueeze(1),
+                               torch.where(inside, gr, 0.0).unsqueeze(1))  # + g·onehot(a_r)/τ
+                if enabled and p.dtype == torch.float32:  # the cast autocast makes, once for both products
+                    p = p.to(cdtype)
+                with torch.autocast(device, dtype=cdtype, enabled=enabled):
+                    if need_h:
+                        grad_h[r0:r0 + rb] += p @ w
+                    if need_w:
+                        part = p.mT @ h
+                        if r0 == 0:
+                            grad_w[v0:v0 + vc].copy_(part)
+                        else:
+                            grad_w[v0:v0 + vc] += part
+                del p
+        return (grad_h.to(hidden.dtype) if need_h else None, grad_w.to(weight.dtype) if need_w else None,
+                None, None, None)
 
 
-def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, chunk_rows: int,
+def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, chunk_elements: int,
                     temperature: float = 1.0) -> torch.Tensor:
     """Log-probs of ``targets`` under ``softmax(hidden @ weightᵀ / τ)``, never holding the
-    [R, V] logits for backward.
+    [R, V] logits, in forward or for backward.
 
     ::
 
         logp_r = z_r[a_r] − logsumexp_v z_r[v],   z_r = h_r Wᵀ / τ   (float32)
 
-    Rows are processed in chunks of ``chunk_rows``; each chunk keeps only ``hidden`` and
-    ``weight`` (which the model holds anyway) and its ``[r]`` log-sum-exp for backward, which
-    recomputes one chunk of logits at a time and turns it into the gradient in place
-    (``_ChunkLogprobs``): saved memory falls from R·V fp32 values to nothing beyond the
-    inputs, at the cost of one more projection per chunk. Without gradient it is a plain
-    chunked loop. Same values as the unchunked formula up to fp32 rounding (values and
-    gradients tested in float64).
+    The logits are computed in tiles of at most ``chunk_elements`` (every row and a slice
+    of the vocabulary; rows split too when the slice would fall below 256 columns), the
+    log-sum-exp online over the slices. For backward only ``hidden``, ``weight`` (which the
+    model holds anyway) and the ``[R]`` log-sum-exp are kept; backward recomputes one tile
+    at a time and turns it into the gradient in place (``_LinearLogprobs``), at the cost of
+    one more projection. Without gradient it is the same tiled loop. Same values as the
+    untiled formula up to fp32 rounding (values and gradients tested in float64).
 
     Args:
         hidden: ``[R, h]`` final hidden states (after the final norm).
         weight: ``[V, h]`` output projection (``lm_head.weight``).
         targets: ``[R]`` long token ids.
-        chunk_rows: rows per chunk, ``>= 1``.
+        chunk_elements: logits per tile, ``>= 1``.
         temperature: τ > 0.
 
     Returns:
         ``[R]`` float32 (float64 for float64 inputs).
 
     Raises:
-        ValueError: inconsistent shapes or ``chunk_rows < 1``.
+        ValueError: inconsistent shapes or ``chunk_elements < 1``.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1] or targets.shape != hidden.shape[:1]:
         raise ValueError(f"hidden [R, h], weight [V, h], targets [R] expected; got {tuple(hidden.shape)}, "
                          f"{tuple(weight.shape)}, {tuple(targets.shape)}")
-    if chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be >= 1; got {chunk_rows}")
-    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    parts = []
-    for s in range(0, hidden.shape[0], chunk_rows):
-        h, t = hidden[s:s + chunk_rows], targets[s:s + chunk_rows]
-        parts.append(_ChunkLogprobs.apply(h, weight, t, temperature) if grad
-                     else _chunk_logprobs_lse(h, weight, t, temperature)[0])
-    if not parts:
+    if chunk_elements < 1:
+        raise ValueError(f"chunk_elements must be >= 1; got {chunk_elements}")
+    if hidden.shape[0] == 0:
         return hidden.new_zeros((0,), dtype=torch.promote_types(hidden.dtype, torch.float32))
-    return torch.cat(parts)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearLogprobs.apply(hidden, weight, targets, temperature, chunk_elements)
+    return _logprobs_lse(hidden, weight, targets, temperature, chunk_elements)[0]

@@ -11,10 +11,11 @@ of a compute element (2 under bf16, 4 in fp32), T = tokens of one training micro
 (sequences × (prompt + response)), T_g = tokens of one generation call::
 
     student    = 16·P_s / S                 fp32 weights 4 + grads 4 + AdamW moments 8 (on the CPU with cpu_offload)
-    cast_cache = 2·P_s                      none/ddp under bf16 autocast: bf16 copies of the weights kept for backward
-               = 2·(V·h + P_layer)          with activation checkpointing (the loss forward runs without
-                                            autocast's cast cache): the output head's copy, saved for its
-                                            backward, and one layer's copies while it is recomputed
+    cast_cache = 2·L·P_layer                none/ddp under bf16 autocast: the decoder layers' bf16 weight copies
+                                            kept for backward (the output head casts one vocabulary tile at
+                                            a time and keeps none)
+               = 2·P_layer                  with activation checkpointing (the loss forward runs without
+                                            autocast's cast cache): one layer's copies while it is recomputed
     gathered   = (2·P_layer + P_root)·(c+4) fsdp: two unsharded layers (current + prefetch) and the root
                                             (embedding, lm_head), in c bytes plus their fp32 gradients
     teacher    = t·P_t / S + [fsdp] 2·t·P_layer,t   t = 2 (bf16) or 4 (fp32); sharded like the student
@@ -24,8 +25,12 @@ of a compute element (2 under bf16, 4 in fp32), T = tokens of one training micro
                  elements saved per token per layer: norms' inputs and outputs, q/k/v before and after
                  RoPE, SDPA's output and log-sum-exp (no T×T scores), the MLP's four I-wide tensors, the
                  norms' inverse RMS and RoPE's cos/sin (the count is what autograd saves, tested in fp32)
-    logprobs   = 12·min(C, V·T) + 4·h·T     chunked log-softmax: one chunk of C logits (value, softmax,
-                                            gradient in fp32), the final hidden states
+    logprobs   = (4 + 2·[bf16])·min(C, V·T) + 4·h·T + 4·V·h·[not fsdp]
+                                            tiled log-softmax: one tile of C logits in fp32 (plus its bf16
+                                            cast under bf16 autocast), the final hidden states (and their
+                                            gradient), and under none/ddp the head's fp32 weight gradient,
+                                            returned by its backward before it reaches .grad (under fsdp
+                                            the root's unsharded gradient is in gathered)
     kv         = 2·L·n_kv·d·T_g·c           KV cache of one generation call
 
     per GPU = student + teacher + max(training: cast_cache + gathered + act + logprobs,
@@ -176,11 +181,11 @@ def plan_memory(student: Arch, teacher: Arch | None, s: Settings) -> MemoryPlan:
         "student": 0.0 if s.cpu_offload else state,
         "teacher": teacher_b,
         "cast_cache": (0.0 if fsdp or not s.bf16_compute else
-                       2.0 * (student.vocab_size * h + student.layer_parameters) if s.activation_checkpointing
-                       else 2.0 * ps),
+                       2.0 * student.layer_parameters * (1 if s.activation_checkpointing else L)),
         "gathered": (2 * student.layer_parameters + student.root_parameters) * (c + 4.0) if fsdp else 0.0,
         "act": float(act),
-        "logprobs": 12.0 * min(s.logprob_chunk, student.vocab_size * tokens) + 4.0 * h * tokens,
+        "logprobs": ((4.0 + (2.0 if s.bf16_compute else 0.0)) * min(s.logprob_chunk, student.vocab_size * tokens)
+                     + 4.0 * h * tokens + (0.0 if fsdp else 4.0 * student.vocab_size * h)),
         "kv": 2.0 * L * student.num_key_value_heads * student.head_dim * gen_tokens * c,
     }
     return MemoryPlan(settings=s, terms=terms, host=state if s.cpu_offload else 0.0)
@@ -327,7 +332,7 @@ _LABELS = (
     ("cast_cache", "{cast}", "bf16 autocast's weight copies"),
     ("gathered", "(2*P_layer+P_root)*(c+4)", "fsdp: unsharded layers in flight"),
     ("act", "{act}", "T = {T} tokens per micro-batch"),
-    ("logprobs", "12*min(C,V*T)+4*h*T", "chunked log-softmax, C = {C}"),
+    ("logprobs", "{logprobs}", "tiled log-softmax, C = {C}"),
     ("kv", "2*L*n_kv*d*T_g*c", "KV cache of one generate call"),
 )
 
@@ -339,8 +344,10 @@ def format_plan(student: Arch, teacher: Arch | None, s: Settings, *, title: str,
     p = plan_memory(student, teacher, s)
     tokens = s.micro_sequences * (s.prompt_tokens + s.response_tokens)
     act = "L*h*T*c + a*T*c" if s.activation_checkpointing else "L*a*T*c"
-    cast = "2*(V*h + P_layer)" if s.activation_checkpointing else "2*P_s"
-    fill = dict(S=s.world if s.strategy == "fsdp" else 1, t=s.teacher_bytes, act=act, cast=cast, T=f"{s.micro_sequences} x "
+    cast = "2*P_layer" if s.activation_checkpointing else "2*L*P_layer"
+    logprobs = f"{6 if s.bf16_compute else 4}*min(C,V*T)+4*h*T" + ("" if s.strategy == "fsdp" else "+4*V*h")
+    fill = dict(S=s.world if s.strategy == "fsdp" else 1, t=s.teacher_bytes, act=act, cast=cast, logprobs=logprobs,
+                T=f"{s.micro_sequences} x "
                 f"({s.prompt_tokens} prompt + {s.response_tokens} response) = {tokens:,}", C=f"{s.logprob_chunk:,}")
     lines = [f"{title}: strategy {s.strategy} on {s.world} process(es), activation checkpointing "
              f"{'on' if s.activation_checkpointing else 'off'}, compute {'bf16' if s.bf16_compute else 'fp32'}, "

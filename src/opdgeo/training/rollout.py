@@ -86,7 +86,7 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     For response token t of row i (at ``input_ids[i, P+t]``, P = L − T) the logits come
     from position P+t−1 (only the last T+1 positions reach the head, ``logits_to_keep``).
     The output head itself is replaced, for this call, by ``losses.linear_logprobs``:
-    gathered logit − logsumexp over the vocabulary in float32, in chunks of at most
+    gathered logit − logsumexp over the vocabulary in float32, in tiles of at most
     ``chunk_elements`` logits, each recomputed in backward, so neither the [N, T, V]
     logits nor their float32 log-softmax are ever held for backward (V = 49k for SmolLM2,
     152k for Qwen3).
@@ -122,7 +122,7 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
 @contextlib.contextmanager
 def _head_as_logprobs(model, targets: torch.Tensor, *, chunk_elements: int, temperature: float):
     """Within the block, the model's output head returns the sampled tokens' log-probs
-    ``[N, T]`` (``losses.linear_logprobs``: chunks of ``chunk_elements`` logits, each
+    ``[N, T]`` (``losses.linear_logprobs``: tiles of ``chunk_elements`` logits, each
     recomputed in backward) instead of ``[N, T+1, V]`` logits. The head still runs inside
     the model's forward, so DDP and FSDP2 see an ordinary forward (FSDP2's unsharded weight)."""
     from opdgeo.training.losses import linear_logprobs
@@ -136,8 +136,7 @@ def _head_as_logprobs(model, targets: torch.Tensor, *, chunk_elements: int, temp
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:  # hidden [N, T+1, h]
         h = hidden[:, :-1, :].reshape(N * T, hidden.shape[-1])  # [N*T, h]
-        rows = max(1, chunk_elements // head.weight.shape[0])
-        return linear_logprobs(h, head.weight, targets.reshape(N * T), chunk_rows=rows,
+        return linear_logprobs(h, head.weight, targets.reshape(N * T), chunk_elements=chunk_elements,
                                temperature=temperature).reshape(N, T)
 
     head.forward = forward
