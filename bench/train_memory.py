@@ -25,7 +25,11 @@ forward on this model), which would measure glibc, not the training.
 - ``ckpt_act_saved_mem``: bytes autograd saves for backward with activation checkpointing on
   / off (one process, one micro-batch of ``rows`` sequences of ``seq`` tokens);
 - ``ckpt_act_peak_mem``: the peak during training, on / off (one process each);
-- ``ckpt_act_peak_mem_fsdp``: the same under FSDP2 over 2 processes.
+- ``ckpt_act_peak_mem_fsdp``: the same under FSDP2 over 2 processes;
+- ``fsdp_vs_ddp_tensor_peak``, ``ckpt_act_tensor_peak``: the two peak ratios again from
+  the peak of live tensor bytes in one more, profiled step (``torch.profiler``'s memory
+  timeline, the CPU counterpart of ``torch.cuda.max_memory_allocated``): a cross-check that
+  no base, allocator behaviour or imported code enters (``--no-tensor-peak`` skips it).
 
 Every worker runs the same forward as training (``sequence_logprobs`` through
 ``opdgeo.distributed.wrap_model``) at the precision training would use: ``--precision
@@ -79,6 +83,28 @@ def _state_bytes(model, optimizer) -> int:
     return total
 
 
+def _tensor_peak(step) -> int:
+    """Peak bytes of live tensors during one more ``step()``, from the profiler's memory
+    timeline (allocations and frees of every tensor storage): the CPU counterpart of
+    ``torch.cuda.max_memory_allocated``, a cross-check of the resident-memory peak that no
+    base, allocator or imported code enters."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import _memory_profiler as memory_profiler  # the timeline behind export_memory_timeline
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True) as prof:
+        step()
+    action = memory_profiler.Action
+    live, now, peak = {}, 0, 0
+    for _, act, key, size in memory_profiler.MemoryProfile(prof.profiler.kineto_results).timeline:
+        if act in (action.PREEXISTING, action.CREATE):
+            live[key[0]] = size
+            now += size
+        elif act == action.DESTROY:
+            now -= live.pop(key[0], 0)
+        peak = max(peak, now)
+    return peak
+
+
 def _import_model_code(source: str) -> None:
     """Import the code that loading ``source`` runs (transformers imports a model's
     modeling module on its first load) by building the model on the meta device: no
@@ -126,12 +152,8 @@ def worker(args) -> dict:
     att = torch.ones_like(ids)
     resp = torch.ones(args.rows, args.seq // 2, dtype=torch.bool)
     times, saved, state, setup_kib = [], 0, 0, 0
-    for step in range(args.mem_steps):
-        if step == 1:  # after the warm-up step: the peak of the training steps from here
-            setup_kib = _status_kib("VmHWM")  # loading, wrapping and the warm-up step (clear_refs resets it)
-            _reset_peak()
-        distributed.barrier()
-        t0 = time.perf_counter()
+
+    def train_step() -> tuple[int, int]:
         seen: dict[int, int] = {}
 
         def pack(t, seen=seen):
@@ -140,16 +162,26 @@ def worker(args) -> dict:
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast_context(bf16, ctx.device, cache=False):
             lp = sequence_logprobs(wrapped, ids, att, resp)
-        saved = sum(seen.values())
         (-lp.sum() / lp.numel()).backward()
         del lp
         opt.step()
-        state = _state_bytes(model, opt)  # parameters, gradients and AdamW's moments held here
+        held = _state_bytes(model, opt)  # parameters, gradients and AdamW's moments held here
         opt.zero_grad(set_to_none=False)
+        return sum(seen.values()), held
+
+    for step in range(args.mem_steps):
+        if step == 1:  # after the warm-up step: the peak of the training steps from here
+            setup_kib = _status_kib("VmHWM")  # loading, wrapping and the warm-up step (clear_refs resets it)
+            _reset_peak()
+        distributed.barrier()
+        t0 = time.perf_counter()
+        saved, state = train_step()
         distributed.barrier()
         times.append(time.perf_counter() - t0)
-    out = {"state_bytes": state, "saved_bytes": saved,
-           "peak_above_base": (_status_kib("VmHWM") - base_kib) * 1024,
+    peak_kib = _status_kib("VmHWM")
+    tensor_peak = _tensor_peak(train_step) if args.tensor_peak else 0
+    out = {"state_bytes": state, "saved_bytes": saved, "tensor_peak": tensor_peak,
+           "peak_above_base": (peak_kib - base_kib) * 1024,
            "model_code": (base_kib - start_kib) * 1024,
            "setup_peak_above_base": (setup_kib - base_kib) * 1024,
            "step_time": statistics.median(times[1:] if len(times) > 1 else times)}
@@ -163,7 +195,8 @@ def _launch(args, strategy: str, nproc: int, ckpt: bool) -> dict:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     flags = ["--worker", "--strategy", strategy, "--model", args.model, "--seq", str(args.seq), "--rows", str(args.rows),
-             "--mem-steps", str(args.mem_steps), "--precision", args.precision] + (["--ckpt"] if ckpt else [])
+             "--mem-steps", str(args.mem_steps), "--precision", args.precision] + (["--ckpt"] if ckpt else []) \
+        + ([] if args.tensor_peak else ["--no-tensor-peak"])
     head = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(port)] \
         if nproc > 1 else [sys.executable]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -190,6 +223,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="optimizer steps per memory measurement (the first is a warm-up)")
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                     help="compute precision of the measured steps (auto: as training resolves it here)")
+    ap.add_argument("--no-tensor-peak", dest="tensor_peak", action="store_false",
+                    help="skip the profiled step that measures the peak of live tensors")
 
 
 def run_all(args) -> dict[str, float]:
@@ -211,9 +246,10 @@ def run_all(args) -> dict[str, float]:
         print(f"{name}: state {row['state_bytes'] / 2**20:.1f} MiB, saved for backward {row['saved_bytes'] / 2**20:.1f} MiB, "
               f"peak in steps {row['peak_above_base'] / 2**20:.1f} MiB "
               f"({(row['peak_above_base'] + row['model_code']) / 2**20:.1f} with the model code; load + warm-up step "
-              f"{row['setup_peak_above_base'] / 2**20:.1f} MiB), step {row['step_time']:.2f} s", file=sys.stderr)
+              f"{row['setup_peak_above_base'] / 2**20:.1f} MiB), live tensors at most {row['tensor_peak'] / 2**20:.1f} MiB, "
+              f"step {row['step_time']:.2f} s", file=sys.stderr)
     ddp, fsdp, off, on, fsdp_on = (rows[k] for k in runs)
-    return {
+    ratios = {
         "fsdp_vs_ddp_state_mem": fsdp["state_bytes"] / ddp["state_bytes"],
         "fsdp_vs_ddp_peak_mem": fsdp["peak_above_base"] / ddp["peak_above_base"],
         "fsdp_vs_ddp_step_time": fsdp["step_time"] / ddp["step_time"],
@@ -222,6 +258,10 @@ def run_all(args) -> dict[str, float]:
         "ckpt_act_peak_mem_fsdp": fsdp_on["peak_above_base"] / fsdp["peak_above_base"],
         "ckpt_act_step_time": on["step_time"] / off["step_time"],
     }
+    if args.tensor_peak:
+        ratios["fsdp_vs_ddp_tensor_peak"] = fsdp["tensor_peak"] / ddp["tensor_peak"]
+        ratios["ckpt_act_tensor_peak"] = on["tensor_peak"] / off["tensor_peak"]
+    return ratios
 
 
 def main() -> None:
