@@ -59,6 +59,9 @@ def test_chunked_logprobs_equal_the_float64_formula_and_save_no_logits():
     assert unchunked >= R * V * 4
     with pytest.raises(ValueError, match="chunk_elements"):
         linear_logprobs(hidden, weight, targets, chunk_elements=0)
+    for bad in (V, -1):  # a tile's clamped gather must not turn a bad id into a number
+        with pytest.raises(ValueError, match=rf"targets must be token ids in \[0, {V}\)"):
+            linear_logprobs(hidden, weight, targets.clone().index_fill_(0, torch.tensor([3]), bad), chunk_elements=R * 300)
 
 
 def test_chunked_logprobs_backward_under_bf16_autocast_matches_autograd_of_the_formula():

@@ -303,13 +303,16 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         ``[R]`` float32 (float64 for float64 inputs).
 
     Raises:
-        ValueError: inconsistent shapes or ``chunk_elements < 1``.
+        ValueError: inconsistent shapes, ``chunk_elements < 1`` or a target outside the vocabulary.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1] or targets.shape != hidden.shape[:1]:
         raise ValueError(f"hidden [R, h], weight [V, h], targets [R] expected; got {tuple(hidden.shape)}, "
                          f"{tuple(weight.shape)}, {tuple(targets.shape)}")
     if chunk_elements < 1:
         raise ValueError(f"chunk_elements must be >= 1; got {chunk_elements}")
+    if targets.numel() and not 0 <= int(targets.min()) <= int(targets.max()) < weight.shape[0]:
+        raise ValueError(f"targets must be token ids in [0, {weight.shape[0]}); got {int(targets.min())} .. "
+                         f"{int(targets.max())}")
     if hidden.shape[0] == 0:
         return hidden.new_zeros((0,), dtype=torch.promote_types(hidden.dtype, torch.float32))
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
