@@ -28,7 +28,7 @@ forward on this model), which would measure glibc, not the training.
 - ``ckpt_act_peak_mem_fsdp``: the same under FSDP2 over 2 processes;
 - ``fsdp_vs_ddp_tensor_peak``, ``ckpt_act_tensor_peak``: the two peak ratios again from
   the peak of live tensor bytes in one more, profiled step (``torch.profiler``'s memory
-  timeline, the CPU counterpart of ``torch.cuda.max_memory_allocated``): a cross-check that
+  allocation events, the CPU counterpart of ``torch.cuda.max_memory_allocated``): a cross-check that
   no base, allocator behaviour or imported code enters (``--no-tensor-peak`` skips it).
 
 Every worker runs the same forward as training (``sequence_logprobs`` through
@@ -83,33 +83,24 @@ def _state_bytes(model, optimizer) -> int:
     return total
 
 
-def _tensor_peak(step) -> int:
-    """Peak bytes of live tensors during one more ``step()``, from the profiler's memory
-    timeline (allocations and frees of every tensor storage): the CPU counterpart of
-    ``torch.cuda.max_memory_allocated``, a cross-check of the resident-memory peak that no
-    base, allocator or imported code enters. 0 (and a line on stderr) where the profiler's
-    analysis fails."""
+def _tensor_peak(step, held: int) -> int:
+    """Peak bytes of live tensors during one more ``step()``: ``held`` (the tensors alive
+    when it starts: parameters, gradients, AdamW's moments) plus the most the step's own
+    allocations, net of their frees, reach in the profiler's allocation events
+    (``total_allocated`` counts the allocations made while profiling). The CPU counterpart
+    of ``torch.cuda.max_memory_allocated``: a cross-check of the resident-memory peak that
+    no base, allocator behaviour or imported code enters."""
     from torch.profiler import ProfilerActivity, profile
-    from torch.profiler import _memory_profiler as memory_profiler  # the timeline behind export_memory_timeline
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    action = memory_profiler.Action
-    try:  # a private analysis (data flow over the profiled graph) that has failed on some FSDP2 steps
-        timeline = memory_profiler.MemoryProfile(prof.profiler.kineto_results).timeline
-    except Exception as err:  # the cross-check is then missing, not the benchmark
-        print(f"train_memory: no tensor peak ({type(err).__name__} in torch.profiler's memory timeline)",
-              file=sys.stderr)
-        return 0
-    live, now, peak = {}, 0, 0
-    for _, act, key, size in timeline:
-        if act in (action.PREEXISTING, action.CREATE):
-            live[key[0]] = size
-            now += size
-        elif act == action.DESTROY:
-            now -= live.pop(key[0], 0)
-        peak = max(peak, now)
-    return peak
+    top, stack = 0, list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        if type(node.extra_fields).__name__ == "_ExtraFields_Allocation":
+            top = max(top, node.extra_fields.total_allocated)
+    return held + top
 
 
 def _import_model_code(source: str) -> None:
@@ -186,7 +177,7 @@ def worker(args) -> dict:
         distributed.barrier()
         times.append(time.perf_counter() - t0)
     peak_kib = _status_kib("VmHWM")
-    tensor_peak = _tensor_peak(train_step) if args.tensor_peak else 0
+    tensor_peak = _tensor_peak(train_step, state) if args.tensor_peak else 0
     out = {"state_bytes": state, "saved_bytes": saved, "tensor_peak": tensor_peak,
            "peak_above_base": (peak_kib - base_kib) * 1024,
            "model_code": (base_kib - start_kib) * 1024,
@@ -250,11 +241,10 @@ def run_all(args) -> dict[str, float]:
             "ckpt on": ("none", 1, True), "fsdp x2 ckpt on": ("fsdp", 2, True)}
     rows = {name: _launch(args, *spec) for name, spec in runs.items()}
     for name, row in rows.items():
-        tensors = f"{row['tensor_peak'] / 2**20:.1f} MiB" if row["tensor_peak"] else "not measured"
         print(f"{name}: state {row['state_bytes'] / 2**20:.1f} MiB, saved for backward {row['saved_bytes'] / 2**20:.1f} MiB, "
               f"peak in steps {row['peak_above_base'] / 2**20:.1f} MiB "
               f"({(row['peak_above_base'] + row['model_code']) / 2**20:.1f} with the model code; load + warm-up step "
-              f"{row['setup_peak_above_base'] / 2**20:.1f} MiB), live tensors at most {tensors}, "
+              f"{row['setup_peak_above_base'] / 2**20:.1f} MiB), live tensors at most {row['tensor_peak'] / 2**20:.1f} MiB, "
               f"step {row['step_time']:.2f} s", file=sys.stderr)
     ddp, fsdp, off, on, fsdp_on = (rows[k] for k in runs)
     ratios = {
@@ -266,9 +256,8 @@ def run_all(args) -> dict[str, float]:
         "ckpt_act_peak_mem_fsdp": fsdp_on["peak_above_base"] / fsdp["peak_above_base"],
         "ckpt_act_step_time": on["step_time"] / off["step_time"],
     }
-    if ddp["tensor_peak"] and fsdp["tensor_peak"]:
+    if args.tensor_peak:
         ratios["fsdp_vs_ddp_tensor_peak"] = fsdp["tensor_peak"] / ddp["tensor_peak"]
-    if off["tensor_peak"] and on["tensor_peak"]:
         ratios["ckpt_act_tensor_peak"] = on["tensor_peak"] / off["tensor_peak"]
     return ratios
 
