@@ -261,15 +261,23 @@ class _LinearLogprobs(torch.autograd.Function):
                                torch.where(inside, gr, 0.0).unsqueeze(1))  # + g·onehot(a_r)/τ
                 if enabled and p.dtype == torch.float32:  # the cast autocast makes, once for both products
                     p = p.to(cdtype)
-                with torch.autocast(device, dtype=cdtype, enabled=enabled):
+                if p.dtype == h.dtype == w.dtype == lse.dtype:  # no cast: products straight into the gradients
                     if need_h:
-                        grad_h[r0:r0 + rb] += p @ w
-                    if need_w:
-                        part = p.mT @ h
-                        if r0 == 0:
-                            grad_w[v0:v0 + vc].copy_(part)
-                        else:
-                            grad_w[v0:v0 + vc] += part
+                        grad_h[r0:r0 + rb].addmm_(p, w)
+                    if need_w and r0 == 0:
+                        torch.mm(p.mT, h, out=grad_w[v0:v0 + vc])
+                    elif need_w:
+                        grad_w[v0:v0 + vc].addmm_(p.mT, h)
+                else:
+                    with torch.autocast(device, dtype=cdtype, enabled=enabled):
+                        if need_h:
+                            grad_h[r0:r0 + rb] += p @ w
+                        if need_w:
+                            part = p.mT @ h
+                            if r0 == 0:
+                                grad_w[v0:v0 + vc].copy_(part)
+                            else:
+                                grad_w[v0:v0 + vc] += part
                 del p
         return (grad_h.to(hidden.dtype) if need_h else None, grad_w.to(weight.dtype) if need_w else None,
                 None, None, None)
