@@ -215,8 +215,8 @@ class _LinearLogprobs(torch.autograd.Function):
     go straight into the gradients: the hidden states' ``[R, h]`` (summed over the tiles in
     fp32) and the weight's ``[V, h]``, whose tile is written once, in the weight's dtype,
     when every row is in one block. So backward holds the weight gradient it returns plus
-    one tile and its products, instead of each row chunk's full ``[V, h]`` product, its fp32
-    copy and autograd's running sum of them (about 2.5·V·h·4 bytes more under bf16).
+    one tile and its products, not a full ``[V, h]`` product per row chunk, its fp32 copy
+    and autograd's running sum of them.
     """
 
     @staticmethod
@@ -318,9 +318,10 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
                          f"{tuple(weight.shape)}, {tuple(targets.shape)}")
     if chunk_elements < 1:
         raise ValueError(f"chunk_elements must be >= 1; got {chunk_elements}")
-    if targets.numel() and not 0 <= int(targets.min()) <= int(targets.max()) < weight.shape[0]:
-        raise ValueError(f"targets must be token ids in [0, {weight.shape[0]}); got {int(targets.min())} .. "
-                         f"{int(targets.max())}")
+    if targets.numel():
+        low, high = (int(x) for x in torch.aminmax(targets))
+        if low < 0 or high >= weight.shape[0]:
+            raise ValueError(f"targets must be token ids in [0, {weight.shape[0]}); got {low} .. {high}")
     if hidden.shape[0] == 0:
         return hidden.new_zeros((0,), dtype=torch.promote_types(hidden.dtype, torch.float32))
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
