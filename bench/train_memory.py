@@ -9,10 +9,11 @@ warm-up step (gradients and AdamW's moments now exist), returns freed heap to th
 (``malloc_trim``), resets the kernel's resident high-water mark (``/proc/self/clear_refs``
 = 5) and takes the measured steps; the peak is ``VmHWM`` over those steps minus the
 resident memory before the model was built: the imports, including the model's modeling
-code, which transformers imports lazily on the first load (built once on the meta device
-first; 162 MiB of Python objects for SmolLM2's Llama code, which the per-row lines also
-report counted: "with the model code"). Loading is excluded: it is not training, and
-every rank loads the whole model on the CPU before ``fully_shard``. Workers
+code, which transformers imports only on a model's first load, so each worker first builds
+the model on the meta device (SmolLM2's Llama code: about 165 MiB of Python objects; the
+per-row lines also print the peak with it counted, "with the model code"). Loading is
+excluded: it is not training, and every rank loads the whole model on the CPU before
+``fully_shard``. Workers
 run with ``MALLOC_MMAP_THRESHOLD_=65536`` so that glibc serves large buffers from mmap and
 returns them when freed: with its default, adaptive threshold the buffers FSDP gathers
 and frees layer by layer stay resident as heap fragments (about 0.35 GB more in the FSDP
@@ -27,9 +28,9 @@ forward on this model), which would measure glibc, not the training.
 - ``ckpt_act_peak_mem``: the peak during training, on / off (one process each);
 - ``ckpt_act_peak_mem_fsdp``: the same under FSDP2 over 2 processes;
 - ``fsdp_vs_ddp_tensor_peak``, ``ckpt_act_tensor_peak``: the two peak ratios again from
-  the peak of live tensor bytes in one more, profiled step (``torch.profiler``'s memory
-  allocation events, the CPU counterpart of ``torch.cuda.max_memory_allocated``): a cross-check that
-  no base, allocator behaviour or imported code enters (``--no-tensor-peak`` skips it).
+  the peak of live tensor bytes in one more, profiled step (``_tensor_peak``): a
+  cross-check that no base, allocator behaviour or imported code enters
+  (``--no-tensor-peak`` skips it).
 
 Every worker runs the same forward as training (``sequence_logprobs`` through
 ``opdgeo.distributed.wrap_model``) at the precision training would use: ``--precision
@@ -149,7 +150,7 @@ def worker(args) -> dict:
     ids = torch.randint(0, min(model.config.vocab_size, 1000), (args.rows, args.seq), generator=g)
     att = torch.ones_like(ids)
     resp = torch.ones(args.rows, args.seq // 2, dtype=torch.bool)
-    times, saved, state, setup_kib = [], 0, 0, 0
+    times, setup_kib = [], 0
 
     def train_step() -> tuple[int, int]:
         seen: dict[int, int] = {}
